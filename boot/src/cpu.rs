@@ -6,8 +6,8 @@ use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segmen
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::layout::{
-    BOOT_STACK_POINTER, GDT_START, IDT_START, PD_START, PDPT_START, PML4_START,
-    PVH_INFO_START, ZERO_PAGE_START,
+    BOOT_STACK_POINTER, GDT_START, IDT_START, PDPT_START, PD_START, PML4_START, PVH_INFO_START,
+    ZERO_PAGE_START,
 };
 use crate::loader::EntryPoint;
 use crate::BootError;

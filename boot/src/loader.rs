@@ -166,7 +166,10 @@ pub fn build_cmdline(user: &str, extra: &[String], max_len: usize) -> Result<Cmd
 }
 
 /// Writes the command line at [`CMDLINE_START`]; returns its length without the NUL.
-pub fn write_cmdline<M: GuestMemoryBackend>(mem: &M, cmdline: &Cmdline) -> Result<usize, BootError> {
+pub fn write_cmdline<M: GuestMemoryBackend>(
+    mem: &M,
+    cmdline: &Cmdline,
+) -> Result<usize, BootError> {
     let s = cmdline
         .as_cstring()
         .map_err(|e| BootError::Cmdline(e.to_string()))?;
@@ -190,6 +193,9 @@ mod tests {
             Err(BootError::Cmdline(_))
         ));
         let c = build_cmdline("console=ttyS0", &["a=b".into()], 64).unwrap();
-        assert_eq!(c.as_cstring().unwrap().to_str().unwrap(), "console=ttyS0 a=b");
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 a=b"
+        );
     }
 }

@@ -5,7 +5,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{EBDA_START, IOAPIC_START, APIC_START};
+use crate::layout::{APIC_START, EBDA_START, IOAPIC_START};
 use crate::BootError;
 
 const MPC_SPEC: u8 = 4;

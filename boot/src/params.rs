@@ -12,8 +12,7 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::layout::{
-    memory_map, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START,
-    ZERO_PAGE_START,
+    memory_map, CMDLINE_START, PVH_INFO_START, PVH_MEMMAP_START, PVH_MODLIST_START, ZERO_PAGE_START,
 };
 use crate::loader::LoadedInitrd;
 use crate::BootError;

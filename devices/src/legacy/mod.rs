@@ -7,5 +7,5 @@ mod i8042;
 mod serial;
 
 pub use acpi_pm::{AcpiPm, AcpiPmState};
-pub use i8042::{I8042, I8042State};
+pub use i8042::{I8042State, I8042};
 pub use serial::{EventFdTrigger, SerialDevice, SerialDeviceState};

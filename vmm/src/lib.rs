@@ -1,0 +1,13 @@
+// SPDX-License-Identifier: Apache-2.0
+//! wisp's VMM: building a VM from a configuration, running its vCPUs and
+//! device event loop, and ending it cleanly.
+
+pub mod builder;
+pub mod config;
+pub mod signals;
+pub mod terminal;
+pub mod vmm;
+pub mod vstate;
+
+pub use builder::{build_vm, BuildError};
+pub use vmm::{Outcome, Vmm};

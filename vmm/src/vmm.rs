@@ -1,0 +1,210 @@
+// SPDX-License-Identifier: Apache-2.0
+//! A running VM: the device event loop on the VMM thread, console input, and
+//! how the VM ends (guest power-off/reset, a signal, or a failure).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::lock;
+use devices::legacy::{SerialDevice, I8042};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{SerialConfig, VmConfig};
+use crate::terminal::{stdin_is_tty, RawModeGuard};
+use crate::vstate::vcpu::{VcpuHandle, VmExit};
+use crate::vstate::vm::Vm;
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest powered off.
+    Poweroff,
+    /// The guest asked to reboot.
+    Reset,
+    /// The VMM was told to stop by a signal.
+    Signal(i32),
+    /// Something failed; the message says what.
+    Error(String),
+}
+
+/// A built VM with its vCPU threads.
+#[derive(Debug)]
+pub struct Vmm {
+    /// KVM VM and guest memory.
+    pub vm: Vm,
+    /// vCPU threads.
+    pub vcpus: Vec<VcpuHandle>,
+    /// COM1.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// The keyboard controller.
+    pub i8042: Arc<Mutex<I8042>>,
+    /// How vCPUs report the end of the VM.
+    pub exit_rx: Receiver<(u8, VmExit)>,
+    /// Signalled with `exit_rx`.
+    pub exit_evt: EventFd,
+    /// Guest reset request (i8042, ACPI reset register).
+    pub reset_evt: EventFd,
+    /// Guest power-off (ACPI S5).
+    pub poweroff_evt: EventFd,
+    /// What the VM was built from.
+    pub config: VmConfig,
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+const EV_EXIT: u32 = 0;
+const EV_RESET: u32 = 1;
+const EV_POWEROFF: u32 = 2;
+const EV_SIGNAL: u32 = 3;
+
+/// Turns the VM's end events into an [`Outcome`].
+struct Control {
+    exit_rx: Receiver<(u8, VmExit)>,
+    fds: [(RawFd, u32); 4],
+    outcome: Option<Outcome>,
+}
+
+impl MutEventSubscriber for Control {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, data) in self.fds {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
+                self.outcome = Some(Outcome::Error(format!("Cannot watch VM events: {e:?}")));
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading 8 bytes from an eventfd into an 8-byte buffer.
+        unsafe { libc::read(events.fd(), buf.as_mut_ptr().cast(), 8) };
+        let outcome = match events.data() {
+            EV_EXIT => match self.exit_rx.try_recv() {
+                Ok((_, VmExit::Poweroff)) => Outcome::Poweroff,
+                Ok((_, VmExit::Reset)) => Outcome::Reset,
+                Ok((_, VmExit::Error(m))) => Outcome::Error(m),
+                Err(_) => return,
+            },
+            EV_RESET => Outcome::Reset,
+            EV_POWEROFF => Outcome::Poweroff,
+            EV_SIGNAL => Outcome::Signal(crate::signals::last_signal()),
+            _ => return,
+        };
+        self.outcome.get_or_insert(outcome);
+    }
+}
+
+/// Forwards console input (stdin, when it is a terminal) to COM1, pausing while
+/// the guest's FIFO is full.
+struct ConsoleInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    drained: EventFd,
+    reading: bool,
+}
+
+const EV_STDIN: u32 = 0;
+const EV_DRAINED: u32 = 1;
+
+impl MutEventSubscriber for ConsoleInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::with_data_raw(
+            libc::STDIN_FILENO,
+            EV_STDIN,
+            EventSet::IN,
+        ));
+        let _ = ops.add(Events::with_data(&self.drained, EV_DRAINED, EventSet::IN));
+        self.reading = true;
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let stdin = Events::with_data_raw(libc::STDIN_FILENO, EV_STDIN, EventSet::IN);
+        match events.data() {
+            EV_STDIN => {
+                let mut serial = lock(&self.serial);
+                let room = serial.input_room();
+                if room == 0 {
+                    let _ = ops.remove(stdin);
+                    self.reading = false;
+                    return;
+                }
+                let mut buf = [0u8; 64];
+                let want = room.min(buf.len());
+                // SAFETY: reading at most `want` bytes into a buffer that large.
+                let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), want) };
+                if n <= 0 || events.event_set().contains(EventSet::HANG_UP) {
+                    let _ = ops.remove(stdin);
+                    self.reading = false;
+                }
+                if n > 0 {
+                    serial.enqueue_input(&buf[..n as usize]);
+                }
+            }
+            EV_DRAINED => {
+                let _ = self.drained.read();
+                if !self.reading {
+                    let _ = ops.add(stdin);
+                    self.reading = true;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Vmm {
+    /// Runs the device event loop until the VM ends; `signal_evt` is the
+    /// eventfd [`crate::signals::install`] returned.
+    pub fn run(mut self, signal_evt: &EventFd) -> Outcome {
+        let console = self.config.serial == SerialConfig::Stdio && stdin_is_tty();
+        let _raw = if console { RawModeGuard::new() } else { None };
+        let outcome = self.event_loop(signal_evt, console);
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        lock(&self.serial).flush_output();
+        outcome
+    }
+
+    fn event_loop(&mut self, signal_evt: &EventFd, console: bool) -> Outcome {
+        let mut em = match EventManager::<Subscriber>::new() {
+            Ok(em) => em,
+            Err(e) => return Outcome::Error(format!("Cannot create the event loop: {e:?}")),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let exit_rx = std::mem::replace(&mut self.exit_rx, rx);
+        drop(tx);
+        let control = Arc::new(Mutex::new(Control {
+            exit_rx,
+            fds: [
+                (self.exit_evt.as_raw_fd(), EV_EXIT),
+                (self.reset_evt.as_raw_fd(), EV_RESET),
+                (self.poweroff_evt.as_raw_fd(), EV_POWEROFF),
+                (signal_evt.as_raw_fd(), EV_SIGNAL),
+            ],
+            outcome: None,
+        }));
+        em.add_subscriber(control.clone());
+        if console {
+            match lock(&self.serial).input_drained_evt().try_clone() {
+                Ok(drained) => {
+                    em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
+                        serial: self.serial.clone(),
+                        drained,
+                        reading: false,
+                    })));
+                }
+                Err(e) => log::warn!("Console input disabled: {e}"),
+            }
+        }
+        loop {
+            if let Some(o) = lock(&control).outcome.take() {
+                return o;
+            }
+            if let Err(e) = em.run() {
+                return Outcome::Error(format!("Event loop failed: {e:?}"));
+            }
+        }
+    }
+}

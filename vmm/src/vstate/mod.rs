@@ -1,0 +1,6 @@
+// SPDX-License-Identifier: Apache-2.0
+//! KVM state: the VM (memory, irqchip, PIT) and the vCPUs.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
