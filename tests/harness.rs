@@ -1,0 +1,217 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Shared helpers for integration tests: build the test guest, run the real
+//! `wisp` binary with a timeout, and read the guest's PASS/FAIL report.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("vmm/ has a parent")
+        .to_path_buf()
+}
+
+/// The `wisp` binary under test.
+pub fn wisp() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_wisp"))
+}
+
+/// Builds the test guest once (make -C resources/guest) and returns its path.
+pub fn guest() -> PathBuf {
+    static GUEST: OnceLock<PathBuf> = OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            let dir = repo_root().join("resources/guest");
+            let out = Command::new("make")
+                .arg("-s")
+                .arg("-C")
+                .arg(&dir)
+                .output()
+                .expect("run make for the test guest");
+            assert!(
+                out.status.success(),
+                "building the test guest failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let elf = dir.join("build/wisp-guest.elf");
+            assert!(elf.exists(), "{} was not built", elf.display());
+            elf
+        })
+        .clone()
+}
+
+/// Whether /dev/kvm is usable; tests that need it skip (saying so) otherwise.
+pub fn have_kvm() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// Skips the calling test with a reason when KVM is missing.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if !harness::have_kvm() {
+            eprintln!("SKIPPED: /dev/kvm is not available on this host");
+            return;
+        }
+    };
+}
+
+/// What a finished `wisp` run produced.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit status code (None if killed by a signal).
+    pub code: Option<i32>,
+    /// Guest serial output and VMM stdout.
+    pub stdout: String,
+    /// VMM diagnostics.
+    pub stderr: String,
+}
+
+impl Run {
+    /// Asserts the guest printed `PASS name`.
+    pub fn assert_pass(&self, name: &str) {
+        let line = format!("PASS {name}");
+        assert!(
+            self.stdout.lines().any(|l| l.trim_end() == line),
+            "guest did not print '{line}'\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+
+    /// Asserts the guest's summary line reports `passed` passes and no failure.
+    pub fn assert_summary(&self, passed: usize) {
+        let want = format!("wisp-guest: {passed} passed, 0 failed");
+        assert!(
+            self.stdout.lines().any(|l| l.trim_end() == want),
+            "guest summary '{want}' missing\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        assert!(
+            !self.stdout.contains("FAIL "),
+            "guest reported a failure:\n{}",
+            self.stdout
+        );
+    }
+
+    /// Asserts wisp exited with `code`.
+    pub fn assert_code(&self, code: i32) {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "unexpected exit status\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+
+    /// Asserts no Rust panic text appeared.
+    pub fn assert_no_panic(&self) {
+        assert!(
+            !self.stderr.contains("panicked"),
+            "wisp panicked:\n{}",
+            self.stderr
+        );
+    }
+}
+
+/// Spawns `wisp` with `args`, stdin closed, output captured.
+pub fn spawn(args: &[&str]) -> Child {
+    Command::new(wisp())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wisp")
+}
+
+/// Waits for `child` up to `timeout`, killing it after; collects its output.
+pub fn wait(mut child: Child, timeout: Duration) -> Run {
+    let start = Instant::now();
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let out_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stderr.read_to_end(&mut s);
+        s
+    });
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for wisp") {
+            break st;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let st = child.wait().expect("reap wisp");
+            let out = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+            panic!("wisp did not finish within {timeout:?}; it was killed (status {st}). Output:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Run {
+        code: status.code(),
+        stdout: String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned(),
+        stderr: String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned(),
+    }
+}
+
+/// Runs `wisp` with `args` to completion (at most `timeout`).
+pub fn run(args: &[&str], timeout: Duration) -> Run {
+    wait(spawn(args), timeout)
+}
+
+/// Collects an `Output` as a [`Run`].
+pub fn from_output(o: Output) -> Run {
+    Run {
+        code: o.status.code(),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `/tmp/wisp-test-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "wisp-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
