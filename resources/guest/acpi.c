@@ -78,9 +78,9 @@ static void parse_madt(u64 a, u32 len)
 			g_acpi.apic_ids[g_acpi.ncpus++] = *(u8 *)(a + o + 3);
 		else if (type == 9 && (rd32(a + o + 8) & 1) && g_acpi.ncpus < MAX_CPUS)
 			g_acpi.apic_ids[g_acpi.ncpus++] = rd32(a + o + 4);
-		else if (type == 1 && !g_acpi.ioapic_base) {
-			g_acpi.ioapic_base = rd32(a + o + 4);
-			g_acpi.ioapic_gsi_base = rd32(a + o + 8);
+		else if (type == 1 && g_acpi.nioapics < 4) {
+			g_acpi.ioapic_base[g_acpi.nioapics] = rd32(a + o + 4);
+			g_acpi.ioapic_gsi_base[g_acpi.nioapics++] = rd32(a + o + 8);
 		}
 		o += l;
 	}

@@ -184,14 +184,23 @@ trap_common:
 	addq	$16, %rsp
 	iretq
 
-/* device interrupt: count it, EOI the local APIC */
+/* device interrupt: count it, ack the virtio-mmio InterruptStatus if one is
+ * registered (so a level-triggered line drops), EOI the local APIC */
 	.p2align 4
 	.globl irq_device
 irq_device:
 	pushq	%rax
+	pushq	%rcx
 	lock incq irq_count
-	movl	$0xfee000b0, %eax
+	movq	irq_virtio_base, %rcx
+	testq	%rcx, %rcx
+	jz	1f
+	movl	0x60(%rcx), %eax
+	orl	%eax, irq_virtio_status
+	movl	%eax, 0x64(%rcx)
+1:	movl	$0xfee000b0, %eax
 	movl	$0, (%rax)
+	popq	%rcx
 	popq	%rax
 	iretq
 

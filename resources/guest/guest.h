@@ -37,6 +37,7 @@ enum {
 	SYS_LAPIC_ENABLE,  /* enable the local APIC (SVR) */
 	SYS_WAIT_IRQ,      /* old count, timeout cycles -> new count */
 	SYS_TSC_KHZ,       /* -> TSC kHz from cpuid (0 if unknown) */
+	SYS_ROUTE_IRQ,     /* gsi, virtio base (0 = unroute), flags: bit0 level, bit1 active low */
 	SYS_NOP,
 };
 
@@ -115,6 +116,7 @@ struct hvm_memmap_entry {
 	u32 type, reserved;
 };
 extern volatile u64 irq_count;
+extern volatile u32 irq_virtio_status;
 void enter_user(u64 rip, u64 rsp, u64 a0, u64 a1) __attribute__((noreturn));
 void system_exit(void) __attribute__((noreturn));
 extern u8 ustacks[MAX_CPUS][USTACK_SIZE];
@@ -129,13 +131,15 @@ struct acpi_info {
 	u64 pm1a_cnt; u8 pm1a_space; int pm1a_width;
 	int ncpus;
 	u32 apic_ids[MAX_CPUS];
-	u64 ioapic_base;
-	u32 ioapic_gsi_base;
+	int nioapics;
+	u64 ioapic_base[4];
+	u32 ioapic_gsi_base[4];
 	u64 lapic_base;
 	u64 tables[32]; u32 table_lens[32]; int ntables;
 };
 extern struct acpi_info g_acpi;
 const char *acpi_init(u64 rsdp_hint);
+u64 tsc_calibrate_pit(void);
 void acpi_poweroff(void);
 
 /* ---- tests */

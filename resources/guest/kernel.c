@@ -33,6 +33,8 @@ u8 kstacks[MAX_CPUS][KSTACK_SIZE] __attribute__((aligned(4096)));
 u8 ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096)));
 static u8 bsp_ustack[256 * 1024] __attribute__((aligned(4096)));
 volatile u64 irq_count;
+volatile u32 irq_virtio_status;
+volatile u64 irq_virtio_base;
 struct hvm_start_info *g_si;
 
 extern u64 gdt[];
@@ -136,6 +138,42 @@ static u64 tsc_khz_cpuid(void)
 	return 0;
 }
 
+static u32 ioapic_rw(u64 base, u32 reg, u32 v, int wr)
+{
+	mmio_w32(base, reg);
+	if (wr) mmio_w32(base + 0x10, v);
+	return mmio_r32(base + 0x10);
+}
+
+/* Route a GSI to VEC_DEVICE on this CPU through the IOAPIC covering it. */
+static long route_irq(u32 gsi, u64 vbase, u32 flags)
+{
+	for (int i = 0; i < g_acpi.nioapics; i++) {
+		u64 b = g_acpi.ioapic_base[i];
+		u32 first = g_acpi.ioapic_gsi_base[i];
+		u32 n = ((ioapic_rw(b, 1, 0, 0) >> 16) & 0xff) + 1;
+		if (gsi < first || gsi >= first + n)
+			continue;
+		u32 pin = gsi - first, apic;
+		u32 a, bb, c, d;
+		asm volatile("cpuid" : "=a"(a), "=b"(bb), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+		apic = bb >> 24;
+		mmio_w32(LAPIC_BASE + 0xf0, 0x100 | VEC_SPURIOUS);
+		if (!vbase) {
+			ioapic_rw(b, 0x10 + 2 * pin, 1 << 16, 1);
+			irq_virtio_base = 0;
+			return 0;
+		}
+		irq_virtio_base = vbase;
+		irq_virtio_status = 0;
+		ioapic_rw(b, 0x11 + 2 * pin, apic << 24, 1);
+		ioapic_rw(b, 0x10 + 2 * pin,
+			  VEC_DEVICE | ((flags & 1) << 15) | ((flags & 2) ? 1 << 13 : 0), 1);
+		return pin;
+	}
+	return -1;
+}
+
 static void syscall_dispatch(struct frame *f)
 {
 	u64 a = f->rdi, b = f->rsi, r = 0;
@@ -176,6 +214,9 @@ static void syscall_dispatch(struct frame *f)
 	}
 	case SYS_TSC_KHZ:
 		r = tsc_khz_cpuid();
+		break;
+	case SYS_ROUTE_IRQ:
+		r = route_irq(a, b, f->rdx);
 		break;
 	case SYS_NOP:
 		break;

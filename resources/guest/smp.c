@@ -14,8 +14,9 @@ const char *test_madt(void)
 	ids[0] = 0;
 	for (int i = 0; i < g_acpi.ncpus && l < 240; i++)
 		l += snprintf(ids + l, sizeof(ids) - l, "%s%u", i ? "," : "", g_acpi.apic_ids[i]);
-	printf("madt: %d enabled cpus, apic ids %s, ioapic 0x%lx gsi_base %u\n", g_acpi.ncpus, ids,
-	       g_acpi.ioapic_base, g_acpi.ioapic_gsi_base);
+	printf("madt: %d enabled cpus, apic ids %s\n", g_acpi.ncpus, ids);
+	for (int i = 0; i < g_acpi.nioapics; i++)
+		printf("madt: ioapic at 0x%lx gsi_base %u\n", g_acpi.ioapic_base[i], g_acpi.ioapic_gsi_base[i]);
 	s64 want;
 	if (cmd_get_int("expect_cpus", &want) && want != g_acpi.ncpus)
 		return fail_fmt("expected %ld cpus, MADT has %d", want, g_acpi.ncpus);
