@@ -4,6 +4,7 @@
 
 pub mod builder;
 pub mod config;
+pub mod host_quirks;
 pub mod signals;
 pub mod terminal;
 pub mod vmm;

@@ -160,6 +160,7 @@ impl Vcpu {
         let id = self.id;
         let mut cpuid = supported_cpuid.clone();
         boot::cpuid::filter_cpuid(cpuid.as_mut_slice(), id, count);
+        crate::host_quirks::adjust_cpuid(vm.host, cpuid.as_mut_slice());
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(ioctl(id, "KVM_SET_CPUID2"))?;

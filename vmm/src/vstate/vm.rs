@@ -43,6 +43,8 @@ pub struct Vm {
     pub fd: VmFd,
     /// Guest RAM.
     pub memory: GuestMemoryMmap,
+    /// The host's KVM flavour.
+    pub host: crate::host_quirks::HostKvm,
 }
 
 /// Opens /dev/kvm and checks what wisp relies on.
@@ -76,7 +78,12 @@ impl Vm {
             .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
         fd.set_identity_map_address(boot::layout::KVM_IDENTITY_MAP_ADDRESS)
             .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        let vm = Self { kvm, fd, memory };
+        let vm = Self {
+            kvm,
+            fd,
+            memory,
+            host: crate::host_quirks::detect(),
+        };
         vm.register_memory(0)?;
         vm.fd
             .create_irq_chip()
