@@ -212,10 +212,12 @@ void printf(const char *fmt, ...)
 const char *fail_fmt(const char *fmt, ...)
 {
 	static char buf[256];
+	char tmp[256]; /* arguments may point into buf */
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(buf, sizeof(buf), fmt, ap);
+	vsnprintf(tmp, sizeof(tmp), fmt, ap);
 	va_end(ap);
+	strcpy(buf, tmp);
 	return buf;
 }
 
