@@ -229,7 +229,14 @@ u64 tsc_khz(void)
 		s64 v;
 		if (cmd_get_int("tsc_khz", &v) && v > 0) g_tsc_khz = v;
 		else g_tsc_khz = syscall3(SYS_TSC_KHZ, 0, 0, 0);
-		if (!g_tsc_khz) g_tsc_khz = 3000000; /* assumed 3 GHz */
+		if (!g_tsc_khz) {
+			g_tsc_khz = tsc_calibrate_pit();
+			if (g_tsc_khz) printf("tsc: %lu kHz (PIT calibration)\n", g_tsc_khz);
+		}
+		if (!g_tsc_khz) {
+			g_tsc_khz = 3000000; /* assumed 3 GHz */
+			printf("tsc: frequency unknown, assuming %lu kHz\n", g_tsc_khz);
+		}
 	}
 	return g_tsc_khz;
 }

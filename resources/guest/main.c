@@ -71,11 +71,18 @@ const char *test_e820(void)
 	return NULL;
 }
 
+/* exception path self-test: #UD in ring 3 must print FAIL exception and power off */
+static const char *test_fault(void)
+{
+	asm volatile("ud2");
+	return "survived ud2";
+}
+
 static const struct { const char *name; const char *(*fn)(void); } tests[] = {
 	{ "cmdline", test_cmdline }, { "e820", test_e820 },       { "madt", test_madt },
 	{ "smp", test_smp },         { "blk_read", test_blk_read }, { "blk_write", test_blk_write },
 	{ "blk_ro", test_blk_ro },   { "blk_id", test_blk_id },   { "blk_two", test_blk_two },
-	{ "blk_irq", test_blk_irq }, { "blk_bench", test_blk_bench },
+	{ "blk_irq", test_blk_irq }, { "blk_bench", test_blk_bench }, { "fault", test_fault },
 };
 
 static void run_test(const char *name)
