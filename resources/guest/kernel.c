@@ -26,12 +26,13 @@ struct idt_entry {
 	u32 off2, rsv;
 } __attribute__((packed));
 
-static struct idt_entry idt[256] __attribute__((aligned(16)));
-static struct { u16 limit; u64 base; } __attribute__((packed)) idt_desc;
+/* written in ring 0 before .bss is cleared: keep out of .bss */
+static struct idt_entry idt[256] __attribute__((aligned(16), section(".data")));
+static struct { u16 limit; u64 base; } __attribute__((packed)) idt_desc __attribute__((section(".data")));
 
-u8 kstacks[MAX_CPUS][KSTACK_SIZE] __attribute__((aligned(4096)));
-u8 ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096)));
-static u8 bsp_ustack[256 * 1024] __attribute__((aligned(4096)));
+u8 kstacks[MAX_CPUS][KSTACK_SIZE] __attribute__((aligned(4096), section(".bss.noinit")));
+u8 ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096), section(".bss.noinit")));
+static u8 bsp_ustack[256 * 1024] __attribute__((aligned(4096), section(".bss.noinit")));
 volatile u64 irq_count;
 volatile u32 irq_virtio_status;
 volatile u64 irq_virtio_base;

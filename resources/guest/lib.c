@@ -178,10 +178,10 @@ static volatile int print_lock;
 
 void spin_lock(volatile int *l)
 {
-	u64 tries = 0;
+	u64 tries = 0, max = cpl() ? 50000000UL : 2000; /* ring 0 spins are emulated */
 	while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
 		/* a CPU that died holding the lock must not wedge the exception path */
-		if (++tries > 50000000UL) return;
+		if (++tries > max) return;
 		cpu_relax();
 	}
 }

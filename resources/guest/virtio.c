@@ -76,8 +76,8 @@ static struct mmio_dev mdevs[MAX_MMIO];
 static int nmdevs;
 static struct blk blks[MAX_BLK];
 static int nblks = -1;
-static struct queue_mem qmem[MAX_BLK];
-static u8 iobuf[2 << 20] __attribute__((aligned(4096)));
+static struct queue_mem qmem[MAX_BLK] __attribute__((section(".bss.noinit")));
+static u8 iobuf[2 << 20] __attribute__((aligned(4096), section(".bss.noinit")));
 
 static inline void mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
