@@ -217,7 +217,7 @@ u64 tsc_calibrate_pit(void)
 	while (ticks < 11932) {
 		u32 c = pit_read0();
 		if (c == prev) {
-			if (++still > 2000) return 0; /* frozen: no PIT */
+			if (++still > 200) return 0; /* frozen: no PIT */
 			continue;
 		}
 		still = 0;

@@ -13,6 +13,7 @@
 #define SEL_TSS0      0x30
 #define TRAMP_DEFAULT 0x8000
 #define VEC_DEVICE    0x40
+#define VEC_TIMER     0x41
 #define VEC_SPURIOUS  0xff
 #define LAPIC_BASE    0xfee00000UL
 

@@ -78,11 +78,22 @@ static const char *test_fault(void)
 	return "survived ud2";
 }
 
+/* SYS_WAIT_IRQ must return on its timeout when no interrupt comes */
+static const char *test_irq_timeout(void)
+{
+	u64 c = irq_count, t0 = rdtsc(), lim = tsc_khz() * 200; /* 200 ms */
+	u64 r = syscall3(SYS_WAIT_IRQ, c, lim, 0);
+	u64 ms = (rdtsc() - t0) / tsc_khz();
+	printf("irq_timeout: returned after %lu ms, irq count %lu -> %lu\n", ms, c, r);
+	return ms >= 150 ? NULL : "returned too early";
+}
+
 static const struct { const char *name; const char *(*fn)(void); } tests[] = {
 	{ "cmdline", test_cmdline }, { "e820", test_e820 },       { "madt", test_madt },
 	{ "smp", test_smp },         { "blk_read", test_blk_read }, { "blk_write", test_blk_write },
 	{ "blk_ro", test_blk_ro },   { "blk_id", test_blk_id },   { "blk_two", test_blk_two },
 	{ "blk_irq", test_blk_irq }, { "blk_bench", test_blk_bench }, { "fault", test_fault },
+	{ "irq_timeout", test_irq_timeout },
 };
 
 static void run_test(const char *name)
