@@ -63,6 +63,7 @@ static inline u64 rdtsc(void)
 	return ((u64)hi << 32) | lo;
 }
 
+/* ring 3 only */
 static inline void cpu_relax(void) { asm volatile("pause" ::: "memory"); }
 
 static inline void outb(u16 port, u8 v) { asm volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }

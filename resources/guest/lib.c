@@ -178,11 +178,12 @@ static volatile int print_lock;
 
 void spin_lock(volatile int *l)
 {
-	u64 tries = 0, max = cpl() ? 50000000UL : 2000; /* ring 0 spins are emulated */
+	int user = cpl() != 0;
+	u64 tries = 0, max = user ? 50000000UL : 2000; /* ring 0 spins are emulated */
 	while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
 		/* a CPU that died holding the lock must not wedge the exception path */
 		if (++tries > max) return;
-		cpu_relax();
+		if (user) cpu_relax(); /* no pause in ring 0: keep to known-emulated insns */
 	}
 }
 

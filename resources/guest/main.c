@@ -128,7 +128,7 @@ void system_exit(void)
 		acpi_poweroff();
 		/* the VMM may act on the request asynchronously: give it a moment */
 		for (u64 t0 = rdtsc(); rdtsc() - t0 < 2000000000UL;)
-			cpu_relax();
+			asm volatile("" ::: "memory"); /* may run in ring 0: no pause */
 		printf("wisp-guest: poweroff failed\n");
 	}
 	if (cpl())
