@@ -98,6 +98,13 @@ static const struct { const char *name; const char *(*fn)(void); } tests[] = {
 
 static void run_test(const char *name)
 {
+	if (!strcmp(name, "boot")) { /* group alias */
+		run_test("cmdline");
+		run_test("e820");
+		run_test("madt");
+		run_test("smp");
+		return;
+	}
 	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
 		if (strcmp(tests[i].name, name))
 			continue;

@@ -201,6 +201,8 @@ static const char *blk_init(struct blk *b)
 		return "queue 0 not available";
 	u32 qs = 1;
 	while (qs * 2 <= max && qs * 2 <= QSIZE_MAX) qs *= 2;
+	if (qs < 4)
+		return "queue 0 too small (need 3 descriptors)";
 	b->qsize = qs;
 	memset(b->q, 0, sizeof(*b->q));
 	wr(b, VMMIO_QUEUE_NUM, qs);
