@@ -90,6 +90,10 @@ const char *acpi_init(u64 hint)
 {
 	const char *e;
 	g_acpi.slp_typ = -1;
+	/* defaults used when there is no MADT */
+	g_acpi.nioapics = 1;
+	g_acpi.ioapic_base[0] = 0xfec00000;
+	g_acpi.ioapic_gsi_base[0] = 0;
 	u64 rsdp = find_rsdp(hint);
 	if (!rsdp)
 		return "no RSDP";
@@ -155,7 +159,12 @@ const char *acpi_init(u64 hint)
 	printf("acpi: FADT hw_reduced=%d sleep_ctl space %u addr 0x%lx pm1a_cnt space %u addr 0x%lx _S5 %d\n",
 	       g_acpi.hw_reduced, g_acpi.slp_space, g_acpi.slp_addr, g_acpi.pm1a_space,
 	       g_acpi.pm1a_cnt, g_acpi.slp_typ);
+	g_acpi.nioapics = 0;
 	parse_madt(g_acpi.madt, rd32(g_acpi.madt + 4));
+	if (!g_acpi.nioapics) {
+		g_acpi.nioapics = 1;
+		g_acpi.ioapic_base[0] = 0xfec00000;
+	}
 	g_acpi.ok = 1;
 	return NULL;
 }
@@ -186,4 +195,38 @@ void acpi_poweroff(void)
 	} else if (g_acpi.pm1a_cnt) {
 		gas_write(g_acpi.pm1a_space, g_acpi.pm1a_cnt, 2, ((typ & 7) << 10) | (1 << 13));
 	}
+}
+
+/* TSC frequency against the PIT: channel 0 as a free-running 16-bit down
+ * counter (mode 2, reload 65536), read back with latch commands. The counter
+ * ticks at 1.193182 MHz; 11932 ticks is 10 ms. Returns 0 if no PIT answers. */
+static u32 pit_read0(void)
+{
+	hw_out(0x43, 1, 0x00); /* latch channel 0 */
+	u32 lo = hw_in(0x40, 1);
+	return lo | (hw_in(0x40, 1) << 8);
+}
+
+u64 tsc_calibrate_pit(void)
+{
+	hw_out(0x43, 1, 0x34); /* ch0, lo/hi, mode 2, binary */
+	hw_out(0x40, 1, 0);
+	hw_out(0x40, 1, 0);
+	u32 prev = pit_read0(), ticks = 0, still = 0;
+	u64 t0 = rdtsc();
+	while (ticks < 11932) {
+		u32 c = pit_read0();
+		if (c == prev) {
+			if (++still > 200) return 0; /* frozen: no PIT */
+			continue;
+		}
+		still = 0;
+		ticks += (prev - c) & 0xffff;
+		prev = c;
+	}
+	u64 t1 = rdtsc();
+	hw_out(0x43, 1, 0x30); /* ch0 back to mode 0 (one-shot, idle) */
+	hw_out(0x40, 1, 0);
+	hw_out(0x40, 1, 0);
+	return (t1 - t0) * 1193182 / ((u64)ticks * 1000);
 }

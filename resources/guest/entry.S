@@ -204,6 +204,16 @@ irq_device:
 	popq	%rax
 	iretq
 
+/* LAPIC timer: only wakes a CPU sitting in hlt (SYS_WAIT_IRQ timeouts) */
+	.p2align 4
+	.globl irq_timer
+irq_timer:
+	pushq	%rax
+	movl	$0xfee000b0, %eax
+	movl	$0, (%rax)
+	popq	%rax
+	iretq
+
 	.p2align 4
 	.globl irq_spurious
 irq_spurious:

@@ -13,6 +13,7 @@
 #define SEL_TSS0      0x30
 #define TRAMP_DEFAULT 0x8000
 #define VEC_DEVICE    0x40
+#define VEC_TIMER     0x41
 #define VEC_SPURIOUS  0xff
 #define LAPIC_BASE    0xfee00000UL
 
@@ -62,6 +63,7 @@ static inline u64 rdtsc(void)
 	return ((u64)hi << 32) | lo;
 }
 
+/* ring 3 only */
 static inline void cpu_relax(void) { asm volatile("pause" ::: "memory"); }
 
 static inline void outb(u16 port, u8 v) { asm volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }

@@ -26,12 +26,13 @@ struct idt_entry {
 	u32 off2, rsv;
 } __attribute__((packed));
 
-static struct idt_entry idt[256] __attribute__((aligned(16)));
-static struct { u16 limit; u64 base; } __attribute__((packed)) idt_desc;
+/* written in ring 0 before .bss is cleared: keep out of .bss */
+static struct idt_entry idt[256] __attribute__((aligned(16), section(".data")));
+static struct { u16 limit; u64 base; } __attribute__((packed)) idt_desc __attribute__((section(".data")));
 
-u8 kstacks[MAX_CPUS][KSTACK_SIZE] __attribute__((aligned(4096)));
-u8 ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096)));
-static u8 bsp_ustack[256 * 1024] __attribute__((aligned(4096)));
+u8 kstacks[MAX_CPUS][KSTACK_SIZE] __attribute__((aligned(4096), section(".bss.noinit")));
+u8 ustacks[MAX_CPUS][USTACK_SIZE] __attribute__((aligned(4096), section(".bss.noinit")));
+static u8 bsp_ustack[256 * 1024] __attribute__((aligned(4096), section(".bss.noinit")));
 volatile u64 irq_count;
 volatile u32 irq_virtio_status;
 volatile u64 irq_virtio_base;
@@ -39,7 +40,7 @@ struct hvm_start_info *g_si;
 
 extern u64 gdt[];
 extern const u64 trap_table[32];
-extern char irq_device[], irq_spurious[];
+extern char irq_device[], irq_timer[], irq_spurious[];
 void umain(struct hvm_start_info *si);
 void user_ap_main(u64 idx, u64 apic_id);
 
@@ -75,6 +76,7 @@ void kmain(struct hvm_start_info *si)
 	for (int v = 0; v < 32; v++)
 		set_gate(v, trap_table[v], v == 3 ? 3 : 0);
 	set_gate(VEC_DEVICE, (u64)irq_device, 0);
+	set_gate(VEC_TIMER, (u64)irq_timer, 0);
 	set_gate(VEC_SPURIOUS, (u64)irq_spurious, 0);
 	idt_desc.limit = sizeof(idt) - 1;
 	idt_desc.base = (u64)idt;
@@ -206,9 +208,16 @@ static void syscall_dispatch(struct frame *f)
 		mmio_w32(LAPIC_BASE + 0xf0, 0x100 | VEC_SPURIOUS);
 		break;
 	case SYS_WAIT_IRQ: {
+		/* periodic LAPIC timer so hlt wakes up to check the timeout */
 		u64 start = rdtsc();
+		mmio_w32(LAPIC_BASE + 0xf0, 0x100 | VEC_SPURIOUS);
+		mmio_w32(LAPIC_BASE + 0x3e0, 0xb);                /* divide by 1 */
+		mmio_w32(LAPIC_BASE + 0x320, VEC_TIMER | (1 << 17)); /* periodic */
+		mmio_w32(LAPIC_BASE + 0x380, 50000000);
 		while (irq_count == a && rdtsc() - start < b)
 			asm volatile("sti; hlt; cli" ::: "memory");
+		mmio_w32(LAPIC_BASE + 0x380, 0);
+		mmio_w32(LAPIC_BASE + 0x320, 1 << 16);             /* masked */
 		r = irq_count;
 		break;
 	}

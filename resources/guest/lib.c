@@ -178,11 +178,12 @@ static volatile int print_lock;
 
 void spin_lock(volatile int *l)
 {
-	u64 tries = 0;
+	int user = cpl() != 0;
+	u64 tries = 0, max = user ? 50000000UL : 2000; /* ring 0 spins are emulated */
 	while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE)) {
 		/* a CPU that died holding the lock must not wedge the exception path */
-		if (++tries > 50000000UL) return;
-		cpu_relax();
+		if (++tries > max) return;
+		if (user) cpu_relax(); /* no pause in ring 0: keep to known-emulated insns */
 	}
 }
 
@@ -212,10 +213,12 @@ void printf(const char *fmt, ...)
 const char *fail_fmt(const char *fmt, ...)
 {
 	static char buf[256];
+	char tmp[256]; /* arguments may point into buf */
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(buf, sizeof(buf), fmt, ap);
+	vsnprintf(tmp, sizeof(tmp), fmt, ap);
 	va_end(ap);
+	strcpy(buf, tmp);
 	return buf;
 }
 
@@ -227,7 +230,14 @@ u64 tsc_khz(void)
 		s64 v;
 		if (cmd_get_int("tsc_khz", &v) && v > 0) g_tsc_khz = v;
 		else g_tsc_khz = syscall3(SYS_TSC_KHZ, 0, 0, 0);
-		if (!g_tsc_khz) g_tsc_khz = 3000000; /* assumed 3 GHz */
+		if (!g_tsc_khz) {
+			g_tsc_khz = tsc_calibrate_pit();
+			if (g_tsc_khz) printf("tsc: %lu kHz (PIT calibration)\n", g_tsc_khz);
+		}
+		if (!g_tsc_khz) {
+			g_tsc_khz = 3000000; /* assumed 3 GHz */
+			printf("tsc: frequency unknown, assuming %lu kHz\n", g_tsc_khz);
+		}
 	}
 	return g_tsc_khz;
 }

@@ -71,15 +71,40 @@ const char *test_e820(void)
 	return NULL;
 }
 
+/* exception path self-test: #UD in ring 3 must print FAIL exception and power off */
+static const char *test_fault(void)
+{
+	asm volatile("ud2");
+	return "survived ud2";
+}
+
+/* SYS_WAIT_IRQ must return on its timeout when no interrupt comes */
+static const char *test_irq_timeout(void)
+{
+	u64 c = irq_count, t0 = rdtsc(), lim = tsc_khz() * 200; /* 200 ms */
+	u64 r = syscall3(SYS_WAIT_IRQ, c, lim, 0);
+	u64 ms = (rdtsc() - t0) / tsc_khz();
+	printf("irq_timeout: returned after %lu ms, irq count %lu -> %lu\n", ms, c, r);
+	return ms >= 150 ? NULL : "returned too early";
+}
+
 static const struct { const char *name; const char *(*fn)(void); } tests[] = {
 	{ "cmdline", test_cmdline }, { "e820", test_e820 },       { "madt", test_madt },
 	{ "smp", test_smp },         { "blk_read", test_blk_read }, { "blk_write", test_blk_write },
 	{ "blk_ro", test_blk_ro },   { "blk_id", test_blk_id },   { "blk_two", test_blk_two },
-	{ "blk_irq", test_blk_irq }, { "blk_bench", test_blk_bench },
+	{ "blk_irq", test_blk_irq }, { "blk_bench", test_blk_bench }, { "fault", test_fault },
+	{ "irq_timeout", test_irq_timeout },
 };
 
 static void run_test(const char *name)
 {
+	if (!strcmp(name, "boot")) { /* group alias */
+		run_test("cmdline");
+		run_test("e820");
+		run_test("madt");
+		run_test("smp");
+		return;
+	}
 	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
 		if (strcmp(tests[i].name, name))
 			continue;
@@ -110,7 +135,7 @@ void system_exit(void)
 		acpi_poweroff();
 		/* the VMM may act on the request asynchronously: give it a moment */
 		for (u64 t0 = rdtsc(); rdtsc() - t0 < 2000000000UL;)
-			cpu_relax();
+			asm volatile("" ::: "memory"); /* may run in ring 0: no pause */
 		printf("wisp-guest: poweroff failed\n");
 	}
 	if (cpl())
@@ -119,8 +144,12 @@ void system_exit(void)
 		asm volatile("cli; hlt");
 }
 
+extern char __bss_start[], __bss_end[];
+
 void umain(struct hvm_start_info *si)
 {
+	/* ring 3 runs natively: clear .bss here rather than in (emulated) ring 0 */
+	memset(__bss_start, 0, __bss_end - __bss_start);
 	g_si = si;
 	puts_raw("wisp-guest: booting\n");
 	if (!si || si->magic != 0x336ec578) {

@@ -76,10 +76,14 @@ static struct mmio_dev mdevs[MAX_MMIO];
 static int nmdevs;
 static struct blk blks[MAX_BLK];
 static int nblks = -1;
-static struct queue_mem qmem[MAX_BLK];
-static u8 iobuf[2 << 20] __attribute__((aligned(4096)));
+static struct queue_mem qmem[MAX_BLK] __attribute__((section(".bss.noinit")));
+static u8 iobuf[2 << 20] __attribute__((aligned(4096), section(".bss.noinit")));
 
 static inline void mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+static s64 check(const void *buf, u64 off, u32 len, u64 key);
+static int blk_submit(struct blk *b, u32 type, u64 sector, void *buf, u32 len, int dev_writes,
+		      int wait_irq);
 
 /* ---------------- discovery */
 
@@ -197,6 +201,8 @@ static const char *blk_init(struct blk *b)
 		return "queue 0 not available";
 	u32 qs = 1;
 	while (qs * 2 <= max && qs * 2 <= QSIZE_MAX) qs *= 2;
+	if (qs < 4)
+		return "queue 0 too small (need 3 descriptors)";
 	b->qsize = qs;
 	memset(b->q, 0, sizeof(*b->q));
 	wr(b, VMMIO_QUEUE_NUM, qs);
@@ -308,6 +314,7 @@ static int blk_submit(struct blk *b, u32 type, u64 sector, void *buf, u32 len, i
 	return q->status;
 }
 
+/* The disk the single-disk tests use: blk_dev=N, else the lowest transport. */
 static struct blk *first_blk(const char **why)
 {
 	blk_discover();
@@ -315,7 +322,17 @@ static struct blk *first_blk(const char **why)
 		*why = "no virtio-blk device found";
 		return NULL;
 	}
-	return &blks[0];
+	s64 n = 0;
+	if (cmd_get_int("blk_dev", &n) && (n < 0 || n >= nblks)) {
+		*why = "blk_dev out of range";
+		return NULL;
+	}
+	return &blks[n];
+}
+
+static int sector0_is(struct blk *b, u64 key)
+{
+	return blk_submit(b, T_IN, 0, iobuf, 512, 1, 0) == 0 && check(iobuf, 0, 512, key) < 0;
 }
 
 static void fill(void *buf, u64 off, u32 len, u64 key)
@@ -351,6 +368,14 @@ const char *test_blk_read(void)
 	const char *e;
 	struct blk *b = first_blk(&e);
 	if (!b) return e;
+	/* with several disks and no blk_dev=, read the one holding the read pattern */
+	if (nblks > 1 && !cmd_get("blk_dev"))
+		for (int i = 0; i < nblks; i++)
+			if (sector0_is(&blks[i], PAT_READ)) {
+				b = &blks[i];
+				break;
+			}
+	printf("blk_read: disk at 0x%lx\n", b->base);
 	if (b->capacity < 16)
 		return fail_fmt("capacity %lu too small", b->capacity);
 	if ((e = read_verify(b, 0, 8, PAT_READ))) return e;
@@ -432,11 +457,18 @@ const char *test_blk_two(void)
 	if (!first_blk(&e)) return e;
 	if (nblks < 2)
 		return fail_fmt("%d block device(s), want 2", nblks);
-	if ((e = read_verify(&blks[0], 0, 1, PAT_READ)))
-		return fail_fmt("disk 0: %s", e);
-	if ((e = read_verify(&blks[1], 0, 1, PAT_SECOND)))
-		return fail_fmt("disk 1: %s", e);
-	printf("blk_two: disk 0 at 0x%lx and disk 1 at 0x%lx verified\n", blks[0].base, blks[1].base);
+	/* transport order is up to the VMM (QEMU fills from the top): match by content */
+	int first = -1, second = -1;
+	for (int i = 0; i < nblks; i++) {
+		if (first < 0 && sector0_is(&blks[i], PAT_READ)) first = i;
+		else if (second < 0 && sector0_is(&blks[i], PAT_SECOND)) second = i;
+	}
+	if (first < 0)
+		return "no disk holds the first disk's pattern in sector 0";
+	if (second < 0)
+		return "no disk holds the second disk's pattern in sector 0";
+	printf("blk_two: first disk at 0x%lx (blk%d), second disk at 0x%lx (blk%d) verified\n",
+	       blks[first].base, first, blks[second].base, second);
 	return NULL;
 }
 
