@@ -482,6 +482,35 @@ mod tests {
     }
 
     #[test]
+    fn openapi_lists_every_route() {
+        let spec = include_str!("../openapi/wisp.yaml");
+        for p in [
+            "/",
+            "/version",
+            "/vm/config",
+            "/machine-config",
+            "/boot-source",
+            "/drives/{drive_id}",
+            "/network-interfaces/{iface_id}",
+            "/actions",
+            "/vm",
+            "/logger",
+            "/metrics",
+            "/snapshot/create",
+            "/snapshot/load",
+            "/migration",
+            "/migration/receive",
+            "/migration/send",
+            "/migration/cancel",
+        ] {
+            assert!(
+                spec.contains(&format!("\n  {p}:\n")),
+                "{p} missing from wisp.yaml"
+            );
+        }
+    }
+
+    #[test]
     fn oversized() {
         let big = vec![b' '; MAX_BODY_LEN + 1];
         assert_eq!(route("PUT", "/actions", &big).unwrap_err().status, 413);

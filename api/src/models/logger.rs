@@ -15,10 +15,10 @@ pub enum LogLevel {
     #[serde(alias = "error", alias = "ERROR")]
     Error,
     /// Warnings and errors.
-    #[default]
     #[serde(alias = "warning", alias = "WARNING", alias = "Warn", alias = "warn")]
     Warning,
-    /// Informational.
+    /// Informational (the default, as in Firecracker).
+    #[default]
     #[serde(alias = "info", alias = "INFO")]
     Info,
     /// Debugging.

@@ -36,6 +36,8 @@ pub enum HugePages {
     /// Normal 4 KiB pages.
     #[default]
     None,
+    /// Transparent huge pages via madvise.
+    Transparent,
     /// 2 MiB huge pages.
     #[serde(rename = "2M")]
     Huge2M,
@@ -180,8 +182,12 @@ fn validate_unsupported(
             return Err(ModelError::unsupported("cpu_template", format!("{t:?}")));
         }
     }
-    if huge_pages == Some(HugePages::Huge2M) {
-        return Err(ModelError::unsupported("huge_pages", "2M"));
+    match huge_pages {
+        Some(HugePages::Huge2M) => return Err(ModelError::unsupported("huge_pages", "2M")),
+        Some(HugePages::Transparent) => {
+            return Err(ModelError::unsupported("huge_pages", "Transparent"))
+        }
+        _ => {}
     }
     Ok(())
 }
