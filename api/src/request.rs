@@ -3,8 +3,8 @@
 
 use crate::models::{
     ApiFault, BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate,
-    Metrics, MigrationReceive, MigrationSend, NetworkInterface, PartialDrive, SnapshotCreateParams,
-    SnapshotLoadParams, Vm,
+    Metrics, MigrationReceive, MigrationSend, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm,
 };
 
 /// One parsed and validated API request for the VMM to execute.
@@ -30,6 +30,8 @@ pub enum ApiRequest {
     PatchDrive(PartialDrive),
     /// `PUT /network-interfaces/{id}`.
     PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{id}`: change rate limits.
+    PatchNetworkInterface(PartialNetworkInterface),
     /// `PUT /actions`.
     Action(InstanceActionInfo),
     /// `PATCH /vm`: pause or resume.

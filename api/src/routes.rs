@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use crate::models::{
     ApiFault, BootSource, Drive, InstanceActionInfo, Logger, MachineConfig, MachineConfigUpdate,
     Metrics, MigrationReceive, MigrationSend, ModelError, NetworkInterface, PartialDrive,
-    SnapshotCreateParams, SnapshotLoadParams, Vm,
+    PartialNetworkInterface, SnapshotCreateParams, SnapshotLoadParams, Vm,
 };
 use crate::request::ApiRequest;
 
@@ -117,13 +117,27 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiFau
             }
             _ => Err(not_allowed(method, path)),
         },
-        ("network-interfaces", Some(id)) if !id.is_empty() => {
-            put_only(m, method, path)?;
-            let n: NetworkInterface = parse(body)?;
-            check_id("iface_id", id, &n.iface_id)?;
-            n.validate().map_err(model_fault)?;
-            Ok(ApiRequest::PutNetworkInterface(n))
-        }
+        ("network-interfaces", Some(id)) if !id.is_empty() => match m {
+            Method::Put => {
+                let n: NetworkInterface = parse(body)?;
+                check_id("iface_id", id, &n.iface_id)?;
+                n.validate().map_err(model_fault)?;
+                Ok(ApiRequest::PutNetworkInterface(n))
+            }
+            Method::Patch => {
+                let n: PartialNetworkInterface = parse(body)?;
+                check_id("iface_id", id, &n.iface_id)?;
+                n.validate().map_err(model_fault)?;
+                Ok(ApiRequest::PatchNetworkInterface(n))
+            }
+            _ => Err(not_allowed(method, path)),
+        },
+        (
+            "balloon" | "vsock" | "mmds" | "entropy" | "cpu-config" | "pmem" | "hotplug" | "serial",
+            _,
+        ) => Err(ApiFault::bad_request(format!(
+            "{path} is a Firecracker endpoint that wisp does not implement"
+        ))),
         ("actions", None) => {
             put_only(m, method, path)?;
             let a: InstanceActionInfo = parse(body)?;
@@ -372,15 +386,24 @@ mod tests {
         )
         .fault_message
         .contains("iface_id"));
-        assert_eq!(
-            err(
+        assert!(matches!(
+            ok(
                 "PATCH",
                 "/network-interfaces/eth0",
                 r#"{"iface_id":"eth0"}"#
-            )
-            .status,
-            405
+            ),
+            ApiRequest::PatchNetworkInterface(_)
+        ));
+        assert!(
+            err("PATCH", "/network-interfaces/x", r#"{"iface_id":"eth0"}"#)
+                .fault_message
+                .contains("does not match")
         );
+        assert_eq!(err("GET", "/network-interfaces/eth0", "").status, 405);
+        let f = err("PUT", "/vsock", "{}");
+        assert_eq!(f.status, 400);
+        assert!(f.fault_message.contains("does not implement"));
+        assert_eq!(err("PUT", "/balloon/statistics", "{}").status, 400);
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub use logger::{LogLevel, Logger};
 pub use machine_config::{CpuTemplate, HugePages, MachineConfig, MachineConfigUpdate};
 pub use metrics::Metrics;
 pub use migration::{MigrationReceive, MigrationSend, MigrationState, MigrationStatus};
-pub use network_interface::NetworkInterface;
+pub use network_interface::{NetworkInterface, PartialNetworkInterface};
 pub use snapshot::{
     MemBackend, MemBackendType, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
 };

@@ -70,6 +70,34 @@ impl NetworkInterface {
     }
 }
 
+/// `PATCH /network-interfaces/{iface_id}`: change rate limits after boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// Id of the interface, also in the URL.
+    pub iface_id: String,
+    /// New receive rate limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// New transmit rate limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+impl PartialNetworkInterface {
+    /// Checks the id and limits.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        validate_id("iface_id", &self.iface_id)?;
+        for r in [&self.rx_rate_limiter, &self.tx_rate_limiter]
+            .into_iter()
+            .flatten()
+        {
+            r.validate()?;
+        }
+        Ok(())
+    }
+}
+
 fn validate_ifname(field: &'static str, name: &str) -> Result<(), ModelError> {
     if name.is_empty() || name.len() > MAX_IFNAME_LEN {
         return Err(ModelError::invalid(
@@ -165,5 +193,18 @@ mod tests {
         );
         assert!(parse(r#"{"iface_id":"eth0","host_dev_name":"tap0","mtu":70000}"#).is_err());
         assert!(parse(r#"{"iface_id":"eth0","host_dev_name":"tap0","vlan":3}"#).is_err());
+    }
+
+    #[test]
+    fn patch() {
+        let p: PartialNetworkInterface = serde_json::from_str(
+            r#"{"iface_id":"eth0","rx_rate_limiter":{"bandwidth":{"size":10,"refill_time":5}}}"#,
+        )
+        .unwrap();
+        assert!(p.validate().is_ok());
+        assert!(serde_json::from_str::<PartialNetworkInterface>(
+            r#"{"iface_id":"eth0","host_dev_name":"tap1"}"#
+        )
+        .is_err());
     }
 }
