@@ -42,4 +42,6 @@ pub use client::{Client, ClientError, Connection};
 pub use models::ApiFault;
 pub use request::{json_response, ApiRequest, ApiResponse};
 pub use routes::{route, MAX_BODY_LEN};
-pub use server::{ApiCall, ApiError, ApiServer, ApiServerHandle, ResponseSender, Waker};
+pub use server::{
+    ApiCall, ApiError, ApiServer, ApiServerHandle, ResponseSender, ServerOptions, Waker,
+};

@@ -94,6 +94,41 @@ pub type ApiCall = (ApiRequest, ResponseSender);
 /// Called after each request is queued, e.g. to write an eventfd the VMM polls.
 pub type Waker = Arc<dyn Fn() + Send + Sync>;
 
+/// Tunables of the server; [`Default`] gives the documented constants.
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// Called after each request is queued for the VMM.
+    pub waker: Option<Waker>,
+    /// Time allowed to send a request's head (also bounds idle keep-alive).
+    pub header_timeout: Duration,
+    /// Time allowed to send a request's body.
+    pub body_timeout: Duration,
+    /// Connections served at once; further ones are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            waker: None,
+            header_timeout: HEADER_TIMEOUT,
+            body_timeout: BODY_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("waker", &self.waker.is_some())
+            .field("header_timeout", &self.header_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
 /// Owns the server thread; dropping it stops the server and removes the socket.
 #[derive(Debug)]
 pub struct ApiServerHandle {
@@ -150,13 +185,27 @@ impl ApiServer {
     /// Binds `path` (mode 0600) and serves it on a new thread. Requests arrive
     /// on the returned receiver.
     pub fn start(path: impl AsRef<Path>) -> Result<(ApiServerHandle, Receiver<ApiCall>), ApiError> {
-        Self::start_with_waker(path, None)
+        Self::start_with_options(path, ServerOptions::default())
     }
 
     /// Like [`ApiServer::start`], calling `waker` after each request is queued.
     pub fn start_with_waker(
         path: impl AsRef<Path>,
         waker: Option<Waker>,
+    ) -> Result<(ApiServerHandle, Receiver<ApiCall>), ApiError> {
+        Self::start_with_options(
+            path,
+            ServerOptions {
+                waker,
+                ..ServerOptions::default()
+            },
+        )
+    }
+
+    /// Like [`ApiServer::start`], with every tunable.
+    pub fn start_with_options(
+        path: impl AsRef<Path>,
+        options: ServerOptions,
     ) -> Result<(ApiServerHandle, Receiver<ApiCall>), ApiError> {
         let path = path.as_ref().to_path_buf();
         let listener = bind(&path)?;
@@ -166,7 +215,7 @@ impl ApiServer {
         let open2 = open.clone();
         let thread = std::thread::Builder::new()
             .name("wisp-api".into())
-            .spawn(move || serve_thread(listener, tx, waker, stop_rx, open2))
+            .spawn(move || serve_thread(listener, tx, options, stop_rx, open2))
             .map_err(ApiError::Thread)?;
         Ok((
             ApiServerHandle {
@@ -218,7 +267,7 @@ fn bind(path: &Path) -> Result<StdUnixListener, ApiError> {
 fn serve_thread(
     listener: StdUnixListener,
     tx: Sender<ApiCall>,
-    waker: Option<Waker>,
+    options: ServerOptions,
     stop: oneshot::Receiver<()>,
     open: Arc<AtomicUsize>,
 ) {
@@ -243,7 +292,7 @@ fn serve_thread(
         };
         tokio::select! {
             _ = stop => {}
-            _ = accept_loop(listener, tx, waker, open) => {}
+            _ = accept_loop(listener, tx, options, open) => {}
         }
     });
 }
@@ -251,10 +300,10 @@ fn serve_thread(
 async fn accept_loop(
     listener: tokio::net::UnixListener,
     tx: Sender<ApiCall>,
-    waker: Option<Waker>,
+    options: ServerOptions,
     open: Arc<AtomicUsize>,
 ) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let limit = Arc::new(tokio::sync::Semaphore::new(options.max_connections));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -271,15 +320,17 @@ async fn accept_loop(
             continue;
         };
         let tx = tx.clone();
-        let waker = waker.clone();
+        let waker = options.waker.clone();
+        let body_timeout = options.body_timeout;
         let open = open.clone();
         open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req| handle(req, tx.clone(), waker.clone()));
+            let service = hyper::service::service_fn(move |req| {
+                handle(req, tx.clone(), waker.clone(), body_timeout)
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(options.header_timeout)
                 .max_buf_size(MAX_BUF)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
@@ -327,6 +378,7 @@ async fn handle(
     req: Request<Incoming>,
     tx: Sender<ApiCall>,
     waker: Option<Waker>,
+    body_timeout: Duration,
 ) -> Result<Resp, Infallible> {
     let too_large = || {
         ApiFault::new(
@@ -351,7 +403,7 @@ async fn handle(
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let body = Limited::new(req.into_body(), MAX_BODY_LEN);
-    let body = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+    let body = match tokio::time::timeout(body_timeout, body.collect()).await {
         Err(_) => {
             return Ok(fault_response(
                 &ApiFault::new(408, "timed out reading the request body"),

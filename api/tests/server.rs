@@ -352,3 +352,71 @@ fn answers_fast_after_start() {
         t.elapsed()
     );
 }
+
+fn closed_within(mut s: UnixStream, limit: Duration) -> bool {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = Vec::new();
+    // EOF (possibly after a 408) means the server dropped us.
+    s.read_to_end(&mut buf).is_ok()
+}
+
+#[test]
+fn timeouts_and_connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir);
+    let (_handle, rx) = ApiServer::start_with_options(
+        &path,
+        api::ServerOptions {
+            header_timeout: Duration::from_millis(200),
+            body_timeout: Duration::from_millis(200),
+            max_connections: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let _vmm = fake_vmm(rx);
+
+    // Silent, idle-after-a-request and slow-body clients are all dropped.
+    let silent = UnixStream::connect(&path).unwrap();
+    let mut idle = Connection::open(&path, Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(idle.request("GET", "/", None).unwrap().0, 200);
+    let mut slow = UnixStream::connect(&path).unwrap();
+    slow.write_all(b"PUT /actions HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+        .unwrap();
+    assert!(closed_within(silent, Duration::from_secs(3)));
+    assert!(closed_within(slow, Duration::from_secs(3)));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        idle.request("GET", "/", None).is_err(),
+        "idle keep-alive kept"
+    );
+}
+
+#[test]
+fn connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir);
+    let (_handle, rx) = ApiServer::start_with_options(
+        &path,
+        api::ServerOptions {
+            max_connections: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let _vmm = fake_vmm(rx);
+    // Past the limit, new connections are closed; once they go, service resumes.
+    let hogs: Vec<_> = (0..4)
+        .map(|_| UnixStream::connect(&path).unwrap())
+        .collect();
+    assert!(Client::new(&path).get("/").is_err());
+    drop(hogs);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match Client::new(&path).get("/") {
+            Ok((200, _)) => break,
+            other => assert!(Instant::now() < deadline, "not served again: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
