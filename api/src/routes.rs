@@ -51,8 +51,18 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiFault> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiFault::bad_request("a JSON request body is required"));
     }
-    serde_json::from_slice(body)
-        .map_err(|e| ApiFault::bad_request(format!("invalid request body: {e}")))
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            ApiFault::bad_request(format!("invalid request body: {}", e.inner()))
+        } else {
+            ApiFault::bad_request(format!("invalid request body: {path}: {}", e.inner()))
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiFault::bad_request(format!("invalid request body: {e}")))?;
+    Ok(value)
 }
 
 /// Routes one request. `path` is the URI path without the query string.

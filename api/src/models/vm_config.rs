@@ -40,7 +40,16 @@ pub struct FullVmConfig {
 impl FullVmConfig {
     /// Parses and validates a config file's text.
     pub fn from_json(text: &str) -> Result<FullVmConfig, String> {
-        let c: FullVmConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let c: FullVmConfig = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            if path == "." {
+                e.inner().to_string()
+            } else {
+                format!("{path}: {}", e.inner())
+            }
+        })?;
+        de.end().map_err(|e| e.to_string())?;
         c.validate().map_err(|e| e.to_string())?;
         Ok(c)
     }
