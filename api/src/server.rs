@@ -422,8 +422,16 @@ async fn handle(
     };
     let request = match route(&method, &path, &body) {
         Ok(r) => r,
-        Err(f) => return Ok(fault_response(&f, false)),
+        Err(f) => {
+            log::info!(
+                "API {method} {path} refused ({}): {}",
+                f.status,
+                f.fault_message
+            );
+            return Ok(fault_response(&f, false));
+        }
     };
+    log::debug!("API {method} {path}");
     let (rtx, rrx) = oneshot::channel();
     if tx.send((request, ResponseSender(rtx))).is_err() {
         return Ok(fault_response(
