@@ -15,7 +15,7 @@ const MAX_LINE: usize = 8 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Could not connect.
-    #[error("cannot connect to {path}: {source}")]
+    #[error("cannot connect to {path}")]
     Connect {
         /// Socket path.
         path: PathBuf,
@@ -23,7 +23,7 @@ pub enum ClientError {
         source: io::Error,
     },
     /// I/O failed mid-request.
-    #[error("I/O error talking to the API: {0}")]
+    #[error("I/O error talking to the API")]
     Io(#[from] io::Error),
     /// The server's answer is not valid HTTP.
     #[error("malformed HTTP response: {0}")]

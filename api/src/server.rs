@@ -48,7 +48,7 @@ pub enum ApiError {
     #[error("API socket path {0} exists and is not a socket")]
     NotASocket(PathBuf),
     /// The stale socket could not be removed.
-    #[error("cannot remove stale API socket {path}: {source}")]
+    #[error("cannot remove stale API socket {path}")]
     RemoveStale {
         /// Socket path.
         path: PathBuf,
@@ -56,7 +56,7 @@ pub enum ApiError {
         source: io::Error,
     },
     /// bind/listen failed.
-    #[error("cannot bind API socket {path}: {source}")]
+    #[error("cannot bind API socket {path}")]
     Bind {
         /// Socket path.
         path: PathBuf,
@@ -64,7 +64,7 @@ pub enum ApiError {
         source: io::Error,
     },
     /// chmod failed.
-    #[error("cannot set mode 0600 on API socket {path}: {source}")]
+    #[error("cannot set mode 0600 on API socket {path}")]
     Chmod {
         /// Socket path.
         path: PathBuf,
@@ -72,8 +72,8 @@ pub enum ApiError {
         source: io::Error,
     },
     /// The thread or its runtime could not be created.
-    #[error("cannot start the API thread: {0}")]
-    Thread(io::Error),
+    #[error("cannot start the API thread")]
+    Thread(#[source] io::Error),
 }
 
 /// Gives the VMM's answer back to the waiting HTTP connection.
