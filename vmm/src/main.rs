@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use vmm::config::{self, DiskConfig, NetConfig, SerialConfig, VmConfig};
 use vmm::Outcome;
 
+mod ctl;
+
 /// wisp: a minimal virtual machine monitor on KVM.
 #[derive(Debug, Parser)]
 #[command(name = "wisp", version, about)]
@@ -20,6 +22,8 @@ struct Cli {
 enum Command {
     /// Boot a microVM.
     Run(RunArgs),
+    /// Control a running VM through its API socket.
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Debug, Args)]
@@ -142,5 +146,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run(a),
+        Command::Ctl(args) => match ctl::run(args) {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => {
+                eprintln!("wisp: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -1,0 +1,452 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The HTTP/1.1 server on a Unix socket.
+//!
+//! It runs on one thread of its own with a single-threaded tokio runtime and
+//! hyper, so every connection is a cheap task: clients that connect and never
+//! send do not stall the others, and are dropped after [`HEADER_TIMEOUT`].
+//! Each routed request is handed to the VMM through an `mpsc` channel with a
+//! [`ResponseSender`]; the server task waits (asynchronously) for the answer.
+
+use std::convert::Infallible;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::oneshot;
+
+use crate::models::ApiFault;
+use crate::request::{ApiRequest, ApiResponse};
+use crate::routes::{route, MAX_BODY_LEN};
+
+/// How long a connection may take to send a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request's body.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once; more are closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Read buffer limit per connection (bounds the request head).
+const MAX_BUF: usize = 16 * 1024;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Another process is listening on the socket path.
+    #[error("API socket {0} is in use: another process is listening on it")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket.
+    #[error("API socket path {0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// The stale socket could not be removed.
+    #[error("cannot remove stale API socket {path}")]
+    RemoveStale {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// bind/listen failed.
+    #[error("cannot bind API socket {path}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// chmod failed.
+    #[error("cannot set mode 0600 on API socket {path}")]
+    Chmod {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        source: io::Error,
+    },
+    /// The thread or its runtime could not be created.
+    #[error("cannot start the API thread")]
+    Thread(#[source] io::Error),
+}
+
+/// Gives the VMM's answer back to the waiting HTTP connection.
+#[derive(Debug)]
+pub struct ResponseSender(oneshot::Sender<ApiResponse>);
+
+impl ResponseSender {
+    /// Sends the answer; if the client has gone, it is dropped silently.
+    pub fn send(self, response: ApiResponse) {
+        // The receiver is gone only if the connection was closed: nothing to do.
+        let _ = self.0.send(response);
+    }
+}
+
+/// One request for the VMM and where its answer goes.
+pub type ApiCall = (ApiRequest, ResponseSender);
+
+/// Called after each request is queued, e.g. to write an eventfd the VMM polls.
+pub type Waker = Arc<dyn Fn() + Send + Sync>;
+
+/// Tunables of the server; [`Default`] gives the documented constants.
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// Called after each request is queued for the VMM.
+    pub waker: Option<Waker>,
+    /// Time allowed to send a request's head (also bounds idle keep-alive).
+    pub header_timeout: Duration,
+    /// Time allowed to send a request's body.
+    pub body_timeout: Duration,
+    /// Connections served at once; further ones are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            waker: None,
+            header_timeout: HEADER_TIMEOUT,
+            body_timeout: BODY_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("waker", &self.waker.is_some())
+            .field("header_timeout", &self.header_timeout)
+            .field("body_timeout", &self.body_timeout)
+            .field("max_connections", &self.max_connections)
+            .finish()
+    }
+}
+
+/// Owns the server thread; dropping it stops the server and removes the socket.
+#[derive(Debug)]
+pub struct ApiServerHandle {
+    path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    open_connections: Arc<AtomicUsize>,
+}
+
+impl ApiServerHandle {
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Connections currently open.
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+
+    /// Stops serving, waits for the thread and removes the socket file.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            // The thread may already have exited; then there is nothing to stop.
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("API server thread panicked");
+            }
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    log::warn!("cannot remove API socket {}: {e}", self.path.display());
+                }
+            }
+        }
+    }
+}
+
+impl Drop for ApiServerHandle {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// The API server.
+pub struct ApiServer;
+
+impl ApiServer {
+    /// Binds `path` (mode 0600) and serves it on a new thread. Requests arrive
+    /// on the returned receiver.
+    pub fn start(path: impl AsRef<Path>) -> Result<(ApiServerHandle, Receiver<ApiCall>), ApiError> {
+        Self::start_with_options(path, ServerOptions::default())
+    }
+
+    /// Like [`ApiServer::start`], calling `waker` after each request is queued.
+    pub fn start_with_waker(
+        path: impl AsRef<Path>,
+        waker: Option<Waker>,
+    ) -> Result<(ApiServerHandle, Receiver<ApiCall>), ApiError> {
+        Self::start_with_options(
+            path,
+            ServerOptions {
+                waker,
+                ..ServerOptions::default()
+            },
+        )
+    }
+
+    /// Like [`ApiServer::start`], with every tunable.
+    pub fn start_with_options(
+        path: impl AsRef<Path>,
+        options: ServerOptions,
+    ) -> Result<(ApiServerHandle, Receiver<ApiCall>), ApiError> {
+        let path = path.as_ref().to_path_buf();
+        let listener = bind(&path)?;
+        let (tx, rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let open = Arc::new(AtomicUsize::new(0));
+        let open2 = open.clone();
+        let thread = std::thread::Builder::new()
+            .name("wisp-api".into())
+            .spawn(move || serve_thread(listener, tx, options, stop_rx, open2))
+            .map_err(ApiError::Thread)?;
+        Ok((
+            ApiServerHandle {
+                path,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+                open_connections: open,
+            },
+            rx,
+        ))
+    }
+}
+
+/// Binds the socket, replacing a stale one and refusing a live one.
+fn bind(path: &Path) -> Result<StdUnixListener, ApiError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ApiError::NotASocket(path.to_path_buf()));
+        }
+        if StdUnixStream::connect(path).is_ok() {
+            return Err(ApiError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(|source| ApiError::RemoveStale {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    let listener = StdUnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        // Best effort: do not leave a socket we will not serve.
+        let _ = std::fs::remove_file(path);
+        ApiError::Chmod {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ApiError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(listener)
+}
+
+fn serve_thread(
+    listener: StdUnixListener,
+    tx: Sender<ApiCall>,
+    options: ServerOptions,
+    stop: oneshot::Receiver<()>,
+    open: Arc<AtomicUsize>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            log::error!("API server: cannot build runtime: {e}");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match tokio::net::UnixListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("API server: cannot register listener: {e}");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = stop => {}
+            _ = accept_loop(listener, tx, options, open) => {}
+        }
+    });
+}
+
+async fn accept_loop(
+    listener: tokio::net::UnixListener,
+    tx: Sender<ApiCall>,
+    options: ServerOptions,
+    open: Arc<AtomicUsize>,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(options.max_connections));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log::warn!("API server: accept failed: {e}");
+                // Typically EMFILE: back off instead of spinning.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            log::warn!("API server: too many connections, closing a new one");
+            drop(stream);
+            continue;
+        };
+        let tx = tx.clone();
+        let waker = options.waker.clone();
+        let body_timeout = options.body_timeout;
+        let open = open.clone();
+        open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                handle(req, tx.clone(), waker.clone(), body_timeout)
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(options.header_timeout)
+                .max_buf_size(MAX_BUF)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                log::debug!("API connection ended: {e}");
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn fault_response(fault: &ApiFault, close: bool) -> Resp {
+    let status = StatusCode::from_u16(fault.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = Response::new(Full::new(Bytes::from(fault.body())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    if close {
+        r.headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+fn to_http(response: ApiResponse) -> Resp {
+    match response {
+        Ok(None) => {
+            let mut r = Response::new(Full::new(Bytes::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Ok(Some(v)) => {
+            let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        Err(f) => fault_response(&f, false),
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    tx: Sender<ApiCall>,
+    waker: Option<Waker>,
+    body_timeout: Duration,
+) -> Result<Resp, Infallible> {
+    let too_large = || {
+        ApiFault::new(
+            413,
+            format!("request body is larger than {MAX_BODY_LEN} bytes"),
+        )
+    };
+    // Refuse a declared oversized body before reading any of it.
+    if let Some(len) = req.headers().get(CONTENT_LENGTH) {
+        let len = len.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok());
+        match len {
+            Some(n) if n > MAX_BODY_LEN as u64 => return Ok(fault_response(&too_large(), true)),
+            Some(_) => {}
+            None => {
+                return Ok(fault_response(
+                    &ApiFault::bad_request("invalid Content-Length"),
+                    true,
+                ))
+            }
+        }
+    }
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let body = Limited::new(req.into_body(), MAX_BODY_LEN);
+    let body = match tokio::time::timeout(body_timeout, body.collect()).await {
+        Err(_) => {
+            return Ok(fault_response(
+                &ApiFault::new(408, "timed out reading the request body"),
+                true,
+            ))
+        }
+        Ok(Err(e)) => {
+            let f = if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                ApiFault::bad_request(format!("cannot read the request body: {e}"))
+            };
+            return Ok(fault_response(&f, true));
+        }
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    let request = match route(&method, &path, &body) {
+        Ok(r) => r,
+        Err(f) => {
+            log::info!(
+                "API {method} {path} refused ({}): {}",
+                f.status,
+                f.fault_message
+            );
+            return Ok(fault_response(&f, false));
+        }
+    };
+    log::debug!("API {method} {path}");
+    let (rtx, rrx) = oneshot::channel();
+    if tx.send((request, ResponseSender(rtx))).is_err() {
+        return Ok(fault_response(
+            &ApiFault::new(503, "the VMM is not accepting requests"),
+            false,
+        ));
+    }
+    if let Some(w) = &waker {
+        w();
+    }
+    Ok(match rrx.await {
+        Ok(r) => to_http(r),
+        Err(_) => fault_response(
+            &ApiFault::internal("the VMM dropped the request without answering"),
+            false,
+        ),
+    })
+}
