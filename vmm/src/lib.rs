@@ -5,6 +5,9 @@
 pub mod builder;
 pub mod config;
 pub mod host_quirks;
+pub mod logger;
+pub mod preboot;
+pub mod runtime;
 pub mod signals;
 pub mod terminal;
 pub mod vmm;

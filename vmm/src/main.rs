@@ -1,14 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The `wisp` binary: `wisp run` boots a microVM.
+//! The `wisp` binary: `wisp run` boots a microVM, `wisp ctl` drives one through
+//! its API socket. Run as `firecracker` (or with Firecracker's flags and no
+//! subcommand) it accepts Firecracker's command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use vmm::config::{self, DiskConfig, NetConfig, SerialConfig, VmConfig};
+use vmm::config::{self, DiskConfig, NetConfig, SerialConfig};
+use vmm::preboot::Preboot;
+use vmm::runtime::{Runtime, RuntimeOptions};
 use vmm::Outcome;
 
 mod ctl;
+mod firecracker;
 
 /// wisp: a minimal virtual machine monitor on KVM.
 #[derive(Debug, Parser)]
@@ -20,7 +25,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Boot a microVM.
+    /// Boot a microVM (or serve an API socket and wait to be configured).
     Run(RunArgs),
     /// Control a running VM through its API socket.
     Ctl(ctl::CtlArgs),
@@ -28,15 +33,16 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage.
+    /// Kernel image: ELF vmlinux (PVH or 64-bit entry) or bzImage. Without it
+    /// (and with --api-sock) wisp waits to be configured through the API.
     #[arg(long)]
-    kernel: PathBuf,
+    kernel: Option<PathBuf>,
     /// Initial ramdisk.
-    #[arg(long)]
+    #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, default_value = config::DEFAULT_CMDLINE)]
-    cmdline: String,
+    #[arg(long, requires = "kernel")]
+    cmdline: Option<String>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u64,
@@ -52,41 +58,29 @@ struct RunArgs {
     /// A NIC: tap=NAME[,mac=MAC][,bridge=BR][,mtu=N]; repeatable.
     #[arg(long = "net")]
     nets: Vec<String>,
+    /// Serve the API on this Unix socket.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Take the whole configuration from a Firecracker-style JSON file and boot.
+    #[arg(long, conflicts_with = "kernel")]
+    config_file: Option<PathBuf>,
+    /// Instance id reported by the API.
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+    /// Write the VMM's log here instead of stderr.
+    #[arg(long)]
+    log_path: Option<PathBuf>,
+    /// Log level: Error, Warning, Info, Debug, Trace or Off.
+    #[arg(long, default_value = "Warning")]
+    level: String,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
     config::parse_size(s).map_err(|e| e.to_string())
 }
 
-fn vm_config(a: RunArgs) -> Result<VmConfig, config::ConfigError> {
-    let disks = a
-        .disks
-        .iter()
-        .enumerate()
-        .map(|(i, s)| DiskConfig::parse(s, i))
-        .collect::<Result<_, _>>()?;
-    let nets = a
-        .nets
-        .iter()
-        .enumerate()
-        .map(|(i, s)| NetConfig::parse(s, i))
-        .collect::<Result<_, _>>()?;
-    // Range checks against the host happen when the VM is built.
-    let vcpus = u8::try_from(a.cpus)
-        .map_err(|_| config::ConfigError::Vcpus(a.cpus, "at most 254".into()))?;
-    Ok(VmConfig {
-        kernel: a.kernel,
-        initrd: a.initrd,
-        cmdline: a.cmdline,
-        vcpus,
-        mem_size: a.memory,
-        serial: a.serial,
-        disks,
-        nets,
-    })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// The error and its sources on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {
@@ -100,7 +94,71 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-fn run(args: RunArgs) -> ExitCode {
+fn preboot_from_args(a: &RunArgs) -> Result<Preboot, String> {
+    if let Some(path) = &a.config_file {
+        return firecracker::read_config_file(path, a.serial.clone());
+    }
+    let mut p = Preboot {
+        serial: a.serial.clone(),
+        ..Default::default()
+    };
+    let vcpus = u8::try_from(a.cpus)
+        .map_err(|_| config::ConfigError::Vcpus(a.cpus, "at most 254".into()).to_string())?;
+    p.machine.vcpu_count = vcpus;
+    p.machine.mem_size_mib = usize::try_from(a.memory >> 20).unwrap_or(usize::MAX);
+    if a.memory % (1 << 20) != 0 {
+        return Err(
+            config::ConfigError::Memory(a.memory, "must be a whole number of MiB".into())
+                .to_string(),
+        );
+    }
+    if let Some(k) = &a.kernel {
+        p.boot_source = Some(api::models::BootSource {
+            kernel_image_path: k.display().to_string(),
+            initrd_path: a.initrd.as_ref().map(|i| i.display().to_string()),
+            boot_args: Some(
+                a.cmdline
+                    .clone()
+                    .unwrap_or_else(|| config::DEFAULT_CMDLINE.into()),
+            ),
+        });
+    }
+    for (i, s) in a.disks.iter().enumerate() {
+        let d = DiskConfig::parse(s, i).map_err(|e| e.to_string())?;
+        p.put_drive(api::models::Drive {
+            drive_id: d.id,
+            path_on_host: d.path.display().to_string(),
+            is_root_device: d.root,
+            is_read_only: d.read_only,
+            partuuid: None,
+            cache_type: None,
+            rate_limiter: None,
+            io_engine: None,
+            format: match d.format.as_deref() {
+                Some("qcow2") => Some(api::models::DriveFormat::Qcow2),
+                Some(_) => Some(api::models::DriveFormat::Raw),
+                None => None,
+            },
+            serial: d.serial,
+        });
+    }
+    for (i, s) in a.nets.iter().enumerate() {
+        let n = NetConfig::parse(s, i).map_err(|e| e.to_string())?;
+        p.put_net(api::models::NetworkInterface {
+            iface_id: n.id,
+            host_dev_name: n.tap,
+            guest_mac: n.mac,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+            bridge: n.bridge,
+            mtu: n.mtu,
+        });
+    }
+    Ok(p)
+}
+
+/// Boots or serves according to `opts`, then maps how it ended to an exit code.
+pub fn run_vmm(opts: RuntimeOptions) -> ExitCode {
     let signal_evt = match vmm::signals::install() {
         Ok(e) => e,
         Err(e) => {
@@ -108,27 +166,24 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let cfg = match vm_config(args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("wisp: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let vmm = match vmm::build_vm(&cfg, false) {
-        Ok(v) => v,
+    let rt = match Runtime::new(opts, &signal_evt) {
+        Ok(rt) => rt,
         Err(e) => {
             eprintln!("wisp: {}", error_chain(&e));
             return ExitCode::FAILURE;
         }
     };
-    match vmm.run(&signal_evt) {
+    match rt.run() {
         Outcome::Poweroff => {
             eprintln!("wisp: guest powered off");
             ExitCode::SUCCESS
         }
         Outcome::Reset => {
             eprintln!("wisp: guest requested a reboot; the VM has ended");
+            ExitCode::SUCCESS
+        }
+        Outcome::Stopped => {
+            eprintln!("wisp: stopped through the API");
             ExitCode::SUCCESS
         }
         Outcome::Signal(sig) => {
@@ -142,7 +197,55 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// Applies `--log-path`/`--level` style options.
+pub fn setup_logging(
+    path: Option<&Path>,
+    level: &str,
+    show_level: bool,
+    show_origin: bool,
+) -> Result<(), String> {
+    let lvl = vmm::logger::parse_level(level).ok_or_else(|| {
+        format!("Invalid log level '{level}': expected Error, Warning, Info, Debug, Trace or Off")
+    })?;
+    vmm::logger::configure(path, lvl, show_level, show_origin).map_err(|e| {
+        format!(
+            "Cannot open log file {}: {e}",
+            path.map(|p| p.display().to_string()).unwrap_or_default()
+        )
+    })
+}
+
+fn run(a: RunArgs) -> ExitCode {
+    if let Err(e) = setup_logging(a.log_path.as_deref(), &a.level, true, false) {
+        eprintln!("wisp: {e}");
+        return ExitCode::from(2);
+    }
+    if a.kernel.is_none() && a.config_file.is_none() && a.api_sock.is_none() {
+        eprintln!("wisp: --kernel is required (or --api-sock to be configured through the API, or --config-file)");
+        return ExitCode::from(2);
+    }
+    let preboot = match preboot_from_args(&a) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("wisp: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let boot_now = preboot.boot_source.is_some();
+    run_vmm(RuntimeOptions {
+        id: a.id,
+        api_sock: a.api_sock,
+        preboot,
+        boot_now,
+    })
+}
+
 fn main() -> ExitCode {
+    vmm::logger::init();
+    let argv: Vec<String> = std::env::args().collect();
+    if firecracker::wants_firecracker_cli(&argv) {
+        return firecracker::main(&argv);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run(a),

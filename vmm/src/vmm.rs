@@ -12,9 +12,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{SerialConfig, VmConfig};
-use crate::terminal::{stdin_is_tty, RawModeGuard};
-use crate::vstate::vcpu::{VcpuHandle, VmExit};
+use crate::config::VmConfig;
+use crate::vstate::vcpu::{VcpuCmd, VcpuError, VcpuHandle, VcpuResp, VmExit};
 use crate::vstate::vm::Vm;
 
 /// How a VM ended.
@@ -26,6 +25,8 @@ pub enum Outcome {
     Reset,
     /// The VMM was told to stop by a signal.
     Signal(i32),
+    /// The VMM was told to stop through its API.
+    Stopped,
     /// Something failed; the message says what.
     Error(String),
 }
@@ -53,25 +54,26 @@ pub struct Vmm {
     pub config: VmConfig,
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// What the event loop holds.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 const EV_EXIT: u32 = 0;
 const EV_RESET: u32 = 1;
 const EV_POWEROFF: u32 = 2;
-const EV_SIGNAL: u32 = 3;
 
 /// Turns the VM's end events into an [`Outcome`].
 struct Control {
     exit_rx: Receiver<(u8, VmExit)>,
-    fds: [(RawFd, u32); 4],
-    outcome: Option<Outcome>,
+    fds: [(RawFd, u32); 3],
+    slot: Arc<Mutex<Option<Outcome>>>,
 }
 
 impl MutEventSubscriber for Control {
     fn init(&mut self, ops: &mut EventOps) {
         for (fd, data) in self.fds {
             if let Err(e) = ops.add(Events::with_data_raw(fd, data, EventSet::IN)) {
-                self.outcome = Some(Outcome::Error(format!("Cannot watch VM events: {e:?}")));
+                lock(&self.slot)
+                    .get_or_insert(Outcome::Error(format!("Cannot watch VM events: {e:?}")));
             }
         }
     }
@@ -89,10 +91,9 @@ impl MutEventSubscriber for Control {
             },
             EV_RESET => Outcome::Reset,
             EV_POWEROFF => Outcome::Poweroff,
-            EV_SIGNAL => Outcome::Signal(crate::signals::last_signal()),
             _ => return,
         };
-        self.outcome.get_or_insert(outcome);
+        lock(&self.slot).get_or_insert(outcome);
     }
 }
 
@@ -154,57 +155,67 @@ impl MutEventSubscriber for ConsoleInput {
 }
 
 impl Vmm {
-    /// Runs the device event loop until the VM ends; `signal_evt` is the
-    /// eventfd [`crate::signals::install`] returned.
-    pub fn run(mut self, signal_evt: &EventFd) -> Outcome {
-        let console = self.config.serial == SerialConfig::Stdio && stdin_is_tty();
-        let _raw = if console { RawModeGuard::new() } else { None };
-        let outcome = self.event_loop(signal_evt, console);
-        for v in &mut self.vcpus {
-            v.stop();
-        }
-        lock(&self.serial).flush_output();
-        outcome
-    }
-
-    fn event_loop(&mut self, signal_evt: &EventFd, console: bool) -> Outcome {
-        let mut em = match EventManager::<Subscriber>::new() {
-            Ok(em) => em,
-            Err(e) => return Outcome::Error(format!("Cannot create the event loop: {e:?}")),
-        };
+    /// Registers the VM's end events (and console input, when `console`) with
+    /// the event loop; `slot` receives the outcome.
+    pub fn register_events(
+        &mut self,
+        em: &mut EventManager<Subscriber>,
+        slot: Arc<Mutex<Option<Outcome>>>,
+        console: bool,
+    ) -> Result<(), String> {
         let (tx, rx) = std::sync::mpsc::channel();
         let exit_rx = std::mem::replace(&mut self.exit_rx, rx);
         drop(tx);
-        let control = Arc::new(Mutex::new(Control {
+        em.add_subscriber(Arc::new(Mutex::new(Control {
             exit_rx,
             fds: [
                 (self.exit_evt.as_raw_fd(), EV_EXIT),
                 (self.reset_evt.as_raw_fd(), EV_RESET),
                 (self.poweroff_evt.as_raw_fd(), EV_POWEROFF),
-                (signal_evt.as_raw_fd(), EV_SIGNAL),
             ],
-            outcome: None,
-        }));
-        em.add_subscriber(control.clone());
+            slot,
+        })));
         if console {
-            match lock(&self.serial).input_drained_evt().try_clone() {
-                Ok(drained) => {
-                    em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
-                        serial: self.serial.clone(),
-                        drained,
-                        reading: false,
-                    })));
-                }
-                Err(e) => log::warn!("Console input disabled: {e}"),
-            }
+            let drained = lock(&self.serial)
+                .input_drained_evt()
+                .try_clone()
+                .map_err(|e| format!("Console input disabled: {e}"))?;
+            em.add_subscriber(Arc::new(Mutex::new(ConsoleInput {
+                serial: self.serial.clone(),
+                drained,
+                reading: false,
+            })));
         }
-        loop {
-            if let Some(o) = lock(&control).outcome.take() {
-                return o;
-            }
-            if let Err(e) = em.run() {
-                return Outcome::Error(format!("Event loop failed: {e:?}"));
-            }
+        Ok(())
+    }
+
+    /// Pauses every vCPU (each completes the exit it is handling first).
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        for v in &self.vcpus {
+            v.send(VcpuCmd::Pause)?;
         }
+        for v in &self.vcpus {
+            v.wait(VcpuResp::Paused)?;
+        }
+        Ok(())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&self) -> Result<(), VcpuError> {
+        for v in &self.vcpus {
+            v.send(VcpuCmd::Resume)?;
+        }
+        for v in &self.vcpus {
+            v.wait(VcpuResp::Resumed)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the vCPUs and flushes the console.
+    pub fn stop(&mut self) {
+        for v in &mut self.vcpus {
+            v.stop();
+        }
+        lock(&self.serial).flush_output();
     }
 }

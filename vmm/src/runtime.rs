@@ -1,0 +1,383 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The VMM process's main loop: one event loop for the API socket, signals,
+//! console input and the VM's end events, and the API's state rules (what may
+//! be set before boot, what after).
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+
+use api::models::{ActionType, ApiFault, InstanceInfo, InstanceState, VmState, VmmVersion};
+use api::{ApiCall, ApiRequest, ApiResponse, ApiServerHandle};
+use devices::bus::lock;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::SerialConfig;
+use crate::preboot::{self, Preboot};
+use crate::terminal::{stdin_is_tty, RawModeGuard};
+use crate::vmm::{Outcome, Subscriber, Vmm};
+
+/// How the process was started.
+#[derive(Debug)]
+pub struct RuntimeOptions {
+    /// Instance id (`GET /`).
+    pub id: String,
+    /// API socket to serve, if any.
+    pub api_sock: Option<PathBuf>,
+    /// Initial configuration (command line or config file).
+    pub preboot: Preboot,
+    /// Boot at once instead of waiting for `InstanceStart`.
+    pub boot_now: bool,
+}
+
+/// Why the runtime could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The API socket could not be served.
+    #[error("Cannot serve the API socket: {0}")]
+    Api(#[from] api::ApiError),
+    /// The event loop could not be created.
+    #[error("Cannot create the event loop: {0}")]
+    EventLoop(String),
+    /// Booting failed (before any API was served).
+    #[error("{0}")]
+    Boot(String),
+}
+
+const EV_SIGNAL: u32 = 0;
+const EV_API: u32 = 1;
+
+/// Signals and API wake-ups.
+struct Wakeups {
+    signal_fd: i32,
+    api_fd: Option<i32>,
+    signal: Arc<Mutex<Option<Outcome>>>,
+    api_pending: Arc<Mutex<bool>>,
+}
+
+impl MutEventSubscriber for Wakeups {
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::with_data_raw(
+            self.signal_fd,
+            EV_SIGNAL,
+            EventSet::IN,
+        ));
+        if let Some(fd) = self.api_fd {
+            let _ = ops.add(Events::with_data_raw(fd, EV_API, EventSet::IN));
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading 8 bytes from an eventfd into an 8-byte buffer.
+        unsafe { libc::read(events.fd(), buf.as_mut_ptr().cast(), 8) };
+        match events.data() {
+            EV_SIGNAL => {
+                lock(&self.signal).get_or_insert(Outcome::Signal(crate::signals::last_signal()));
+            }
+            EV_API => *lock(&self.api_pending) = true,
+            _ => {}
+        }
+    }
+}
+
+/// The running VMM process.
+pub struct Runtime {
+    em: EventManager<Subscriber>,
+    outcome: Arc<Mutex<Option<Outcome>>>,
+    api_pending: Arc<Mutex<bool>>,
+    api: Option<(ApiServerHandle, Receiver<ApiCall>)>,
+    _api_evt: Option<EventFd>,
+    id: String,
+    preboot: Preboot,
+    vmm: Option<Vmm>,
+    paused: bool,
+    raw_mode: Option<RawModeGuard>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn fault(msg: impl Into<String>) -> ApiResponse {
+    Err(ApiFault::bad_request(msg))
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let m = s.to_string();
+        if !msg.contains(&m) {
+            msg.push_str(": ");
+            msg.push_str(&m);
+        }
+        src = s.source();
+    }
+    msg
+}
+
+impl Runtime {
+    /// Starts serving (the API socket if asked) and boots at once if asked.
+    pub fn new(opts: RuntimeOptions, signal_evt: &EventFd) -> Result<Self, RuntimeError> {
+        let mut em = EventManager::<Subscriber>::new()
+            .map_err(|e| RuntimeError::EventLoop(format!("{e:?}")))?;
+        let outcome = Arc::new(Mutex::new(None));
+        let api_pending = Arc::new(Mutex::new(false));
+        let (api, api_evt) = match &opts.api_sock {
+            Some(path) => {
+                let evt = EventFd::new(libc::EFD_NONBLOCK)
+                    .map_err(|e| RuntimeError::EventLoop(e.to_string()))?;
+                let waker_evt = evt
+                    .try_clone()
+                    .map_err(|e| RuntimeError::EventLoop(e.to_string()))?;
+                let (handle, rx) = api::ApiServer::start_with_waker(
+                    path,
+                    Some(Arc::new(move || {
+                        let _ = waker_evt.write(1);
+                    })),
+                )?;
+                (Some((handle, rx)), Some(evt))
+            }
+            None => (None, None),
+        };
+        em.add_subscriber(Arc::new(Mutex::new(Wakeups {
+            signal_fd: signal_evt.as_raw_fd(),
+            api_fd: api_evt.as_ref().map(|e| e.as_raw_fd()),
+            signal: outcome.clone(),
+            api_pending: api_pending.clone(),
+        })));
+        let mut rt = Self {
+            em,
+            outcome,
+            api_pending,
+            api,
+            _api_evt: api_evt,
+            id: opts.id,
+            preboot: opts.preboot,
+            vmm: None,
+            paused: false,
+            raw_mode: None,
+        };
+        if opts.boot_now {
+            rt.start_vm().map_err(RuntimeError::Boot)?;
+        }
+        Ok(rt)
+    }
+
+    fn state(&self) -> InstanceState {
+        match (&self.vmm, self.paused) {
+            (None, _) => InstanceState::NotStarted,
+            (Some(_), false) => InstanceState::Running,
+            (Some(_), true) => InstanceState::Paused,
+        }
+    }
+
+    fn start_vm(&mut self) -> Result<(), String> {
+        if self.vmm.is_some() {
+            return Err("The microVM is already running".into());
+        }
+        let cfg = self.preboot.to_vm_config().map_err(|e| e.to_string())?;
+        let mut vmm = crate::build_vm(&cfg, false).map_err(|e| chain(&e))?;
+        let console = cfg.serial == SerialConfig::Stdio && stdin_is_tty();
+        if console {
+            self.raw_mode = RawModeGuard::new();
+        }
+        vmm.register_events(&mut self.em, self.outcome.clone(), console)?;
+        self.vmm = Some(vmm);
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Runs until the VM ends (or, with an API and no VM, until a signal).
+    pub fn run(mut self) -> Outcome {
+        let outcome = loop {
+            if let Some(o) = lock(&self.outcome).take() {
+                break o;
+            }
+            if let Err(e) = self.em.run() {
+                break Outcome::Error(format!("Event loop failed: {e:?}"));
+            }
+            let pending = std::mem::take(&mut *lock(&self.api_pending));
+            if pending {
+                self.handle_api();
+            }
+        };
+        if let Some(mut vmm) = self.vmm.take() {
+            vmm.stop();
+        }
+        self.raw_mode = None;
+        if let Some((handle, _)) = self.api.take() {
+            handle.shutdown();
+        }
+        outcome
+    }
+
+    fn handle_api(&mut self) {
+        let calls: Vec<ApiCall> = match &self.api {
+            Some((_, rx)) => rx.try_iter().collect(),
+            None => return,
+        };
+        for (req, responder) in calls {
+            let answer = self.dispatch(req);
+            responder.send(answer);
+        }
+    }
+
+    fn dispatch(&mut self, req: ApiRequest) -> ApiResponse {
+        let started = self.vmm.is_some();
+        let preboot_only =
+            |what: &str| fault(format!("{what} can only be set before the microVM starts"));
+        match req {
+            ApiRequest::GetInstanceInfo => api::json_response(&InstanceInfo {
+                id: self.id.clone(),
+                state: self.state(),
+                vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+                app_name: "wisp".to_string(),
+            }),
+            ApiRequest::GetVersion => api::json_response(&VmmVersion {
+                firecracker_version: env!("CARGO_PKG_VERSION").to_string(),
+            }),
+            ApiRequest::GetVmConfig => match &self.vmm {
+                Some(v) => api::json_response(&preboot::full_config(&v.config)),
+                None => match self.preboot.to_vm_config() {
+                    Ok(c) => api::json_response(&preboot::full_config(&c)),
+                    Err(_) => api::json_response(&api::models::FullVmConfig {
+                        boot_source: self.preboot.boot_source.clone(),
+                        machine_config: Some(self.preboot.machine.clone()),
+                        drives: self.preboot.drives.clone(),
+                        network_interfaces: self.preboot.nets.clone(),
+                        logger: None,
+                        metrics: None,
+                    }),
+                },
+            },
+            ApiRequest::GetMachineConfig => match &self.vmm {
+                Some(v) => api::json_response(&preboot::machine_config(&v.config)),
+                None => api::json_response(&self.preboot.machine),
+            },
+            ApiRequest::PutBootSource(b) if !started => {
+                self.preboot.boot_source = Some(b);
+                Ok(None)
+            }
+            ApiRequest::PutBootSource(_) => preboot_only("The boot source"),
+            ApiRequest::PutMachineConfig(m) if !started => {
+                self.preboot.machine = m;
+                Ok(None)
+            }
+            ApiRequest::PatchMachineConfig(u) if !started => match self.preboot.machine.apply(&u) {
+                Ok(m) => {
+                    self.preboot.machine = m;
+                    Ok(None)
+                }
+                Err(e) => fault(e.to_string()),
+            },
+            ApiRequest::PutMachineConfig(_) | ApiRequest::PatchMachineConfig(_) => {
+                preboot_only("The machine configuration")
+            }
+            ApiRequest::PutDrive(d) if !started => {
+                self.preboot.put_drive(d);
+                Ok(None)
+            }
+            ApiRequest::PutDrive(_) => preboot_only("Drives"),
+            ApiRequest::PatchDrive(p) if !started => {
+                match self
+                    .preboot
+                    .drives
+                    .iter()
+                    .position(|d| d.drive_id == p.drive_id)
+                {
+                    Some(i) => match self.preboot.drives[i].apply(&p) {
+                        Ok(d) => {
+                            self.preboot.drives[i] = d;
+                            Ok(None)
+                        }
+                        Err(e) => fault(e.to_string()),
+                    },
+                    None => fault(format!("No drive with id '{}'", p.drive_id)),
+                }
+            }
+            ApiRequest::PatchDrive(p) => fault(format!(
+                "Cannot update drive '{}' of a running microVM: not supported yet",
+                p.drive_id
+            )),
+            ApiRequest::PutNetworkInterface(n) if !started => {
+                self.preboot.put_net(n);
+                Ok(None)
+            }
+            ApiRequest::PutNetworkInterface(_) => preboot_only("Network interfaces"),
+            ApiRequest::PatchNetworkInterface(p) => fault(format!(
+                "Rate limiters are not supported by wisp (interface '{}')",
+                p.iface_id
+            )),
+            ApiRequest::Action(a) => self.action(a.action_type),
+            ApiRequest::PatchVm(v) => self.patch_vm(v.state),
+            other => fault(format!("{} is not supported yet", request_name(&other))),
+        }
+    }
+
+    fn action(&mut self, action: ActionType) -> ApiResponse {
+        match action {
+            ActionType::InstanceStart => match self.start_vm() {
+                Ok(()) => Ok(None),
+                Err(e) => fault(format!("Cannot start the microVM: {e}")),
+            },
+            ActionType::SendCtrlAltDel => match &self.vmm {
+                Some(v) => match lock(&v.i8042).trigger_ctrl_alt_del() {
+                    Ok(()) => Ok(None),
+                    Err(e) => fault(format!("Cannot send Ctrl-Alt-Del: {e}")),
+                },
+                None => fault("The microVM is not running"),
+            },
+            ActionType::Stop => {
+                lock(&self.outcome).get_or_insert(Outcome::Stopped);
+                Ok(None)
+            }
+            other => fault(format!("Action {other:?} is not supported yet")),
+        }
+    }
+
+    fn patch_vm(&mut self, state: VmState) -> ApiResponse {
+        let Some(vmm) = &self.vmm else {
+            return fault("The microVM is not running");
+        };
+        match (state, self.paused) {
+            (VmState::Paused, true) => fault("The microVM is already paused"),
+            (VmState::Resumed, false) => fault("The microVM is not paused"),
+            (VmState::Paused, false) => match vmm.pause() {
+                Ok(()) => {
+                    self.paused = true;
+                    Ok(None)
+                }
+                Err(e) => Err(ApiFault::internal(format!("Cannot pause: {e}"))),
+            },
+            (VmState::Resumed, true) => match vmm.resume() {
+                Ok(()) => {
+                    self.paused = false;
+                    Ok(None)
+                }
+                Err(e) => Err(ApiFault::internal(format!("Cannot resume: {e}"))),
+            },
+        }
+    }
+}
+
+fn request_name(r: &ApiRequest) -> &'static str {
+    match r {
+        ApiRequest::PutLogger(_) => "PUT /logger",
+        ApiRequest::PutMetrics(_) => "PUT /metrics",
+        ApiRequest::CreateSnapshot(_) => "PUT /snapshot/create",
+        ApiRequest::LoadSnapshot(_) => "PUT /snapshot/load",
+        ApiRequest::MigrationReceive(_) => "PUT /migration/receive",
+        ApiRequest::MigrationSend(_) => "PUT /migration/send",
+        ApiRequest::GetMigrationStatus => "GET /migration",
+        _ => "This request",
+    }
+}
