@@ -92,11 +92,9 @@ impl BusDevice for I8042 {
         data.fill(0);
         let Some(b) = data.first_mut() else { return };
         match offset {
-            DATA => {
-                if !self.state.out.is_empty() {
-                    *b = self.state.out.remove(0);
-                    let _ = self.raise();
-                }
+            DATA if !self.state.out.is_empty() => {
+                *b = self.state.out.remove(0);
+                let _ = self.raise();
             }
             COMMAND => {
                 *b = STATUS_SYSTEM
@@ -118,10 +116,8 @@ impl BusDevice for I8042 {
                     log::error!("Cannot signal the guest's reset request: {e}");
                 }
             }
-            (COMMAND, CMD_READ_CTR) => {
-                if self.state.out.len() < BUF_MAX {
-                    self.state.out.push(self.state.control);
-                }
+            (COMMAND, CMD_READ_CTR) if self.state.out.len() < BUF_MAX => {
+                self.state.out.push(self.state.control);
             }
             (COMMAND, CMD_WRITE_CTR) => self.state.pending_cmd = CMD_WRITE_CTR,
             (DATA, _) if self.state.pending_cmd == CMD_WRITE_CTR => {
