@@ -621,7 +621,7 @@ impl BusDevice for MmioTransport {
             lock(&self.device).read_config(offset - CONFIG_SPACE_OFFSET, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || offset & 3 != 0 {
             warn!(
                 "virtio-mmio: bad register read size {} at {offset:#x}",
                 data.len()
@@ -644,7 +644,7 @@ impl BusDevice for MmioTransport {
             );
             return;
         };
-        if offset % 4 != 0 {
+        if offset & 3 != 0 {
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
