@@ -14,7 +14,10 @@ impl Block {
     fn sync_registration(&mut self, ops: &mut EventOps) {
         for evt in self.registered_evts.drain(..) {
             if let Err(e) = ops.remove(Events::empty(&evt)) {
-                warn!("virtio-blk {}: cannot unregister queue event: {e}", self.args.id);
+                warn!(
+                    "virtio-blk {}: cannot unregister queue event: {e}",
+                    self.args.id
+                );
             }
         }
         if !self.activated {
@@ -24,12 +27,18 @@ impl Block {
             let copy = match evt.try_clone() {
                 Ok(c) => c,
                 Err(e) => {
-                    error!("virtio-blk {}: cannot clone queue eventfd: {e}", self.args.id);
+                    error!(
+                        "virtio-blk {}: cannot clone queue eventfd: {e}",
+                        self.args.id
+                    );
                     continue;
                 }
             };
             if let Err(e) = ops.add(Events::with_data(&copy, i as u32, EventSet::IN)) {
-                error!("virtio-blk {}: cannot register queue event: {e}", self.args.id);
+                error!(
+                    "virtio-blk {}: cannot register queue event: {e}",
+                    self.args.id
+                );
                 continue;
             }
             self.registered_evts.push(copy);
@@ -42,7 +51,10 @@ impl Block {
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.activate_evt, EventSet::IN)) {
-            error!("virtio-blk {}: cannot register activation event: {e}", self.args.id);
+            error!(
+                "virtio-blk {}: cannot register activation event: {e}",
+                self.args.id
+            );
         }
         // A device activated before registration (restore) starts now.
         if self.activated {
@@ -58,8 +70,16 @@ impl MutEventSubscriber for Block {
             self.sync_registration(ops);
             return;
         }
-        let Some(evt) = self.registered_evts.iter().find(|e| e.as_raw_fd() == events.fd()) else {
-            warn!("virtio-blk {}: event for unknown fd {}", self.args.id, events.fd());
+        let Some(evt) = self
+            .registered_evts
+            .iter()
+            .find(|e| e.as_raw_fd() == events.fd())
+        else {
+            warn!(
+                "virtio-blk {}: event for unknown fd {}",
+                self.args.id,
+                events.fd()
+            );
             return;
         };
         // EAGAIN just means another wakeup already drained it.

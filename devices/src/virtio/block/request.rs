@@ -238,7 +238,10 @@ where
     }
     let wrong_dir = if kind.device_writes() {
         any_readable
-    } else if matches!(kind, RequestType::Out | RequestType::Discard | RequestType::WriteZeroes) {
+    } else if matches!(
+        kind,
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+    ) {
         any_writable
     } else {
         false
@@ -258,7 +261,7 @@ where
         data_len += u64::from(s.len);
     }
     if matches!(kind, RequestType::In | RequestType::Out) {
-        if data_len % SECTOR_SIZE != 0 {
+        if data_len & (SECTOR_SIZE - 1) != 0 {
             return Err(invalid("data length is not a multiple of 512"));
         }
         let end = sector
@@ -418,7 +421,7 @@ fn ranges(
     };
     let max_seg = max_seg.min(MAX_RANGES);
     if req.data_len == 0
-        || req.data_len % RANGE_LEN != 0
+        || req.data_len & (RANGE_LEN - 1) != 0
         || req.data_len > u64::from(max_seg) * RANGE_LEN
     {
         return Ok(Completion::error(VIRTIO_BLK_S_IOERR));
