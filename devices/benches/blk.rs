@@ -1,0 +1,337 @@
+// SPDX-License-Identifier: Apache-2.0
+//! virtio-blk device-model throughput against direct pread/pwrite on the same file.
+//!
+//! Drives `Block::process_queue` with batches of queued requests (queue depth 1
+//! and 32) built in simulated guest memory, over a positional-I/O file backend,
+//! and runs the same access pattern with plain pread/pwrite loops. Both work on
+//! the page cache, so the ratio isolates the device model's overhead.
+//!
+//! Run: `cargo bench -p devices --bench blk` (env `WISP_BENCH_FILE` to choose
+//! the file, `WISP_BENCH_SECS` for the time per case).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::disk::{check_range, DiskBackend};
+use devices::virtio::block::{Block, BlockArgs, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use devices::virtio::{IrqTrigger, VirtioDevice};
+use devices::GuestMemoryMmap;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const FILE_SIZE: u64 = 512 << 20;
+const QSIZE: u16 = 256;
+const HDRS: u64 = 0x10_0000;
+const STATUS: u64 = 0x20_0000;
+const DATA: u64 = 0x100_0000;
+const MEM_SIZE: u64 = DATA + 40 * (1 << 20);
+
+struct FileDisk {
+    file: File,
+    size: u64,
+}
+
+impl DiskBackend for FileDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        self.file.write_all_at(buf, offset)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size, offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
+        self.file.write_all_at(&vec![0; len as usize], offset)
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Case {
+    name: &'static str,
+    write: bool,
+    block: u64,
+    random: bool,
+    depth: usize,
+    /// Split each request's buffer into this many non-adjacent segments.
+    segments: u64,
+}
+
+/// xorshift64: the same offsets for the device and the host runs.
+fn offsets(case: &Case, n: usize) -> Vec<u64> {
+    let blocks = FILE_SIZE / case.block;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..n)
+        .map(|i| {
+            if case.random {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % blocks) * case.block
+            } else {
+                (i as u64 % blocks) * case.block
+            }
+        })
+        .collect()
+}
+
+struct Result {
+    ops: u64,
+    bytes: u64,
+    secs: f64,
+}
+
+impl Result {
+    fn mbps(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e6
+    }
+    fn iops(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+}
+
+fn host_run(file: &File, case: &Case, offs: &[u64], dur: Duration) -> Result {
+    let mut bufs = vec![vec![0x5au8; case.block as usize]; case.depth];
+    let start = Instant::now();
+    let mut ops = 0u64;
+    let mut i = 0;
+    while start.elapsed() < dur {
+        for buf in bufs.iter_mut() {
+            let off = offs[i % offs.len()];
+            i += 1;
+            let seg = (case.block / case.segments) as usize;
+            for (k, chunk) in buf.chunks_mut(seg).enumerate() {
+                let o = off + (k * seg) as u64;
+                if case.write {
+                    file.write_all_at(chunk, o).unwrap();
+                } else {
+                    file.read_exact_at(chunk, o).unwrap();
+                }
+            }
+            ops += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Result {
+        ops,
+        bytes: ops * case.block,
+        secs,
+    }
+}
+
+fn device_run(path: &str, case: &Case, offs: &[u64], dur: Duration) -> Result {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let disk = FileDisk {
+        file,
+        size: FILE_SIZE,
+    };
+    let args = BlockArgs {
+        id: "bench".into(),
+        path: path.into(),
+        read_only: false,
+        serial: None,
+    };
+    let mut dev = Block::new(args, Box::new(disk)).unwrap();
+    dev.set_acked_features(dev.avail_features() & !(1 << 29));
+    let vq = MockSplitQueue::new(&mem, QSIZE);
+    let q: Queue = vq.create_queue().unwrap();
+    let irq = Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    dev.activate(
+        mem.clone(),
+        irq,
+        vec![q],
+        vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+    )
+    .unwrap();
+
+    // Fixed descriptor chains, one per slot: header, data segments, status.
+    let seg = case.block / case.segments;
+    let per_chain = case.segments as u16 + 2;
+    let mut heads = Vec::new();
+    for slot in 0..case.depth as u64 {
+        let head = slot as u16 * per_chain;
+        let mut descs = vec![(HDRS + slot * 16, 16u32, 0u16)];
+        for k in 0..case.segments {
+            // Non-adjacent segments when split (so they are not merged).
+            let stride = if case.segments > 1 { seg * 2 } else { seg };
+            let addr = DATA + slot * case.block * if case.segments > 1 { 2 } else { 1 };
+            descs.push((
+                addr + k * stride,
+                seg as u32,
+                if case.write { 0 } else { 2 },
+            ));
+        }
+        descs.push((STATUS + slot, 1, 2));
+        for (j, &(addr, len, flags)) in descs.iter().enumerate() {
+            let last = j == descs.len() - 1;
+            let d = Descriptor::new(
+                addr,
+                len,
+                flags | if last { 0 } else { 1 },
+                head + j as u16 + 1,
+            );
+            vq.desc_table()
+                .store(head + j as u16, RawDescriptor::from(d))
+                .unwrap();
+        }
+        let t = if case.write {
+            VIRTIO_BLK_T_OUT
+        } else {
+            VIRTIO_BLK_T_IN
+        };
+        mem.write_obj(t, GuestAddress(HDRS + slot * 16)).unwrap();
+        heads.push(head);
+    }
+    let start = Instant::now();
+    let mut ops = 0u64;
+    let mut i = 0;
+    let mut avail = 0u16;
+    while start.elapsed() < dur {
+        for (slot, &head) in heads.iter().enumerate() {
+            let sector = offs[i % offs.len()] / 512;
+            i += 1;
+            mem.write_obj(sector, GuestAddress(HDRS + slot as u64 * 16 + 8))
+                .unwrap();
+            vq.avail()
+                .ring()
+                .ref_at((avail % QSIZE) as usize)
+                .unwrap()
+                .store(head);
+            avail = avail.wrapping_add(1);
+        }
+        vq.avail().idx().store(avail);
+        dev.process_queue();
+        ops += case.depth as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(vq.used().idx().load(), avail);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+    Result {
+        ops,
+        bytes: ops * case.block,
+        secs,
+    }
+}
+
+fn main() {
+    let path =
+        std::env::var("WISP_BENCH_FILE").unwrap_or_else(|_| "/tmp/wisp-blk-bench.img".into());
+    let secs: f64 = std::env::var("WISP_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let dur = Duration::from_secs_f64(secs);
+    {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .unwrap();
+        let chunk = vec![0x3cu8; 1 << 20];
+        for off in (0..FILE_SIZE).step_by(chunk.len()) {
+            f.write_all_at(&chunk, off).unwrap();
+        }
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut cases = Vec::new();
+    for depth in [1, 32] {
+        for write in [false, true] {
+            cases.push(Case {
+                name: if write { "4k-randwrite" } else { "4k-randread" },
+                write,
+                block: 4096,
+                random: true,
+                depth,
+                segments: 1,
+            });
+            cases.push(Case {
+                name: if write { "1m-seqwrite" } else { "1m-seqread" },
+                write,
+                block: 1 << 20,
+                random: false,
+                depth,
+                segments: 1,
+            });
+        }
+    }
+    // 1 MiB as 128 non-adjacent 8 KiB segments (a fragmented guest buffer).
+    for write in [false, true] {
+        cases.push(Case {
+            name: if write {
+                "1m-seqwrite-128sg"
+            } else {
+                "1m-seqread-128sg"
+            },
+            write,
+            block: 1 << 20,
+            random: false,
+            depth: 1,
+            segments: 128,
+        });
+    }
+    println!(
+        "{:<24} {:>3} {:>10} {:>10} {:>10} {:>10} {:>6}",
+        "case", "qd", "dev MB/s", "host MB/s", "dev IOPS", "host IOPS", "ratio"
+    );
+    for case in &cases {
+        let offs = offsets(case, 1 << 16);
+        // Warm up, then alternate host and device runs; keep the best of each.
+        let _ = host_run(&file, case, &offs, dur / 4);
+        let mut best_dev: Option<Result> = None;
+        let mut best_host: Option<Result> = None;
+        for _ in 0..2 {
+            let h = host_run(&file, case, &offs, dur / 2);
+            let d = device_run(&path, case, &offs, dur / 2);
+            if best_host.as_ref().is_none_or(|b| h.mbps() > b.mbps()) {
+                best_host = Some(h);
+            }
+            if best_dev.as_ref().is_none_or(|b| d.mbps() > b.mbps()) {
+                best_dev = Some(d);
+            }
+        }
+        let (Some(d), Some(h)) = (best_dev, best_host) else {
+            continue;
+        };
+        println!(
+            "{:<24} {:>3} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>6.2}",
+            case.name,
+            case.depth,
+            d.mbps(),
+            h.mbps(),
+            d.iops(),
+            h.iops(),
+            d.mbps() / h.mbps()
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}
