@@ -12,6 +12,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,13 +22,15 @@ use devices::virtio::{IrqTrigger, VirtioDevice};
 use devices::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const FILE_SIZE: u64 = 512 << 20;
 const QSIZE: u16 = 256;
+const DESC: u64 = 0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
 const HDRS: u64 = 0x10_0000;
 const STATUS: u64 = 0x20_0000;
 const DATA: u64 = 0x100_0000;
@@ -157,8 +160,13 @@ fn device_run(path: &str, case: &Case, offs: &[u64], dur: Duration) -> Result {
     };
     let mut dev = Block::new(args, Box::new(disk)).unwrap();
     dev.set_acked_features(dev.avail_features() & !(1 << 29));
-    let vq = MockSplitQueue::new(&mem, QSIZE);
-    let q: Queue = vq.create_queue().unwrap();
+    // Rings laid out by hand (desc table, avail ring, used ring).
+    let mut q = Queue::new(QSIZE).unwrap();
+    q.set_size(QSIZE);
+    q.set_desc_table_address(Some(DESC as u32), Some(0));
+    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+    q.set_used_ring_address(Some(USED as u32), Some(0));
+    q.set_ready(true);
     let irq = Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()));
     dev.activate(
         mem.clone(),
@@ -194,8 +202,8 @@ fn device_run(path: &str, case: &Case, offs: &[u64], dur: Duration) -> Result {
                 flags | if last { 0 } else { 1 },
                 head + j as u16 + 1,
             );
-            vq.desc_table()
-                .store(head + j as u16, RawDescriptor::from(d))
+            let at = DESC + 16 * u64::from(head + j as u16);
+            mem.write_obj(RawDescriptor::from(d), GuestAddress(at))
                 .unwrap();
         }
         let t = if case.write {
@@ -216,19 +224,22 @@ fn device_run(path: &str, case: &Case, offs: &[u64], dur: Duration) -> Result {
             i += 1;
             mem.write_obj(sector, GuestAddress(HDRS + slot as u64 * 16 + 8))
                 .unwrap();
-            vq.avail()
-                .ring()
-                .ref_at((avail % QSIZE) as usize)
-                .unwrap()
-                .store(head);
+            let at = AVAIL + 4 + 2 * u64::from(avail % QSIZE);
+            mem.write_obj(head, GuestAddress(at)).unwrap();
             avail = avail.wrapping_add(1);
         }
-        vq.avail().idx().store(avail);
+        mem.store(avail, GuestAddress(AVAIL + 2), Ordering::Release)
+            .unwrap();
         dev.process_queue();
         ops += case.depth as u64;
     }
     let secs = start.elapsed().as_secs_f64();
-    assert_eq!(vq.used().idx().load(), avail);
+    assert_eq!(
+        mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(),
+        avail,
+        "{:?}",
+        dev.metrics().snapshot()
+    );
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
     Result {
         ops,
