@@ -23,11 +23,12 @@ use devices::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const FILE_SIZE: u64 = 512 << 20;
 const QSIZE: u16 = 256;
+const ROUNDS: u32 = 20;
 const DESC: u64 = 0;
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
@@ -39,6 +40,8 @@ const MEM_SIZE: u64 = DATA + 40 * (1 << 20);
 struct FileDisk {
     file: File,
     size: u64,
+    /// Skip the I/O (measures the device model alone).
+    null: bool,
 }
 
 impl DiskBackend for FileDisk {
@@ -50,10 +53,16 @@ impl DiskBackend for FileDisk {
     }
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
+        if self.null {
+            return Ok(());
+        }
         self.file.read_exact_at(buf, offset)
     }
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
+        if self.null {
+            return Ok(());
+        }
         self.file.write_all_at(buf, offset)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -104,6 +113,11 @@ struct Result {
 }
 
 impl Result {
+    fn add(&mut self, o: &Result) {
+        self.ops += o.ops;
+        self.bytes += o.bytes;
+        self.secs += o.secs;
+    }
     fn mbps(&self) -> f64 {
         self.bytes as f64 / self.secs / 1e6
     }
@@ -112,15 +126,20 @@ impl Result {
     }
 }
 
-fn host_run(file: &File, case: &Case, offs: &[u64], dur: Duration) -> Result {
-    let mut bufs = vec![vec![0x5au8; case.block as usize]; case.depth];
+fn host_run(
+    file: &File,
+    bufs: &mut [Vec<u8>],
+    case: &Case,
+    offs: &[u64],
+    i: &mut usize,
+    dur: Duration,
+) -> Result {
     let start = Instant::now();
     let mut ops = 0u64;
-    let mut i = 0;
     while start.elapsed() < dur {
         for buf in bufs.iter_mut() {
-            let off = offs[i % offs.len()];
-            i += 1;
+            let off = offs[*i % offs.len()];
+            *i += 1;
             let seg = (case.block / case.segments) as usize;
             for (k, chunk) in buf.chunks_mut(seg).enumerate() {
                 let o = off + (k * seg) as u64;
@@ -141,7 +160,15 @@ fn host_run(file: &File, case: &Case, offs: &[u64], dur: Duration) -> Result {
     }
 }
 
-fn device_run(path: &str, case: &Case, offs: &[u64], dur: Duration) -> Result {
+struct DeviceBench {
+    mem: GuestMemoryMmap,
+    dev: Block,
+    heads: Vec<u16>,
+    avail: u16,
+    next_off: usize,
+}
+
+fn device_setup(path: &str, case: &Case) -> DeviceBench {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let file = OpenOptions::new()
         .read(true)
@@ -151,6 +178,7 @@ fn device_run(path: &str, case: &Case, offs: &[u64], dur: Duration) -> Result {
     let disk = FileDisk {
         file,
         size: FILE_SIZE,
+        null: std::env::var_os("WISP_BENCH_NULL").is_some(),
     };
     let args = BlockArgs {
         id: "bench".into(),
@@ -214,21 +242,42 @@ fn device_run(path: &str, case: &Case, offs: &[u64], dur: Duration) -> Result {
         mem.write_obj(t, GuestAddress(HDRS + slot * 16)).unwrap();
         heads.push(head);
     }
+    DeviceBench {
+        mem,
+        dev,
+        heads,
+        avail: 0,
+        next_off: 0,
+    }
+}
+
+fn device_run(b: &mut DeviceBench, case: &Case, offs: &[u64], dur: Duration) -> Result {
+    let DeviceBench {
+        mem,
+        dev,
+        heads,
+        avail,
+        next_off: i,
+    } = b;
     let start = Instant::now();
     let mut ops = 0u64;
-    let mut i = 0;
-    let mut avail = 0u16;
     while start.elapsed() < dur {
         for (slot, &head) in heads.iter().enumerate() {
-            let sector = offs[i % offs.len()] / 512;
-            i += 1;
-            mem.write_obj(sector, GuestAddress(HDRS + slot as u64 * 16 + 8))
+            let sector = offs[*i % offs.len()] / 512;
+            *i += 1;
+            // Guest-side work kept cheap: single-region slices, no iterators.
+            mem.get_slice(GuestAddress(HDRS + slot as u64 * 16 + 8), 8)
+                .unwrap()
+                .write_obj(sector, 0)
                 .unwrap();
-            let at = AVAIL + 4 + 2 * u64::from(avail % QSIZE);
-            mem.write_obj(head, GuestAddress(at)).unwrap();
-            avail = avail.wrapping_add(1);
+            let at = AVAIL + 4 + 2 * u64::from(*avail % QSIZE);
+            mem.get_slice(GuestAddress(at), 2)
+                .unwrap()
+                .write_obj(head, 0)
+                .unwrap();
+            *avail = avail.wrapping_add(1);
         }
-        mem.store(avail, GuestAddress(AVAIL + 2), Ordering::Release)
+        mem.store(*avail, GuestAddress(AVAIL + 2), Ordering::Release)
             .unwrap();
         dev.process_queue();
         ops += case.depth as u64;
@@ -236,7 +285,7 @@ fn device_run(path: &str, case: &Case, offs: &[u64], dur: Duration) -> Result {
     let secs = start.elapsed().as_secs_f64();
     assert_eq!(
         mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap(),
-        avail,
+        *avail,
         "{:?}",
         dev.metrics().snapshot()
     );
@@ -314,25 +363,48 @@ fn main() {
         "{:<24} {:>3} {:>10} {:>10} {:>10} {:>10} {:>6}",
         "case", "qd", "dev MB/s", "host MB/s", "dev IOPS", "host IOPS", "ratio"
     );
-    for case in &cases {
+    let filter = std::env::var("WISP_BENCH_CASE").unwrap_or_default();
+    for case in cases.iter().filter(|c| c.name.contains(filter.as_str())) {
         let offs = offsets(case, 1 << 16);
-        // Warm up, then alternate host and device runs; keep the best of each.
-        let _ = host_run(&file, case, &offs, dur / 4);
-        let mut best_dev: Option<Result> = None;
-        let mut best_host: Option<Result> = None;
-        for _ in 0..2 {
-            let h = host_run(&file, case, &offs, dur / 2);
-            let d = device_run(&path, case, &offs, dur / 2);
-            if best_host.as_ref().is_none_or(|b| h.mbps() > b.mbps()) {
-                best_host = Some(h);
-            }
-            if best_dev.as_ref().is_none_or(|b| d.mbps() > b.mbps()) {
-                best_dev = Some(d);
-            }
-        }
-        let (Some(d), Some(h)) = (best_dev, best_host) else {
-            continue;
+        // Interleave short host and device slices so that noise from other
+        // processes hits both alike; sum them up.
+        let mut bufs = vec![vec![0x5au8; case.block as usize]; case.depth];
+        let mut hi = 0;
+        let mut bench = device_setup(&path, case);
+        let _ = host_run(&file, &mut bufs, case, &offs, &mut hi, dur / 10);
+        let _ = device_run(&mut bench, case, &offs, dur / 10);
+        let mut d = Result {
+            ops: 0,
+            bytes: 0,
+            secs: 0.0,
         };
+        let mut h = Result {
+            ops: 0,
+            bytes: 0,
+            secs: 0.0,
+        };
+        let only = std::env::var("WISP_BENCH_ONLY").unwrap_or_default();
+        for _ in 0..ROUNDS {
+            if only == "dev" {
+                d.add(&device_run(&mut bench, case, &offs, dur / ROUNDS));
+                continue;
+            }
+            if only == "host" {
+                h.add(&host_run(
+                    &file,
+                    &mut bufs,
+                    case,
+                    &offs,
+                    &mut hi,
+                    dur / ROUNDS,
+                ));
+                continue;
+            }
+            let r = host_run(&file, &mut bufs, case, &offs, &mut hi, dur / ROUNDS);
+            h.add(&r);
+            let r = device_run(&mut bench, case, &offs, dur / ROUNDS);
+            d.add(&r);
+        }
         println!(
             "{:<24} {:>3} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>6.2}",
             case.name,

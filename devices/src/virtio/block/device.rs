@@ -7,7 +7,6 @@ use std::sync::Arc;
 use log::{error, warn};
 use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::Bytes;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::metrics::BlockMetrics;
@@ -391,10 +390,11 @@ where
         }
     };
     metrics.record(&completion);
-    match mem.write_obj(completion.status, req) {
-        Ok(()) => completion.len,
+    if request::write_status(mem, completion.status, req) {
+        completion.len
+    } else {
         // Unreachable: the status address was checked while parsing.
-        Err(_) => 0,
+        0
     }
 }
 

@@ -14,7 +14,7 @@ use log::debug;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::*;
 use crate::disk::DiskBackend;
@@ -158,8 +158,38 @@ impl Completion {
 }
 
 fn in_memory(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> bool {
-    // check_range() treats a zero-length range as valid anywhere.
-    usize::try_from(len).is_ok_and(|l| GuestMemoryBackend::check_range(mem, addr, l))
+    let Some(last) = len.checked_sub(1) else {
+        // Zero-length ranges are never accessed.
+        return true;
+    };
+    let Some(end) = addr.checked_add(last) else {
+        return false;
+    };
+    match mem.find_region(addr) {
+        // Fast path: inside one region.
+        Some(r) if end <= r.last_addr() => true,
+        // A range may continue in an adjacent region.
+        Some(_) => {
+            usize::try_from(len).is_ok_and(|l| GuestMemoryBackend::check_range(mem, addr, l))
+        }
+        None => false,
+    }
+}
+
+/// Reads guest memory, fast when the range lies inside one region.
+fn read_guest(mem: &GuestMemoryMmap, buf: &mut [u8], addr: GuestAddress) -> Result<(), ()> {
+    match GuestMemoryBackend::get_slice(mem, addr, buf.len()) {
+        Ok(s) => s.read_slice(buf, 0).map_err(|_| ()),
+        Err(_) => mem.read_slice(buf, addr).map_err(|_| ()),
+    }
+}
+
+/// Writes one byte of guest memory (marking it dirty).
+pub fn write_status(mem: &GuestMemoryMmap, status: u8, addr: GuestAddress) -> bool {
+    match GuestMemoryBackend::get_slice(mem, addr, 1) {
+        Ok(s) => s.write_obj(status, 0).is_ok(),
+        Err(_) => false,
+    }
 }
 
 /// Splits a chain into header, data segments (into `segs`) and status, and
@@ -227,8 +257,7 @@ where
         return Err(invalid("header descriptor has the wrong length"));
     }
     let mut raw = [0u8; HEADER_LEN as usize];
-    mem.read_slice(&mut raw, header.addr())
-        .map_err(|_| invalid("header outside guest memory"))?;
+    read_guest(mem, &mut raw, header.addr()).map_err(|_| invalid("header outside guest memory"))?;
     let (t, rest) = raw.split_at(4);
     let kind = RequestType::from(u32::from_le_bytes(t.try_into().unwrap_or_default()));
     let sector = u64::from_le_bytes(rest[4..].try_into().unwrap_or_default());
@@ -354,13 +383,26 @@ fn transfer(
             i += 1;
         }
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        for slice in GuestMemoryBackend::get_slices(mem, start, len) {
-            let slice = slice.map_err(io::Error::other)?;
+        // One slice when the range is inside a region, else one per region.
+        let single = GuestMemoryBackend::get_slice(mem, start, len).ok();
+        let mut rest = single
+            .is_none()
+            .then(|| GuestMemoryBackend::get_slices(mem, start, len));
+        let mut first = single;
+        loop {
+            let slice = match (first.take(), rest.as_mut()) {
+                (Some(s), _) => s,
+                (None, Some(it)) => match it.next() {
+                    Some(s) => s.map_err(io::Error::other)?,
+                    None => break,
+                },
+                (None, None) => break,
+            };
             if to_guest {
                 let guard = slice.ptr_guard_mut();
                 // SAFETY: `guard` points at `slice.len()` bytes of mapped guest
                 // memory that stay mapped while `mem` is borrowed. The range was
-                // bounds-checked by get_slices(). The guest may race with us on
+                // bounds-checked by get_slice(s)(). The guest may race with us on
                 // these bytes, as it may with any DMA; that changes data only,
                 // never host memory outside the mapping.
                 let buf = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), slice.len()) };
