@@ -207,6 +207,12 @@ fn device_setup(path: &str, case: &Case) -> DeviceBench {
     // Fixed descriptor chains, one per slot: header, data segments, status.
     let seg = case.block / case.segments;
     let per_chain = case.segments as u16 + 2;
+    // Touch the data buffers like the host side does its Vecs (otherwise they
+    // are all backed by the shared zero page, which flatters writes).
+    let fill = vec![0x5au8; 1 << 20];
+    for off in (DATA..MEM_SIZE).step_by(fill.len()) {
+        mem.write_slice(&fill, GuestAddress(off)).unwrap();
+    }
     let mut heads = Vec::new();
     for slot in 0..case.depth as u64 {
         let head = slot as u16 * per_chain;
