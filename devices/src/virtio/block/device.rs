@@ -458,7 +458,7 @@ impl VirtioDevice for Block {
         self.queues = queues;
         self.queue_evts = queue_evts;
         self.activated = true;
-        self.broken = false;
+        // `broken` is only cleared by reset(): a restored broken device stays so.
         self.activate_evt.write(1).map_err(ActivateError::Events)?;
         Ok(())
     }

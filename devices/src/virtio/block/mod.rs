@@ -4,6 +4,25 @@
 //! One request queue of [`QUEUE_SIZE`] entries. Requests are parsed and
 //! validated against guest memory and the disk in [`request`], executed
 //! synchronously on the event-loop thread, and completed in order.
+//!
+//! # Wiring (VMM side)
+//!
+//! ```ignore
+//! let disk: Box<dyn DiskBackend> = /* raw or qcow2 backend */;
+//! let blk = Arc::new(Mutex::new(Block::new(
+//!     BlockArgs { id, path, read_only, serial: None },
+//!     disk,
+//! )?));
+//! let irq = Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK)?));
+//! vm_fd.register_irqfd(&irq.evt, gsi)?;
+//! let transport = MmioTransport::new(guest_mem.clone(), irq, blk.clone())?;
+//! for (i, evt) in transport.queue_evts().iter().enumerate() {
+//!     vm_fd.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), i as u32)?;
+//! }
+//! mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+//! event_manager.add_subscriber(blk); // Arc<Mutex<Block>>: MutEventSubscriber
+//! // kernel cmdline: virtio_mmio.device=4K@<base>:<gsi>
+//! ```
 
 pub mod device;
 pub mod event_handler;

@@ -169,3 +169,32 @@ fn test_event_loop_processes_queue() {
     assert_eq!(vq.used().idx().load(), 1);
     std::thread::sleep(Duration::from_millis(1));
 }
+
+#[test]
+fn test_restored_broken_device_still_needs_reset() {
+    let mem = test_mem();
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let disk = MemDisk::new(DISK_SIZE);
+    let dev = Arc::new(Mutex::new(
+        Block::new(args(), Box::new(disk.clone())).unwrap(),
+    ));
+    let irq = Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let mut t = MmioTransport::new(mem.clone(), irq, dev.clone()).unwrap();
+    bring_up(&mut t, &vq);
+    // Head index outside the queue breaks the ring.
+    vq.avail().ring().ref_at(0).unwrap().store(QUEUE_SIZE + 1);
+    vq.avail().idx().store(1);
+    dev.lock().unwrap().process_queue();
+    assert_ne!(rd(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+
+    let bs = dev.lock().unwrap().save();
+    let ts = t.save();
+    let dev2 = Arc::new(Mutex::new(Block::restore(&bs, Box::new(disk)).unwrap()));
+    let irq2 = Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+    let mut t2 = MmioTransport::restore(mem.clone(), irq2, dev2.clone(), &ts).unwrap();
+    assert_ne!(rd(&mut t2, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    // A driver reset recovers it.
+    wr(&mut t2, 0x70, 0);
+    assert_eq!(rd(&mut t2, 0x70), 0);
+    assert!(!dev2.lock().unwrap().needs_reset());
+}
