@@ -18,6 +18,17 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMemoryMmap;
 
+pub mod block;
+pub mod mmio;
+pub mod persist;
+
+/// Feature bit: the device complies with virtio 1.x (required by the MMIO transport).
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+/// Feature bit: descriptors may point at indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
+/// Feature bit: used/available event index notification suppression.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
+
 /// Interrupt status bit: a used buffer was added to a queue.
 pub const VIRTIO_INT_VRING: u32 = 0x1;
 /// Interrupt status bit: the device configuration changed.
@@ -89,4 +100,15 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// Whether [`VirtioDevice::activate`] has run since the last reset.
     fn is_activated(&self) -> bool;
+    /// The device's live queues while activated (for snapshots: the transport
+    /// saves their `next_avail`/`next_used`). Empty when not activated.
+    fn queues(&self) -> &[Queue] {
+        &[]
+    }
+    /// Whether the device hit an unrecoverable driver error (e.g. a broken ring)
+    /// and wants the transport to report `DEVICE_NEEDS_RESET`. A device that
+    /// sets this also raises a `VIRTIO_INT_CONFIG` interrupt.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }
