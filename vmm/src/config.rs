@@ -293,7 +293,7 @@ pub fn check_memory(size: u64, host_ram: u64) -> Result<u64, ConfigError> {
             ),
         ));
     }
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err(ConfigError::Memory(
             size,
             "must be a multiple of 4 KiB".into(),

@@ -106,7 +106,7 @@ fn preboot_from_args(a: &RunArgs) -> Result<Preboot, String> {
         .map_err(|_| config::ConfigError::Vcpus(a.cpus, "at most 254".into()).to_string())?;
     p.machine.vcpu_count = vcpus;
     p.machine.mem_size_mib = usize::try_from(a.memory >> 20).unwrap_or(usize::MAX);
-    if a.memory % (1 << 20) != 0 {
+    if !a.memory.is_multiple_of(1 << 20) {
         return Err(
             config::ConfigError::Memory(a.memory, "must be a whole number of MiB".into())
                 .to_string(),
