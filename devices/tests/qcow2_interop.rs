@@ -99,7 +99,11 @@ fn qemu_check_clean(path: &Path) {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "qemu-img check failed: {text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(v.get("leaks").and_then(|l| l.as_u64()).unwrap_or(0), 0, "{text}");
+    assert_eq!(
+        v.get("leaks").and_then(|l| l.as_u64()).unwrap_or(0),
+        0,
+        "{text}"
+    );
     assert_eq!(
         v.get("corruptions").and_then(|l| l.as_u64()).unwrap_or(0),
         0,
@@ -161,11 +165,27 @@ fn wisp_writes_qemu_agrees(version: u32, cluster_size: u64, refcount_bits: u32) 
     let reference = raw_reference(&d.join("ref.raw"), size);
     {
         let mut disk = open(&img, false);
-        scribble(disk.as_mut(), &reference, cluster_size + u64::from(version), 40);
+        scribble(
+            disk.as_mut(),
+            &reference,
+            cluster_size + u64::from(version),
+            40,
+        );
         disk.flush().unwrap();
     }
     qemu_check_clean(&img);
-    run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&d.join("ref.raw"))]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(&img),
+            p(&d.join("ref.raw")),
+        ],
+    );
 }
 
 #[test]
@@ -200,15 +220,30 @@ fn qemu_writes_wisp_reads(create_opts: &str, io_cmds: &[&str]) {
     }
     let d = Dir::new();
     let img = d.join("q.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", create_opts, p(&img), "16M"]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            create_opts,
+            p(&img),
+            "16M",
+        ],
+    );
     for c in io_cmds {
         run("qemu-io", &["-f", "qcow2", "-c", c, p(&img)]);
     }
     let raw = d.join("q.raw");
-    run("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&raw)]);
+    run(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&raw)],
+    );
     let expected = std::fs::read(&raw).unwrap();
     let mut disk = open(&img, true);
-    assert_eq!(read_all(disk.as_mut()) == expected, true);
+    assert!(read_all(disk.as_mut()) == expected);
 }
 
 const IO: &[&str] = &[
@@ -291,7 +326,19 @@ fn test_interop_overwrite_compressed_cluster_stays_clean() {
     let raw = d.join("src.raw");
     std::fs::write(&raw, pattern(5, 1 << 20).repeat(2)).unwrap();
     let img = d.join("c.qcow2");
-    run("qemu-img", &["convert", "-c", "-f", "raw", "-O", "qcow2", p(&raw), p(&img)]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            p(&raw),
+            p(&img),
+        ],
+    );
     {
         let mut disk = open(&img, false);
         disk.write_at(&[0x5a; 1000], 70_000).unwrap();
@@ -300,7 +347,10 @@ fn test_interop_overwrite_compressed_cluster_stays_clean() {
     let f = File::options().write(true).open(&raw).unwrap();
     f.write_all_at(&[0x5a; 1000], 70_000).unwrap();
     qemu_check_clean(&img);
-    run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&raw)]);
+    run(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&raw)],
+    );
 }
 
 #[test]
@@ -313,12 +363,56 @@ fn test_interop_backing_chain_reads_through() {
     std::fs::write(&base, pattern(1, 4 << 20)).unwrap();
     let mid = d.join("mid.qcow2");
     let top = d.join("top.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", p(&mid), "8M"]);
-    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x77 1M 64k", p(&mid)]);
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", p(&top)]);
-    run("qemu-io", &["-f", "qcow2", "-c", "write -P 0x99 1056k 10k", "-c", "write -z 0 4k", p(&top)]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            p(&mid),
+            "8M",
+        ],
+    );
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x77 1M 64k", p(&mid)],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            p(&top),
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x99 1056k 10k",
+            "-c",
+            "write -z 0 4k",
+            p(&top),
+        ],
+    );
     let raw = d.join("flat.raw");
-    run("qemu-img", &["convert", "-f", "qcow2", "-O", "raw", p(&top), p(&raw)]);
+    run(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", p(&top), p(&raw)],
+    );
     let mut disk = open(&top, true);
     assert!(read_all(disk.as_mut()) == std::fs::read(&raw).unwrap());
 }
@@ -354,7 +448,18 @@ fn test_interop_wisp_overlay_writes_keep_backing_intact() {
     }
     assert!(std::fs::read(&base).unwrap() == content);
     qemu_check_clean(&top);
-    run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", p(&top), p(&d.join("ref.raw"))]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(&top),
+            p(&d.join("ref.raw")),
+        ],
+    );
 }
 
 #[test]
@@ -365,21 +470,45 @@ fn test_interop_wisp_discard_and_zeroes_stay_clean() {
     let d = Dir::new();
     let img = d.join("z.qcow2");
     let size = 8 << 20;
-    qcow2::create(&img, &CreateOptions { size, ..Default::default() }).unwrap();
+    qcow2::create(
+        &img,
+        &CreateOptions {
+            size,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let reference = raw_reference(&d.join("ref.raw"), size);
     {
         let mut disk = open(&img, false);
         scribble(disk.as_mut(), &reference, 3, 20);
         disk.discard(100_000, 1 << 20).unwrap();
-        reference.write_all_at(&vec![0u8; 1 << 20], 100_000).unwrap();
+        reference
+            .write_all_at(&vec![0u8; 1 << 20], 100_000)
+            .unwrap();
         disk.write_zeroes(3 << 20, 300_000, false).unwrap();
-        reference.write_all_at(&vec![0u8; 300_000], 3 << 20).unwrap();
+        reference
+            .write_all_at(&vec![0u8; 300_000], 3 << 20)
+            .unwrap();
         disk.write_zeroes(5 << 20, 1 << 20, true).unwrap();
-        reference.write_all_at(&vec![0u8; 1 << 20], 5 << 20).unwrap();
+        reference
+            .write_all_at(&vec![0u8; 1 << 20], 5 << 20)
+            .unwrap();
         disk.flush().unwrap();
     }
     qemu_check_clean(&img);
-    run("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&d.join("ref.raw"))]);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(&img),
+            p(&d.join("ref.raw")),
+        ],
+    );
 }
 
 #[test]
@@ -409,6 +538,9 @@ fn test_interop_wisp_preallocated_and_resized_stay_clean() {
     let info = run("qemu-img", &["info", "--output=json", p(&img)]);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     assert_eq!(v["virtual-size"].as_u64(), Some(3 << 30));
-    let io = run("qemu-io", &["-f", "qcow2", "-c", "read -P 0x74 3221225468 1", p(&img)]);
+    let io = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0x74 3221225468 1", p(&img)],
+    );
     assert!(!io.contains("Pattern verification failed"), "{io}");
 }

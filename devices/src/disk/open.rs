@@ -48,6 +48,79 @@ fn probe_file(file: &File, path: &Path) -> Result<ImageFormat, DiskError> {
     })
 }
 
+/// Opens a qcow2 image for metadata work (check, resize): its backing file is
+/// not opened, so unallocated clusters read as zeros.
+pub fn open_qcow2_metadata(path: &Path, read_only: bool) -> Result<Qcow2Disk, DiskError> {
+    let file = open_file(path, read_only)?;
+    Qcow2Disk::open_with(file, path, read_only, |_| Ok(Box::new(NoBacking)))
+}
+
+/// Grows the image at `path` to `new_size` bytes.
+pub fn resize_image(
+    path: &Path,
+    format: Option<ImageFormat>,
+    new_size: u64,
+) -> Result<(), DiskError> {
+    let format = match format {
+        Some(f) => f,
+        None => probe_format(path)?,
+    };
+    let io_err = |source| DiskError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match format {
+        ImageFormat::Raw => {
+            let file = open_file(path, false)?;
+            let old = file.metadata().map_err(io_err)?.len();
+            if new_size < old {
+                return Err(DiskError::InvalidOptions(format!(
+                    "new size {new_size} is smaller than the current size {old}; shrinking is not supported"
+                )));
+            }
+            file.set_len(new_size).map_err(io_err)?;
+            file.sync_all().map_err(io_err)
+        }
+        ImageFormat::Qcow2 => {
+            let mut disk = open_qcow2_metadata(path, false)?;
+            let old = disk.size();
+            if new_size < old {
+                return Err(DiskError::InvalidOptions(format!(
+                    "new size {new_size} is smaller than the current size {old}; shrinking is not supported"
+                )));
+            }
+            disk.resize(new_size).map_err(io_err)
+        }
+    }
+}
+
+/// Stands in for a backing file that is deliberately not opened.
+struct NoBacking;
+
+impl DiskBackend for NoBacking {
+    fn size(&self) -> u64 {
+        0
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        super::check_range(0, offset, buf.len() as u64)
+    }
+    fn write_at(&mut self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn discard(&mut self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+    fn write_zeroes(&mut self, _offset: u64, _len: u64, _unmap: bool) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+}
+
 /// Opens one image of a chain; `chain` holds the canonical paths of the images above it.
 pub(crate) fn open_chain(
     opts: &DiskOptions,

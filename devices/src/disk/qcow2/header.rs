@@ -186,7 +186,7 @@ impl Header {
             h.refcount_order = be32(&v3, 24);
             h.header_length = be32(&v3, 28);
             if h.header_length < V3_HEADER_LEN
-                || h.header_length % 8 != 0
+                || !h.header_length.is_multiple_of(8)
                 || u64::from(h.header_length) > cs
             {
                 return Err(Qcow2Error::HeaderLength(h.header_length));
@@ -402,7 +402,7 @@ fn check_table(
     cs: u64,
     file_len: u64,
 ) -> Result<(), Qcow2Error> {
-    let bad = offset % cs != 0
+    let bad = !offset.is_multiple_of(cs)
         || offset < cs
         || offset.checked_add(bytes).is_none_or(|end| end > file_len);
     if bad {

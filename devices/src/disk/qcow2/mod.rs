@@ -204,7 +204,7 @@ impl Qcow2Disk {
             a.copy_from_slice(c);
             let e = u64::from_be_bytes(a);
             let off = e & OFFSET_MASK;
-            if off != 0 && (off % cs != 0 || off < cs || off + cs > file_len) {
+            if off != 0 && (!off.is_multiple_of(cs) || off < cs || off + cs > file_len) {
                 return Err(qerr(Qcow2Error::TableOutOfBounds {
                     table: "L2 table",
                     offset: off,
@@ -332,13 +332,13 @@ impl Qcow2Disk {
         let off = entry & OFFSET_MASK;
         let copied = entry & COPIED != 0;
         if self.header.version >= 3 && entry & ZERO != 0 {
-            let prealloc = (off != 0 && off % cs == 0 && off >= cs).then_some(off);
+            let prealloc = (off != 0 && off.is_multiple_of(cs) && off >= cs).then_some(off);
             return Ok(Mapping::Zero { prealloc, copied });
         }
         if off == 0 {
             return Ok(Mapping::Unallocated);
         }
-        if off % cs != 0 || off < cs {
+        if !off.is_multiple_of(cs) || off < cs {
             return Err(invalid(format!(
                 "data cluster at {off:#x} is misaligned or overlaps the header"
             )));
@@ -628,7 +628,7 @@ impl Qcow2Disk {
         while pos < end {
             let cluster_end = (pos | (cs - 1)) + 1;
             let chunk_end = cluster_end.min(end);
-            if pos % cs == 0 && chunk_end == cluster_end {
+            if pos.is_multiple_of(cs) && chunk_end == cluster_end {
                 self.zero_cluster(pos, unmap)?;
             } else {
                 let m = self.entry_for(pos).and_then(|e| self.mapping(e))?;

@@ -91,7 +91,7 @@ impl Refcounts {
             .collect();
         for (i, &e) in table.iter().enumerate() {
             let off = e & OFFSET_MASK;
-            if off != 0 && (off % cs != 0 || off < cs || off + cs > file_len) {
+            if off != 0 && (!off.is_multiple_of(cs) || off < cs || off + cs > file_len) {
                 return Err(invalid(format!(
                     "refcount block {i} at {off:#x} is misaligned or outside the file"
                 )));
