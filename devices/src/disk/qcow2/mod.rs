@@ -783,3 +783,6 @@ impl Drop for Qcow2Disk {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
