@@ -58,7 +58,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     })?;
     let size = disk.size();
     let bs = args.buffer_size;
-    anyhow::ensure!(bs > 0 && bs <= size, "Buffer size {bs} does not fit the disk ({size} bytes)");
+    anyhow::ensure!(
+        bs > 0 && bs <= size,
+        "Buffer size {bs} does not fit the disk ({size} bytes)"
+    );
     let step = args.step.unwrap_or(bs);
     let mut buf = vec![0xa5u8; bs as usize];
     let mut offset = args.offset % (size - bs + 1);

@@ -135,6 +135,8 @@ pub struct Qcow2Disk {
     next_free: u64,
     /// Host byte ranges whose refcounts drop once L2 updates are durable.
     pending_free: Vec<(u64, u64)>,
+    /// No free cluster lies below this cluster index.
+    free_hint: u64,
     data_dirty: bool,
     backing: Option<Box<dyn DiskBackend>>,
     /// Last decompressed cluster, by L2 entry.
@@ -254,6 +256,7 @@ impl Qcow2Disk {
             rc,
             next_free: file_len.next_multiple_of(cs),
             pending_free: Vec::new(),
+            free_hint: 0,
             data_dirty: false,
             backing,
             unpacked: None,
@@ -346,8 +349,15 @@ impl Qcow2Disk {
         Ok(Mapping::Data { off, copied })
     }
 
-    /// Allocates `n` contiguous clusters at the end of the image.
+    /// Allocates `n` contiguous clusters: a single one in the first hole of
+    /// the image, several at its end.
     fn alloc(&mut self, n: u64) -> io::Result<u64> {
+        if n == 1 {
+            if let Some(c) = self.find_free()? {
+                self.rc.set(&self.file, c, 1, &mut self.next_free)?;
+                return Ok(c << self.cluster_bits);
+            }
+        }
         let cs = self.cs();
         let off = self.next_free;
         self.next_free += n * cs;
@@ -360,6 +370,19 @@ impl Qcow2Disk {
             )?;
         }
         Ok(off)
+    }
+
+    /// The first cluster below the end of the image whose refcount is zero.
+    fn find_free(&mut self) -> io::Result<Option<u64>> {
+        let end = self.next_free >> self.cluster_bits;
+        while self.free_hint < end {
+            let c = self.free_hint;
+            if self.rc.get(&self.file, c)? == 0 {
+                return Ok(Some(c));
+            }
+            self.free_hint += 1;
+        }
+        Ok(None)
     }
 
     /// Host offset of the L2 table for L1 index `l1i`, allocating it if asked.
@@ -716,6 +739,9 @@ impl Qcow2Disk {
                     let rc = self.rc.get(&self.file, c)?;
                     if rc > 0 {
                         self.rc.set(&self.file, c, rc - 1, &mut self.next_free)?;
+                        if rc == 1 {
+                            self.free_hint = self.free_hint.min(c);
+                        }
                     }
                 }
             }

@@ -690,3 +690,17 @@ fn test_qcow2_header_roundtrip_keeps_backing() {
     assert_eq!(h.backing_file.as_deref(), Some("b.raw"));
     assert_eq!(h.backing_format.as_deref(), Some("raw"));
 }
+
+#[test]
+fn test_qcow2_discarded_cluster_is_reused() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    let mut d = open(&p, false).unwrap();
+    d.discard(0, CS).unwrap();
+    d.flush().unwrap();
+    d.write_at(&[0xbb; 4096], 2 * CS).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), DATA_OFF + CS);
+    assert!(metadata(&p, true).check(false).unwrap().is_clean());
+}
