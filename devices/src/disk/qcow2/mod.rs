@@ -539,10 +539,23 @@ impl Qcow2Disk {
         }
     }
 
+    /// Refuses guest writes to a data cluster that lies past the image or
+    /// over the header, L1 table or refcount table.
     fn check_host_cluster(&self, off: u64) -> io::Result<()> {
-        if off + self.cs() > self.next_free {
+        let cs = self.cs();
+        if off + cs > self.next_free {
             return Err(invalid(format!(
                 "data cluster at {off:#x} lies past the end of the image"
+            )));
+        }
+        let overlaps = |start: u64, len: u64| len > 0 && off < start + len && start < off + cs;
+        let l1_bytes = (self.l1.len() as u64 * 8).next_multiple_of(cs);
+        if off < cs
+            || overlaps(self.header.l1_table_offset, l1_bytes)
+            || overlaps(self.rc.table_offset, self.rc.table_clusters * cs)
+        {
+            return Err(invalid(format!(
+                "data cluster at {off:#x} overlaps image metadata"
             )));
         }
         Ok(())

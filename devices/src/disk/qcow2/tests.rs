@@ -704,3 +704,13 @@ fn test_qcow2_discarded_cluster_is_reused() {
     assert_eq!(std::fs::metadata(&p).unwrap().len(), DATA_OFF + CS);
     assert!(metadata(&p, true).check(false).unwrap().is_clean());
 }
+
+#[test]
+fn test_qcow2_hostile_data_cluster_over_l1_is_write_error() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    patch(&p, L2_OFF, &(L1_OFF | COPIED).to_be_bytes());
+    let mut d = open(&p, false).unwrap();
+    let err = d.write_at(b"x", 0).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+}
