@@ -10,6 +10,8 @@ mod cache;
 mod check;
 mod compress;
 pub mod create;
+mod error;
+mod fuzz;
 pub mod header;
 mod refcount;
 
@@ -23,6 +25,8 @@ use refcount::Refcounts;
 
 pub use check::CheckReport;
 pub use create::{create, CreateOptions, Preallocation};
+pub use error::Qcow2Error;
+pub use fuzz::fuzz_one;
 pub use header::{Header, MAGIC};
 
 use super::{check_range, DiskBackend, DiskError, ImageFormat};
@@ -32,56 +36,6 @@ pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO: u64 = 1;
-
-/// Why a qcow2 image was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum Qcow2Error {
-    #[error("Bad magic: not a qcow2 image")]
-    BadMagic,
-    #[error("Unsupported qcow2 version {0}")]
-    Version(u32),
-    #[error("Unsupported cluster_bits {0} (cluster sizes from 512 B to 2 MiB are supported)")]
-    ClusterBits(u32),
-    #[error("Invalid header_length {0}")]
-    HeaderLength(u32),
-    #[error("Unknown compression type {0}")]
-    CompressionType(u8),
-    #[error("Encrypted images are not supported")]
-    Encrypted,
-    #[error("Images with an external data file are not supported")]
-    ExternalDataFile,
-    #[error("Images with extended L2 entries are not supported")]
-    ExtendedL2,
-    #[error("Unknown incompatible features {0:#x}")]
-    UnknownFeatures(u64),
-    #[error("Invalid refcount_order {0}")]
-    RefcountOrder(u32),
-    #[error("Virtual size {0} is too large")]
-    VirtualSize(u64),
-    #[error("L1 table has {l1_size} entries but the virtual size needs {needed}")]
-    L1TooSmall { l1_size: u32, needed: u64 },
-    #[error("The {table} is too large ({bytes} bytes)")]
-    TableTooLarge { table: &'static str, bytes: u64 },
-    #[error("The {table} at {offset:#x} is misaligned, overlaps the header or lies past the end of the file")]
-    TableOutOfBounds { table: &'static str, offset: u64 },
-    #[error("Invalid backing file name or format")]
-    BackingName,
-    #[error("Header extension at {offset:#x} runs past its area")]
-    Extension { offset: u64 },
-    #[error("The image is marked corrupt; it can only be opened read-only")]
-    Corrupt,
-    #[error("Images with internal snapshots can only be opened read-only")]
-    Snapshots,
-    #[error("The {what} at {offset:#x} is cut short by the end of the file")]
-    Truncated { what: &'static str, offset: u64 },
-    #[error("Cannot read the {what} at {offset:#x}")]
-    Io {
-        what: &'static str,
-        offset: u64,
-        #[source]
-        source: io::Error,
-    },
-}
 
 /// An `InvalidData` I/O error for metadata that makes no sense.
 pub(crate) fn invalid(msg: String) -> io::Error {
@@ -821,43 +775,6 @@ impl Drop for Qcow2Disk {
             log::error!("{}: cannot write back metadata: {e}", self.path.display());
         }
     }
-}
-
-/// Fuzzing harness: opens `data` as a qcow2 image (never following a backing
-/// file), reads every cluster, checks it, then writes and discards a little.
-/// Must not panic, whatever `data` holds.
-#[doc(hidden)]
-pub fn fuzz_one(data: &[u8]) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("wisp-fuzz-{}-{n}.qcow2", std::process::id()));
-    if std::fs::write(&path, data).is_err() {
-        return;
-    }
-    for read_only in [true, false] {
-        let Ok(mut disk) = crate::disk::open_qcow2_metadata(&path, read_only) else {
-            break;
-        };
-        let size = disk.size();
-        let step = (size / 64).max(disk.cs());
-        let mut buf = vec![0u8; 4096];
-        let mut off = 0u64;
-        while off < size {
-            let n = (size - off).min(buf.len() as u64) as usize;
-            let _ = disk.read_at(&mut buf[..n], off);
-            off = off.saturating_add(step);
-        }
-        let _ = disk.check(false);
-        if !read_only {
-            let len = size.min(3 * disk.cs() + 5);
-            let _ = disk.write_at(&vec![0x5a; len as usize], 0);
-            let _ = disk.discard(0, size.min(disk.cs()));
-            let _ = disk.write_zeroes(0, len, false);
-            let _ = disk.flush();
-        }
-    }
-    let _ = std::fs::remove_file(&path);
 }
 
 #[cfg(test)]
