@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use devices::disk::qcow2::{self, CreateOptions, Preallocation};
-use devices::disk::{open_disk, DiskBackend, DiskOptions, ImageFormat};
+use devices::disk::{open_disk, DiskBackend, DiskError, DiskOptions, ImageFormat};
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
@@ -136,12 +136,22 @@ fn read_all(disk: &mut dyn DiskBackend) -> Vec<u8> {
 }
 
 fn open(path: &Path, read_only: bool) -> Box<dyn DiskBackend> {
-    open_disk(&DiskOptions {
+    let opts = DiskOptions {
         path: path.to_path_buf(),
         read_only,
         format: Some(ImageFormat::Qcow2),
-    })
-    .unwrap()
+    };
+    // A qemu-img forked by a parallel test holds copies of our descriptors
+    // (and so our flock) until it execs: retry briefly.
+    for _ in 0..50 {
+        match open_disk(&opts) {
+            Err(DiskError::Locked { .. }) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+    open_disk(&opts).unwrap()
 }
 
 fn wisp_writes_qemu_agrees(version: u32, cluster_size: u64, refcount_bits: u32) {

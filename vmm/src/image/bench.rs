@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// First request offset.
     #[arg(short = 'o', long, value_parser = parse_size, default_value = "0")]
     pub offset: u64,
+    /// Flush after every N requests (0: never, like `qemu-img bench`).
+    #[arg(long = "flush-interval", default_value_t = 0)]
+    pub flush_interval: u64,
     /// Write instead of read.
     #[arg(short = 'w', long)]
     pub write: bool,
@@ -66,7 +69,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let mut buf = vec![0xa5u8; bs as usize];
     let mut offset = args.offset % (size - bs + 1);
     let start = Instant::now();
-    for _ in 0..args.count {
+    for i in 0..args.count {
+        if args.flush_interval > 0 && i > 0 && i % args.flush_interval == 0 {
+            disk.flush().context("Flush failed")?;
+        }
         if args.write {
             disk.write_at(&buf, offset)
         } else {
@@ -79,7 +85,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             (offset + step) % (size - bs)
         };
     }
-    if args.write {
+    if args.write && args.flush_interval > 0 {
         disk.flush().context("Flush failed")?;
     }
     let seconds = start.elapsed().as_secs_f64();

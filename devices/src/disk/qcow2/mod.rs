@@ -427,8 +427,19 @@ impl Qcow2Disk {
     /// Reads `buf.len()` bytes at `vaddr`, all within one cluster.
     fn read_in_cluster(&mut self, buf: &mut [u8], vaddr: u64) -> io::Result<()> {
         let entry = self.entry_for(vaddr)?;
+        let m = self.mapping(entry)?;
+        self.read_mapped(m, entry, buf, vaddr)
+    }
+
+    fn read_mapped(
+        &mut self,
+        m: Mapping,
+        entry: u64,
+        buf: &mut [u8],
+        vaddr: u64,
+    ) -> io::Result<()> {
         let in_off = vaddr & (self.cs() - 1);
-        match self.mapping(entry)? {
+        match m {
             Mapping::Unallocated => self.read_backing(buf, vaddr),
             Mapping::Zero { .. } => {
                 buf.fill(0);
@@ -515,8 +526,11 @@ impl Qcow2Disk {
         Ok(())
     }
 
-    /// Writes `data` at `vaddr`, all within one cluster.
-    fn write_in_cluster(&mut self, data: &[u8], vaddr: u64) -> io::Result<()> {
+    /// Maps a write of `data` at `vaddr`, all within one cluster.
+    ///
+    /// Returns the host offset the caller must write `data` to, or `None`
+    /// when the data was already written (copy-on-write of a partial cluster).
+    fn write_in_cluster(&mut self, data: &[u8], vaddr: u64) -> io::Result<Option<u64>> {
         let cs = self.cs();
         let base = vaddr & !(cs - 1);
         let in_off = (vaddr - base) as usize;
@@ -527,39 +541,62 @@ impl Qcow2Disk {
         let entry = self.l2_entry(l2off, l2i)?;
         let m = self.mapping(entry)?;
         self.data_dirty = true;
+        let full = data.len() as u64 == cs;
         match m {
             Mapping::Data { off, copied: true } => {
                 self.check_host_cluster(off)?;
-                return self.file.write_all_at(data, off + in_off as u64);
+                return Ok(Some(off + in_off as u64));
             }
             Mapping::Zero {
                 prealloc: Some(off),
                 copied: true,
             } => {
                 self.check_host_cluster(off)?;
-                let mut buf = vec![0u8; cs as usize];
-                buf[in_off..in_off + data.len()].copy_from_slice(data);
-                self.file.write_all_at(&buf, off)?;
-                return self.set_l2_entry(l2off, l2i, off | COPIED);
+                if !full {
+                    let mut buf = vec![0u8; cs as usize];
+                    buf[in_off..in_off + data.len()].copy_from_slice(data);
+                    self.file.write_all_at(&buf, off)?;
+                }
+                self.set_l2_entry(l2off, l2i, off | COPIED)?;
+                return Ok(full.then_some(off));
             }
             _ => {}
         }
-        let mut buf = if data.len() as u64 == cs {
-            data.to_vec()
+        let old = if full {
+            None
         } else {
             let mut b = self.cluster_content(base)?;
             b[in_off..in_off + data.len()].copy_from_slice(data);
-            b
+            Some(b)
         };
         let new = self.alloc(1)?;
-        self.file.write_all_at(&buf, new)?;
-        buf.clear();
+        if let Some(b) = &old {
+            self.file.write_all_at(b, new)?;
+        }
         self.set_l2_entry(l2off, l2i, new | COPIED)?;
         self.release(m);
         if matches!(m, Mapping::Compressed { .. }) {
             self.unpacked = None;
         }
+        Ok(if full { Some(new) } else { None })
+    }
+
+    /// Writes `data` at `vaddr`, all within one cluster.
+    fn write_one(&mut self, data: &[u8], vaddr: u64) -> io::Result<()> {
+        if let Some(host) = self.write_in_cluster(data, vaddr)? {
+            self.file.write_all_at(data, host)?;
+        }
         Ok(())
+    }
+
+    /// Whether the L2 table covering `vaddr` is cached (so mapping it cannot
+    /// trigger a metadata write-back).
+    fn l2_cached(&self, vaddr: u64) -> bool {
+        let (l1i, _) = self.indices(vaddr);
+        self.l1
+            .get(l1i)
+            .map(|e| e & OFFSET_MASK)
+            .is_some_and(|o| o != 0 && self.l2.contains(o))
     }
 
     /// Whether a mapping reads as zeros.
@@ -588,7 +625,7 @@ impl Qcow2Disk {
         let v3 = self.header.version >= 3;
         if !v3 && self.backing.is_some() {
             let zeros = vec![0u8; self.cs() as usize];
-            return self.write_in_cluster(&zeros, vaddr);
+            return self.write_one(&zeros, vaddr);
         }
         let (new, keeps) = match m {
             Mapping::Data { off, copied: true } if v3 && !unmap => (off | COPIED | ZERO, true),
@@ -624,7 +661,7 @@ impl Qcow2Disk {
                 let m = self.entry_for(pos).and_then(|e| self.mapping(e))?;
                 if !self.reads_zero(m) {
                     let zeros = vec![0u8; (chunk_end - pos) as usize];
-                    self.write_in_cluster(&zeros, pos)?;
+                    self.write_one(&zeros, pos)?;
                 }
             }
             pos = chunk_end;
@@ -736,8 +773,27 @@ impl DiskBackend for Qcow2Disk {
         while done < buf.len() {
             let pos = offset + done as u64;
             let n = ((cs - (pos & (cs - 1))) as usize).min(buf.len() - done);
-            self.read_in_cluster(&mut buf[done..done + n], pos)?;
-            done += n;
+            let entry = self.entry_for(pos)?;
+            let m = self.mapping(entry)?;
+            let Mapping::Data { off, .. } = m else {
+                self.read_mapped(m, entry, &mut buf[done..done + n], pos)?;
+                done += n;
+                continue;
+            };
+            // Coalesce clusters that follow each other on the host too.
+            let start = off + (pos & (cs - 1));
+            let mut total = n;
+            while done + total < buf.len() {
+                let next = pos + total as u64;
+                match self.entry_for(next).and_then(|e| self.mapping(e))? {
+                    Mapping::Data { off: o, .. } if o == start + total as u64 => {
+                        total += (cs as usize).min(buf.len() - done - total);
+                    }
+                    _ => break,
+                }
+            }
+            read_full(&self.file, &mut buf[done..done + total], start)?;
+            done += total;
         }
         Ok(())
     }
@@ -746,12 +802,40 @@ impl DiskBackend for Qcow2Disk {
         self.check_writable()?;
         check_range(self.header.size, offset, buf.len() as u64)?;
         let cs = self.cs();
+        // A run of data bound for consecutive host bytes: (host, start in buf, len).
+        let mut run: Option<(u64, usize, usize)> = None;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let n = ((cs - (pos & (cs - 1))) as usize).min(buf.len() - done);
-            self.write_in_cluster(&buf[done..done + n], pos)?;
+            if !self.l2_cached(pos) {
+                // Mapping may write metadata back: pending data goes first.
+                if let Some((h, b, l)) = run.take() {
+                    self.file.write_all_at(&buf[b..b + l], h)?;
+                }
+            }
+            match self.write_in_cluster(&buf[done..done + n], pos)? {
+                Some(host) => match run {
+                    Some((h, b, l)) if h + l as u64 == host && b + l == done => {
+                        run = Some((h, b, l + n));
+                    }
+                    _ => {
+                        if let Some((h, b, l)) = run.take() {
+                            self.file.write_all_at(&buf[b..b + l], h)?;
+                        }
+                        run = Some((host, done, n));
+                    }
+                },
+                None => {
+                    if let Some((h, b, l)) = run.take() {
+                        self.file.write_all_at(&buf[b..b + l], h)?;
+                    }
+                }
+            }
             done += n;
+        }
+        if let Some((h, b, l)) = run {
+            self.file.write_all_at(&buf[b..b + l], h)?;
         }
         Ok(())
     }
