@@ -557,3 +557,118 @@ fn test_interop_wisp_preallocated_and_resized_stay_clean() {
     );
     assert!(!io.contains("Pattern verification failed"), "{io}");
 }
+
+/// qemu-img creates with `create_opts`, wisp writes, qemu-img checks and compares.
+fn qemu_creates_wisp_writes(create_opts: &str) {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = Dir::new();
+    let img = d.join("q.qcow2");
+    let size = 16u64 << 20;
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            create_opts,
+            p(&img),
+            "16M",
+        ],
+    );
+    let reference = raw_reference(&d.join("ref.raw"), size);
+    {
+        let mut disk = open(&img, false);
+        scribble(disk.as_mut(), &reference, 21, 30);
+        disk.discard(1 << 20, 1 << 20).unwrap();
+        reference
+            .write_all_at(&vec![0u8; 1 << 20], 1 << 20)
+            .unwrap();
+        disk.flush().unwrap();
+    }
+    qemu_check_clean(&img);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(&img),
+            p(&d.join("ref.raw")),
+        ],
+    );
+}
+
+#[test]
+fn test_interop_qemu_v2_image_takes_wisp_writes() {
+    qemu_creates_wisp_writes("compat=0.10,cluster_size=4096");
+}
+
+#[test]
+fn test_interop_qemu_refcount1_512b_image_takes_wisp_writes() {
+    qemu_creates_wisp_writes("compat=1.1,cluster_size=512,refcount_bits=1");
+}
+
+#[test]
+fn test_interop_qemu_preallocated_image_takes_wisp_writes() {
+    qemu_creates_wisp_writes("preallocation=metadata,cluster_size=65536");
+}
+
+#[test]
+fn test_interop_qemu_lazy_refcounts_image_takes_wisp_writes() {
+    qemu_creates_wisp_writes("lazy_refcounts=on");
+}
+
+#[test]
+fn test_interop_dirty_lazy_refcount_image_is_repaired_on_open() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = Dir::new();
+    let img = d.join("dirty.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            p(&img),
+            "8M",
+        ],
+    );
+    // abort leaves the dirty bit set and the refcounts stale.
+    let _ = Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x12 0 1M",
+            "-c",
+            "abort",
+            p(&img),
+        ])
+        .output()
+        .unwrap();
+    let h = qcow2::Header::read(&File::open(&img).unwrap()).unwrap();
+    if h.incompatible_features & qcow2::header::INCOMPAT_DIRTY == 0 {
+        eprintln!("skipped: qemu-io abort did not leave the image dirty");
+        return;
+    }
+    {
+        let mut disk = open(&img, false);
+        let mut buf = [0u8; 4];
+        disk.read_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, [0x12; 4]);
+    }
+    let h = qcow2::Header::read(&File::open(&img).unwrap()).unwrap();
+    assert_eq!(h.incompatible_features & qcow2::header::INCOMPAT_DIRTY, 0);
+    qemu_check_clean(&img);
+}
