@@ -72,7 +72,7 @@ pub fn resize_image(
     match format {
         ImageFormat::Raw => {
             let file = open_file(path, false)?;
-            let old = file.metadata().map_err(io_err)?.len();
+            let old = super::raw::file_size(&file).map_err(io_err)?;
             if new_size < old {
                 return Err(DiskError::InvalidOptions(format!(
                     "new size {new_size} is smaller than the current size {old}; shrinking is not supported"

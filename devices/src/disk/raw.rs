@@ -22,7 +22,7 @@ pub struct RawDisk {
 impl RawDisk {
     /// Wraps `file`; its current length is the disk size.
     pub fn new(file: File, read_only: bool) -> io::Result<Self> {
-        let size = file.metadata()?.len();
+        let size = file_size(&file)?;
         Ok(RawDisk {
             file,
             size,
@@ -60,6 +60,13 @@ impl RawDisk {
     fn write_zero_buffers(&self, offset: u64, len: u64) -> io::Result<()> {
         write_zeros(&self.file, offset, len)
     }
+}
+
+/// Size of a regular file or block device.
+pub(crate) fn file_size(file: &File) -> io::Result<u64> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
 }
 
 /// Writes `len` zero bytes at `offset` of `file` with plain writes.

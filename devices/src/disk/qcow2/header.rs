@@ -134,14 +134,11 @@ impl Header {
 
     /// Reads and validates the header of `file` (of `file_len` bytes).
     pub fn read(file: &File) -> Result<Header, Qcow2Error> {
-        let file_len = file
-            .metadata()
-            .map_err(|source| Qcow2Error::Io {
-                what: "header",
-                offset: 0,
-                source,
-            })?
-            .len();
+        let file_len = crate::disk::raw::file_size(file).map_err(|source| Qcow2Error::Io {
+            what: "header",
+            offset: 0,
+            source,
+        })?;
         let mut fixed = [0u8; V2_HEADER_LEN as usize];
         read_exact(file, &mut fixed, 0, "header")?;
         if fixed[..4] != MAGIC {

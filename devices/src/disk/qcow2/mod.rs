@@ -137,13 +137,10 @@ impl Qcow2Disk {
         if !read_only && header.nb_snapshots > 0 {
             return Err(qerr(Qcow2Error::Snapshots));
         }
-        let file_len = file
-            .metadata()
-            .map_err(|source| DiskError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
+        let file_len = super::raw::file_size(&file).map_err(|source| DiskError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let cs = header.cluster_size();
         let mut raw = vec![0u8; header.l1_size as usize * 8];
         file.read_exact_at(&mut raw, header.l1_table_offset)
