@@ -93,12 +93,18 @@ impl Qcow2Disk {
             }
         }
         let l1 = self.l1.clone();
+        let mut walked = std::collections::HashSet::new();
         for (l1i, &e) in l1.iter().enumerate() {
             let l2off = e & OFFSET_MASK;
             if l2off == 0 {
                 continue;
             }
             mark(&mut report, "L2 table", l2off, cs);
+            // A table shared by several L1 entries is counted each time
+            // (the refcount check then reports it) but walked once.
+            if !walked.insert(l2off) {
+                continue;
+            }
             let Some(Some(table)) = self.l2_table(l1i, false)?.map(|o| self.l2.get(o).cloned())
             else {
                 continue;
@@ -139,14 +145,18 @@ impl Qcow2Disk {
             }
             fixes.push((c as u64, want, want == 0));
         }
-        // Refcounts of clusters past the end of the file are leaks too.
+        // Refcounts of clusters past the end of the file, in the block that
+        // covers the end, are leaks too. (Blocks wholly past the end are not
+        // walked: a hostile table could make that unbounded.)
         let per = self.rc.per_block();
-        let blocks: Vec<usize> = (0..self.rc.table.len())
-            .filter(|&i| self.rc.table[i] & OFFSET_MASK != 0)
-            .collect();
-        for bi in blocks {
-            let start = (bi as u64 * per).max(n as u64);
-            for c in start..(bi as u64 + 1) * per {
+        let last = n as u64 / per;
+        let has_block = self
+            .rc
+            .table
+            .get(last as usize)
+            .is_some_and(|e| e & OFFSET_MASK != 0);
+        if has_block {
+            for c in n as u64..(last + 1) * per {
                 if self.rc.get(&self.file, c)? != 0 {
                     report.leaks += 1;
                     report.note(format!(

@@ -714,3 +714,26 @@ fn test_qcow2_hostile_data_cluster_over_l1_is_write_error() {
     let err = d.write_at(b"x", 0).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 }
+
+#[test]
+fn test_qcow2_hostile_shared_l2_table_is_reported_once_walked() {
+    let dir = TempDir::new();
+    let p = image(
+        &dir,
+        "big.qcow2",
+        CreateOptions {
+            size: 4 << 30,
+            ..Default::default()
+        },
+    );
+    {
+        let mut d = open(&p, false).unwrap();
+        d.write_at(&[1; 512], 0).unwrap();
+    }
+    for i in 1..8u64 {
+        patch(&p, L1_OFF + 8 * i, &(L2_OFF | COPIED).to_be_bytes());
+    }
+    let report = metadata(&p, true).check(false).unwrap();
+    // The L2 table is referenced 8 times; its entries are walked once.
+    assert_eq!(report.corruptions, 1);
+}
