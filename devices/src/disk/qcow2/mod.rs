@@ -328,12 +328,25 @@ impl Qcow2Disk {
         let end = self.next_free >> self.cluster_bits;
         while self.free_hint < end {
             let c = self.free_hint;
-            if self.rc.get(&self.file, c)? == 0 {
+            if self.rc.get(&self.file, c)? == 0 && !self.is_metadata(c << self.cluster_bits) {
                 return Ok(Some(c));
             }
             self.free_hint += 1;
         }
         Ok(None)
+    }
+
+    /// Whether the cluster at `off` holds metadata (whatever its refcount
+    /// claims: a corrupt refcount must not hand out the header or a table).
+    fn is_metadata(&self, off: u64) -> bool {
+        let cs = self.cs();
+        let within = |start: u64, len: u64| off >= start && off < start + len;
+        let l1_bytes = (self.l1.len() as u64 * 8).next_multiple_of(cs);
+        off < cs
+            || within(self.header.l1_table_offset, l1_bytes)
+            || within(self.rc.table_offset, self.rc.table_clusters * cs)
+            || self.rc.table.iter().any(|e| e & OFFSET_MASK == off)
+            || self.l1.iter().any(|e| e & OFFSET_MASK == off)
     }
 
     /// Host offset of the L2 table for L1 index `l1i`, allocating it if asked.

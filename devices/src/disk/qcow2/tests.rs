@@ -737,3 +737,21 @@ fn test_qcow2_hostile_shared_l2_table_is_reported_once_walked() {
     // The L2 table is referenced 8 times; its entries are walked once.
     assert_eq!(report.corruptions, 1);
 }
+
+#[test]
+fn test_qcow2_hostile_zero_refcounts_never_hand_out_metadata() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    // Claim clusters 0..=5 (header, tables, L2, data) are all free.
+    patch(&p, 2 * CS, &[0u8; 12]);
+    let mut d = open(&p, false).unwrap();
+    d.write_at(&[0x77; 4096], 3 * CS).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    let h = Header::read(&File::open(&p).unwrap()).unwrap();
+    assert_eq!(h.l1_table_offset, L1_OFF);
+    let mut d = open(&p, true).unwrap();
+    let mut buf = [0u8; 2];
+    d.read_at(&mut buf, 3 * CS).unwrap();
+    assert_eq!(buf, [0x77; 2]);
+}
