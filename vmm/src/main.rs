@@ -14,6 +14,7 @@ use vmm::Outcome;
 
 mod ctl;
 mod firecracker;
+mod image;
 
 /// wisp: a minimal virtual machine monitor on KVM.
 #[derive(Debug, Parser)]
@@ -29,6 +30,9 @@ enum Command {
     Run(RunArgs),
     /// Control a running VM through its API socket.
     Ctl(ctl::CtlArgs),
+    /// Create, inspect, check, convert, resize and clone disk images.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
 }
 
 #[derive(Debug, Args)]
@@ -249,6 +253,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run(a),
+        Command::Image(cmd) => match image::run(cmd) {
+            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+            Err(e) => {
+                eprintln!("wisp: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Ctl(args) => match ctl::run(args) {
             Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
             Err(e) => {

@@ -35,3 +35,136 @@ pub fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
         )),
     }
 }
+
+mod open;
+pub mod qcow2;
+mod raw;
+#[cfg(test)]
+pub(crate) mod testutil;
+
+use std::path::PathBuf;
+
+pub use open::{open_disk, open_qcow2_metadata, probe_format, resize_image};
+pub use raw::RawDisk;
+
+/// On-disk image formats wisp understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    /// A flat file: byte N of the disk is byte N of the file.
+    Raw,
+    /// QEMU copy-on-write image, versions 2 and 3.
+    Qcow2,
+}
+
+impl ImageFormat {
+    /// The lowercase name used on command lines and in qcow2 headers.
+    pub fn name(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for ImageFormat {
+    type Err = DiskError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "raw" => Ok(ImageFormat::Raw),
+            "qcow2" => Ok(ImageFormat::Qcow2),
+            _ => Err(DiskError::UnknownFormat(s.to_string())),
+        }
+    }
+}
+
+/// What to open and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskOptions {
+    /// Image path.
+    pub path: PathBuf,
+    /// Open read-only (shared lock) instead of read-write (exclusive lock).
+    pub read_only: bool,
+    /// Declared format; `None` probes the header.
+    pub format: Option<ImageFormat>,
+}
+
+impl DiskOptions {
+    /// Read-write options with a probed format.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskOptions {
+            path: path.into(),
+            read_only: false,
+            format: None,
+        }
+    }
+}
+
+/// Why an image could not be opened or created.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The image file does not exist.
+    #[error("Image {} does not exist", path.display())]
+    NotFound { path: PathBuf },
+    /// The path names a directory.
+    #[error("Image {} is a directory", path.display())]
+    IsDirectory { path: PathBuf },
+    /// The process may not open the file.
+    #[error("Permission denied opening image {}", path.display())]
+    PermissionDenied { path: PathBuf },
+    /// The file can only be opened read-only but read-write was asked.
+    #[error("Image {} is read-only; open it with readonly=on", path.display())]
+    ReadOnlyFile { path: PathBuf },
+    /// Another process holds a conflicting lock.
+    #[error("Image {} is locked by another process", path.display())]
+    Locked { path: PathBuf },
+    /// Any other error opening or reading the file.
+    #[error("Cannot access image {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A format name that wisp does not know.
+    #[error("Unknown image format '{0}' (expected raw or qcow2)")]
+    UnknownFormat(String),
+    /// A qcow2 image found by probing names a backing file.
+    #[error(
+        "Image {} was probed as qcow2 and has a backing file; declare format=qcow2 to use it",
+        path.display()
+    )]
+    ProbedBacking { path: PathBuf },
+    /// The qcow2 image is invalid or unsupported.
+    #[error("Invalid qcow2 image {}", path.display())]
+    Qcow2 {
+        path: PathBuf,
+        #[source]
+        source: qcow2::Qcow2Error,
+    },
+    /// Options that cannot work together.
+    #[error("Invalid image options: {0}")]
+    InvalidOptions(String),
+    /// The backing chain is longer than [`MAX_BACKING_DEPTH`].
+    #[error("Backing chain of {} is deeper than {MAX_BACKING_DEPTH} images", path.display())]
+    BackingTooDeep { path: PathBuf },
+    /// An image appears twice in its own backing chain.
+    #[error("Backing chain of {} loops back to {}", path.display(), backing.display())]
+    BackingCycle { path: PathBuf, backing: PathBuf },
+    /// The backing file of an image could not be opened.
+    #[error("Cannot open backing file of {}", path.display())]
+    Backing {
+        path: PathBuf,
+        #[source]
+        source: Box<DiskError>,
+    },
+}
+
+/// How many images a backing chain may hold below the top one.
+pub const MAX_BACKING_DEPTH: usize = 16;

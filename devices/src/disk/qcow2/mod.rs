@@ -1,0 +1,875 @@
+// SPDX-License-Identifier: Apache-2.0
+//! qcow2 images (versions 2 and 3): mapping, allocation and crash-safe write-back.
+//!
+//! Metadata is cached and written back on `flush` in an order that keeps the
+//! image consistent after a crash (at worst leaking clusters): data, then
+//! refcount blocks and table, then the header if the refcount table moved,
+//! then L2 tables, then the L1 table; refcount decrements come last.
+
+mod cache;
+mod check;
+mod compress;
+pub mod create;
+mod error;
+mod fuzz;
+pub mod header;
+mod refcount;
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cache::TableCache;
+use refcount::Refcounts;
+
+pub use check::CheckReport;
+pub use create::{create, CreateOptions, Preallocation};
+pub use error::Qcow2Error;
+pub use fuzz::fuzz_one;
+pub use header::{Header, MAGIC};
+
+use super::{check_range, DiskBackend, DiskError, ImageFormat};
+
+/// Host offset bits of L1, L2 (standard) and refcount table entries.
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+const ZERO: u64 = 1;
+
+/// An `InvalidData` I/O error for metadata that makes no sense.
+pub(crate) fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// The backing file an image names, resolved against the image's directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingSpec {
+    pub path: PathBuf,
+    pub format: Option<ImageFormat>,
+}
+
+/// Resolves a backing name stored in `image`'s header.
+pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    }
+}
+
+/// Where a guest cluster's data lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mapping {
+    /// Not in this image: the backing file, or zeros.
+    Unallocated,
+    /// Reads as zeros; may keep a preallocated host cluster.
+    Zero { prealloc: Option<u64>, copied: bool },
+    /// A host cluster; `copied` means its refcount is one (writable in place).
+    Data { off: u64, copied: bool },
+    /// Compressed bytes at `off` of at most `len` bytes.
+    Compressed { off: u64, len: u64 },
+}
+
+/// An open qcow2 image.
+pub struct Qcow2Disk {
+    file: File,
+    path: PathBuf,
+    header: Header,
+    read_only: bool,
+    cluster_bits: u32,
+    l1: Vec<u64>,
+    l1_dirty: bool,
+    l2: TableCache<Vec<u64>>,
+    rc: Refcounts,
+    /// Where the next cluster is allocated (allocation appends).
+    next_free: u64,
+    /// Host byte ranges whose refcounts drop once L2 updates are durable.
+    pending_free: Vec<(u64, u64)>,
+    /// No free cluster lies below this cluster index.
+    free_hint: u64,
+    data_dirty: bool,
+    backing: Option<Box<dyn DiskBackend>>,
+    /// Last decompressed cluster, by L2 entry.
+    unpacked: Option<(u64, Vec<u8>)>,
+}
+
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                return Ok(());
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn cache_tables(cluster_bits: u32, budget: u64) -> usize {
+    (budget >> cluster_bits).clamp(4, 1024) as usize
+}
+
+impl Qcow2Disk {
+    /// Opens a qcow2 image from a locked `file`; `open_backing` opens the
+    /// backing file when the header names one.
+    pub fn open_with(
+        file: File,
+        path: &Path,
+        read_only: bool,
+        open_backing: impl FnOnce(&BackingSpec) -> Result<Box<dyn DiskBackend>, DiskError>,
+    ) -> Result<Self, DiskError> {
+        let qerr = |source| DiskError::Qcow2 {
+            path: path.to_path_buf(),
+            source,
+        };
+        let header = Header::read(&file).map_err(qerr)?;
+        if !read_only && header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
+            return Err(qerr(Qcow2Error::Corrupt));
+        }
+        if !read_only && header.nb_snapshots > 0 {
+            return Err(qerr(Qcow2Error::Snapshots));
+        }
+        let file_len = super::raw::file_size(&file).map_err(|source| DiskError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let cs = header.cluster_size();
+        let mut raw = vec![0u8; header.l1_size as usize * 8];
+        file.read_exact_at(&mut raw, header.l1_table_offset)
+            .map_err(|source| {
+                qerr(Qcow2Error::Io {
+                    what: "L1 table",
+                    offset: header.l1_table_offset,
+                    source,
+                })
+            })?;
+        let mut l1 = Vec::with_capacity(header.l1_size as usize);
+        for c in raw.chunks_exact(8) {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(c);
+            let e = u64::from_be_bytes(a);
+            let off = e & OFFSET_MASK;
+            if off != 0 && (!off.is_multiple_of(cs) || off < cs || off + cs > file_len) {
+                return Err(qerr(Qcow2Error::TableOutOfBounds {
+                    table: "L2 table",
+                    offset: off,
+                }));
+            }
+            l1.push(e);
+        }
+        let rc = Refcounts::load(
+            &file,
+            header.refcount_table_offset,
+            u64::from(header.refcount_table_clusters),
+            header.refcount_order,
+            header.cluster_bits,
+            file_len,
+            cache_tables(header.cluster_bits, 1 << 20),
+        )
+        .map_err(|source| {
+            qerr(Qcow2Error::Io {
+                what: "refcount table",
+                offset: header.refcount_table_offset,
+                source,
+            })
+        })?;
+        let backing = match &header.backing_file {
+            Some(name) => {
+                let format = match &header.backing_format {
+                    Some(f) => Some(f.parse::<ImageFormat>()?),
+                    None => None,
+                };
+                let spec = BackingSpec {
+                    path: resolve_backing(path, name),
+                    format,
+                };
+                Some(open_backing(&spec)?)
+            }
+            None => None,
+        };
+        let mut disk = Qcow2Disk {
+            cluster_bits: header.cluster_bits,
+            l2: TableCache::new(cache_tables(header.cluster_bits, 4 << 20)),
+            header,
+            file,
+            path: path.to_path_buf(),
+            read_only,
+            l1,
+            l1_dirty: false,
+            rc,
+            next_free: file_len.next_multiple_of(cs),
+            pending_free: Vec::new(),
+            free_hint: 0,
+            data_dirty: false,
+            backing,
+            unpacked: None,
+        };
+        if !read_only {
+            disk.prepare_for_writes().map_err(|source| DiskError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(disk)
+    }
+
+    /// Repairs refcounts left inconsistent by a crash (dirty bit) and clears
+    /// autoclear features wisp does not maintain.
+    fn prepare_for_writes(&mut self) -> io::Result<()> {
+        if self.header.incompatible_features & header::INCOMPAT_DIRTY != 0 {
+            log::warn!(
+                "{}: image was not closed cleanly, rebuilding refcounts",
+                self.path.display()
+            );
+            self.check(true)?;
+            self.header.incompatible_features &= !header::INCOMPAT_DIRTY;
+            self.file.write_all_at(
+                &self.header.incompatible_features.to_be_bytes(),
+                header::OFF_INCOMPAT,
+            )?;
+            self.file.sync_data()?;
+        }
+        if self.header.autoclear_features != 0 {
+            self.header.autoclear_features = 0;
+            self.file
+                .write_all_at(&0u64.to_be_bytes(), header::OFF_AUTOCLEAR)?;
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+
+    /// The parsed header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// The image path this disk was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn indices(&self, vaddr: u64) -> (usize, usize) {
+        let l2_bits = self.cluster_bits - 3;
+        let cluster = vaddr >> self.cluster_bits;
+        (
+            (cluster >> l2_bits) as usize,
+            (cluster & ((1 << l2_bits) - 1)) as usize,
+        )
+    }
+
+    fn mapping(&self, entry: u64) -> io::Result<Mapping> {
+        let cs = self.cs();
+        if entry & COMPRESSED != 0 {
+            let shift = 62 - (self.cluster_bits - 8);
+            let off = entry & ((1 << shift) - 1);
+            let sectors = ((entry >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1;
+            let len = sectors * 512 - (off & 511);
+            if off < cs {
+                return Err(invalid(format!(
+                    "compressed cluster at {off:#x} overlaps the header"
+                )));
+            }
+            return Ok(Mapping::Compressed { off, len });
+        }
+        let off = entry & OFFSET_MASK;
+        let copied = entry & COPIED != 0;
+        if self.header.version >= 3 && entry & ZERO != 0 {
+            let prealloc = (off != 0 && off.is_multiple_of(cs) && off >= cs).then_some(off);
+            return Ok(Mapping::Zero { prealloc, copied });
+        }
+        if off == 0 {
+            return Ok(Mapping::Unallocated);
+        }
+        if !off.is_multiple_of(cs) || off < cs {
+            return Err(invalid(format!(
+                "data cluster at {off:#x} is misaligned or overlaps the header"
+            )));
+        }
+        Ok(Mapping::Data { off, copied })
+    }
+
+    /// Allocates `n` contiguous clusters: a single one in the first hole of
+    /// the image, several at its end.
+    fn alloc(&mut self, n: u64) -> io::Result<u64> {
+        if n == 1 {
+            if let Some(c) = self.find_free()? {
+                self.rc.set(&self.file, c, 1, &mut self.next_free)?;
+                return Ok(c << self.cluster_bits);
+            }
+        }
+        let cs = self.cs();
+        let off = self.next_free;
+        self.next_free += n * cs;
+        for c in 0..n {
+            self.rc.set(
+                &self.file,
+                (off >> self.cluster_bits) + c,
+                1,
+                &mut self.next_free,
+            )?;
+        }
+        Ok(off)
+    }
+
+    /// The first cluster below the end of the image whose refcount is zero.
+    fn find_free(&mut self) -> io::Result<Option<u64>> {
+        let end = self.next_free >> self.cluster_bits;
+        while self.free_hint < end {
+            let c = self.free_hint;
+            if self.rc.get(&self.file, c)? == 0 && !self.is_metadata(c << self.cluster_bits) {
+                return Ok(Some(c));
+            }
+            self.free_hint += 1;
+        }
+        Ok(None)
+    }
+
+    /// Whether the cluster at `off` holds metadata (whatever its refcount
+    /// claims: a corrupt refcount must not hand out the header or a table).
+    fn is_metadata(&self, off: u64) -> bool {
+        let cs = self.cs();
+        let within = |start: u64, len: u64| off >= start && off < start + len;
+        let l1_bytes = (self.l1.len() as u64 * 8).next_multiple_of(cs);
+        off < cs
+            || within(self.header.l1_table_offset, l1_bytes)
+            || within(self.rc.table_offset, self.rc.table_clusters * cs)
+            || self.rc.table.iter().any(|e| e & OFFSET_MASK == off)
+            || self.l1.iter().any(|e| e & OFFSET_MASK == off)
+    }
+
+    /// Host offset of the L2 table for L1 index `l1i`, allocating it if asked.
+    fn l2_table(&mut self, l1i: usize, allocate: bool) -> io::Result<Option<u64>> {
+        let Some(&entry) = self.l1.get(l1i) else {
+            return Err(invalid(format!("L1 index {l1i} is past the L1 table")));
+        };
+        let off = entry & OFFSET_MASK;
+        if off != 0 {
+            self.load_l2(off)?;
+            return Ok(Some(off));
+        }
+        if !allocate {
+            return Ok(None);
+        }
+        self.make_room_in_l2_cache()?;
+        let off = self.alloc(1)?;
+        let entries = (self.cs() / 8) as usize;
+        self.l2.insert(off, vec![0u64; entries], true);
+        self.l1[l1i] = off | COPIED;
+        self.l1_dirty = true;
+        Ok(Some(off))
+    }
+
+    /// Writes everything back before the cache evicts a dirty L2 table.
+    fn make_room_in_l2_cache(&mut self) -> io::Result<()> {
+        if let Some((_, true)) = self.l2.victim() {
+            self.flush_metadata()?;
+        }
+        Ok(())
+    }
+
+    fn load_l2(&mut self, off: u64) -> io::Result<()> {
+        if self.l2.contains(off) {
+            return Ok(());
+        }
+        self.make_room_in_l2_cache()?;
+        let mut raw = vec![0u8; self.cs() as usize];
+        read_full(&self.file, &mut raw, off)?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(c);
+                u64::from_be_bytes(a)
+            })
+            .collect();
+        if let Some((k, t)) = self.l2.insert(off, table, false) {
+            // Not reached: make_room_in_l2_cache wrote dirty tables back.
+            self.write_l2(k, &t)?;
+        }
+        Ok(())
+    }
+
+    fn write_l2(&self, off: u64, table: &[u64]) -> io::Result<()> {
+        let raw: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        self.file.write_all_at(&raw, off)
+    }
+
+    fn l2_entry(&mut self, l2off: u64, l2i: usize) -> io::Result<u64> {
+        self.load_l2(l2off)?;
+        self.l2
+            .get(l2off)
+            .and_then(|t| t.get(l2i).copied())
+            .ok_or_else(|| invalid(format!("L2 index {l2i} missing")))
+    }
+
+    fn set_l2_entry(&mut self, l2off: u64, l2i: usize, value: u64) -> io::Result<()> {
+        self.load_l2(l2off)?;
+        let slot = self
+            .l2
+            .get_mut(l2off)
+            .and_then(|t| t.get_mut(l2i))
+            .ok_or_else(|| invalid(format!("L2 index {l2i} missing")))?;
+        *slot = value;
+        Ok(())
+    }
+
+    /// The L2 entry for `vaddr` (0 when no L2 table exists).
+    fn entry_for(&mut self, vaddr: u64) -> io::Result<u64> {
+        let (l1i, l2i) = self.indices(vaddr);
+        match self.l2_table(l1i, false)? {
+            Some(off) => self.l2_entry(off, l2i),
+            None => Ok(0),
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `vaddr`, all within one cluster.
+    fn read_in_cluster(&mut self, buf: &mut [u8], vaddr: u64) -> io::Result<()> {
+        let entry = self.entry_for(vaddr)?;
+        let m = self.mapping(entry)?;
+        self.read_mapped(m, entry, buf, vaddr)
+    }
+
+    fn read_mapped(
+        &mut self,
+        m: Mapping,
+        entry: u64,
+        buf: &mut [u8],
+        vaddr: u64,
+    ) -> io::Result<()> {
+        let in_off = vaddr & (self.cs() - 1);
+        match m {
+            Mapping::Unallocated => self.read_backing(buf, vaddr),
+            Mapping::Zero { .. } => {
+                buf.fill(0);
+                Ok(())
+            }
+            Mapping::Data { off, .. } => read_full(&self.file, buf, off + in_off),
+            Mapping::Compressed { off, len } => {
+                let cluster = self.unpack(entry, off, len)?;
+                let start = in_off as usize;
+                buf.copy_from_slice(&cluster[start..start + buf.len()]);
+                Ok(())
+            }
+        }
+    }
+
+    fn read_backing(&mut self, buf: &mut [u8], vaddr: u64) -> io::Result<()> {
+        let Some(backing) = self.backing.as_mut() else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let bsize = backing.size();
+        let avail = bsize.saturating_sub(vaddr).min(buf.len() as u64) as usize;
+        if avail > 0 {
+            backing.read_at(&mut buf[..avail], vaddr)?;
+        }
+        buf[avail..].fill(0);
+        Ok(())
+    }
+
+    fn unpack(&mut self, entry: u64, off: u64, len: u64) -> io::Result<&[u8]> {
+        if self.unpacked.as_ref().is_none_or(|(e, _)| *e != entry) {
+            let mut input = vec![0u8; len as usize];
+            read_full(&self.file, &mut input, off)?;
+            let cluster =
+                compress::decompress(self.header.compression, &input, self.cs() as usize)?;
+            self.unpacked = Some((entry, cluster));
+        }
+        match &self.unpacked {
+            Some((_, c)) => Ok(c),
+            None => Err(invalid("decompressed cluster vanished".into())),
+        }
+    }
+
+    /// The whole current content of the cluster at `vaddr` (cluster aligned).
+    fn cluster_content(&mut self, vaddr: u64) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.cs() as usize];
+        self.read_in_cluster(&mut buf, vaddr)?;
+        Ok(buf)
+    }
+
+    /// Queues the host clusters a mapping holds for release after the next L2 write-back.
+    fn release(&mut self, m: Mapping) {
+        let cs = self.cs();
+        match m {
+            Mapping::Data { off, .. } => self.pending_free.push((off, cs)),
+            Mapping::Zero {
+                prealloc: Some(off),
+                ..
+            } => self.pending_free.push((off, cs)),
+            Mapping::Compressed { off, len } => self.pending_free.push((off, len)),
+            _ => {}
+        }
+    }
+
+    /// Refuses guest writes to a data cluster that lies past the image or
+    /// over the header, L1 table or refcount table.
+    fn check_host_cluster(&self, off: u64) -> io::Result<()> {
+        let cs = self.cs();
+        if off + cs > self.next_free {
+            return Err(invalid(format!(
+                "data cluster at {off:#x} lies past the end of the image"
+            )));
+        }
+        let overlaps = |start: u64, len: u64| len > 0 && off < start + len && start < off + cs;
+        let l1_bytes = (self.l1.len() as u64 * 8).next_multiple_of(cs);
+        if off < cs
+            || overlaps(self.header.l1_table_offset, l1_bytes)
+            || overlaps(self.rc.table_offset, self.rc.table_clusters * cs)
+        {
+            return Err(invalid(format!(
+                "data cluster at {off:#x} overlaps image metadata"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Maps a write of `data` at `vaddr`, all within one cluster.
+    ///
+    /// Returns the host offset the caller must write `data` to, or `None`
+    /// when the data was already written (copy-on-write of a partial cluster).
+    fn write_in_cluster(&mut self, data: &[u8], vaddr: u64) -> io::Result<Option<u64>> {
+        let cs = self.cs();
+        let base = vaddr & !(cs - 1);
+        let in_off = (vaddr - base) as usize;
+        let (l1i, l2i) = self.indices(vaddr);
+        let l2off = self
+            .l2_table(l1i, true)?
+            .ok_or_else(|| invalid("L2 table allocation failed".into()))?;
+        let entry = self.l2_entry(l2off, l2i)?;
+        let m = self.mapping(entry)?;
+        self.data_dirty = true;
+        let full = data.len() as u64 == cs;
+        match m {
+            Mapping::Data { off, copied: true } => {
+                self.check_host_cluster(off)?;
+                return Ok(Some(off + in_off as u64));
+            }
+            Mapping::Zero {
+                prealloc: Some(off),
+                copied: true,
+            } => {
+                self.check_host_cluster(off)?;
+                if !full {
+                    let mut buf = vec![0u8; cs as usize];
+                    buf[in_off..in_off + data.len()].copy_from_slice(data);
+                    self.file.write_all_at(&buf, off)?;
+                }
+                self.set_l2_entry(l2off, l2i, off | COPIED)?;
+                return Ok(full.then_some(off));
+            }
+            _ => {}
+        }
+        let old = if full {
+            None
+        } else {
+            let mut b = self.cluster_content(base)?;
+            b[in_off..in_off + data.len()].copy_from_slice(data);
+            Some(b)
+        };
+        let new = self.alloc(1)?;
+        if let Some(b) = &old {
+            self.file.write_all_at(b, new)?;
+        }
+        self.set_l2_entry(l2off, l2i, new | COPIED)?;
+        self.release(m);
+        if matches!(m, Mapping::Compressed { .. }) {
+            self.unpacked = None;
+        }
+        Ok(if full { Some(new) } else { None })
+    }
+
+    /// Writes `data` at `vaddr`, all within one cluster.
+    fn write_one(&mut self, data: &[u8], vaddr: u64) -> io::Result<()> {
+        if let Some(host) = self.write_in_cluster(data, vaddr)? {
+            self.file.write_all_at(data, host)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the L2 table covering `vaddr` is cached (so mapping it cannot
+    /// trigger a metadata write-back).
+    fn l2_cached(&self, vaddr: u64) -> bool {
+        let (l1i, _) = self.indices(vaddr);
+        self.l1
+            .get(l1i)
+            .map(|e| e & OFFSET_MASK)
+            .is_some_and(|o| o != 0 && self.l2.contains(o))
+    }
+
+    /// Whether a mapping reads as zeros.
+    fn reads_zero(&self, m: Mapping) -> bool {
+        match m {
+            Mapping::Zero { .. } => true,
+            Mapping::Unallocated => self.backing.is_none(),
+            _ => false,
+        }
+    }
+
+    /// Zeroes the whole cluster at `vaddr` through metadata where possible.
+    fn zero_cluster(&mut self, vaddr: u64, unmap: bool) -> io::Result<()> {
+        let entry = self.entry_for(vaddr)?;
+        let m = self.mapping(entry)?;
+        let keep_prealloc = matches!(
+            m,
+            Mapping::Zero {
+                prealloc: Some(_),
+                ..
+            }
+        );
+        if self.reads_zero(m) && !(unmap && keep_prealloc) {
+            return Ok(());
+        }
+        let v3 = self.header.version >= 3;
+        if !v3 && self.backing.is_some() {
+            let zeros = vec![0u8; self.cs() as usize];
+            return self.write_one(&zeros, vaddr);
+        }
+        let (new, keeps) = match m {
+            Mapping::Data { off, copied: true } if v3 && !unmap => (off | COPIED | ZERO, true),
+            _ if self.backing.is_none() => (0, false),
+            _ => (ZERO, false),
+        };
+        let (l1i, l2i) = self.indices(vaddr);
+        let l2off = self
+            .l2_table(l1i, true)?
+            .ok_or_else(|| invalid("L2 table allocation failed".into()))?;
+        self.set_l2_entry(l2off, l2i, new)?;
+        if !keeps {
+            self.release(m);
+        }
+        if matches!(m, Mapping::Compressed { .. }) {
+            self.unpacked = None;
+        }
+        Ok(())
+    }
+
+    fn zero_range(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(self.header.size, offset, len)?;
+        let cs = self.cs();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let cluster_end = (pos | (cs - 1)) + 1;
+            let chunk_end = cluster_end.min(end);
+            if pos.is_multiple_of(cs) && chunk_end == cluster_end {
+                self.zero_cluster(pos, unmap)?;
+            } else {
+                let m = self.entry_for(pos).and_then(|e| self.mapping(e))?;
+                if !self.reads_zero(m) {
+                    let zeros = vec![0u8; (chunk_end - pos) as usize];
+                    self.write_one(&zeros, pos)?;
+                }
+            }
+            pos = chunk_end;
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "disk is read-only",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Writes all cached metadata back in crash-safe order and syncs.
+    pub fn flush_metadata(&mut self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let l2_dirty = !self.l2.dirty_keys().is_empty();
+        let any = self.data_dirty
+            || self.rc.is_dirty()
+            || l2_dirty
+            || self.l1_dirty
+            || !self.pending_free.is_empty();
+        if !any {
+            return Ok(());
+        }
+        // 1. Data (and the file growth of new clusters).
+        self.file.sync_data()?;
+        self.data_dirty = false;
+        // 2. Refcount increments, then the table that points at new blocks.
+        if self.rc.write_blocks(&self.file)? {
+            self.file.sync_data()?;
+        }
+        if self.rc.write_table(&self.file)? {
+            self.file.sync_data()?;
+        }
+        if self.rc.table_moved {
+            let mut f = [0u8; 12];
+            f[..8].copy_from_slice(&self.rc.table_offset.to_be_bytes());
+            f[8..].copy_from_slice(&(self.rc.table_clusters as u32).to_be_bytes());
+            self.file.write_all_at(&f, header::OFF_REFTABLE)?;
+            self.file.sync_data()?;
+            self.header.refcount_table_offset = self.rc.table_offset;
+            self.header.refcount_table_clusters = self.rc.table_clusters as u32;
+            self.rc.table_moved = false;
+            let cs = self.cs();
+            for (off, n) in std::mem::take(&mut self.rc.old_tables) {
+                self.pending_free.push((off, n * cs));
+            }
+        }
+        // 3. L2 tables, then the L1 table that points at new ones.
+        let keys = self.l2.dirty_keys();
+        for &k in &keys {
+            if let Some(t) = self.l2.peek(k) {
+                self.write_l2(k, t)?;
+            }
+            self.l2.mark_clean(k);
+        }
+        if !keys.is_empty() {
+            self.file.sync_data()?;
+        }
+        if self.l1_dirty {
+            let raw: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
+            self.file.write_all_at(&raw, self.header.l1_table_offset)?;
+            self.file.sync_data()?;
+            self.l1_dirty = false;
+        }
+        // 4. Nothing points at released clusters any more: drop their refcounts.
+        if !self.pending_free.is_empty() {
+            for (off, len) in std::mem::take(&mut self.pending_free) {
+                let first = off >> self.cluster_bits;
+                let last = (off + len.max(1) - 1) >> self.cluster_bits;
+                for c in first..=last {
+                    let rc = self.rc.get(&self.file, c)?;
+                    if rc > 0 {
+                        self.rc.set(&self.file, c, rc - 1, &mut self.next_free)?;
+                        if rc == 1 {
+                            self.free_hint = self.free_hint.min(c);
+                        }
+                    }
+                }
+            }
+            self.rc.write_blocks(&self.file)?;
+            self.rc.write_table(&self.file)?;
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+impl DiskBackend for Qcow2Disk {
+    fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(self.header.size, offset, buf.len() as u64)?;
+        let cs = self.cs();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = ((cs - (pos & (cs - 1))) as usize).min(buf.len() - done);
+            let entry = self.entry_for(pos)?;
+            let m = self.mapping(entry)?;
+            let Mapping::Data { off, .. } = m else {
+                self.read_mapped(m, entry, &mut buf[done..done + n], pos)?;
+                done += n;
+                continue;
+            };
+            // Coalesce clusters that follow each other on the host too.
+            let start = off + (pos & (cs - 1));
+            let mut total = n;
+            while done + total < buf.len() {
+                let next = pos + total as u64;
+                match self.entry_for(next).and_then(|e| self.mapping(e))? {
+                    Mapping::Data { off: o, .. } if o == start + total as u64 => {
+                        total += (cs as usize).min(buf.len() - done - total);
+                    }
+                    _ => break,
+                }
+            }
+            read_full(&self.file, &mut buf[done..done + total], start)?;
+            done += total;
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.check_writable()?;
+        check_range(self.header.size, offset, buf.len() as u64)?;
+        let cs = self.cs();
+        // A run of data bound for consecutive host bytes: (host, start in buf, len).
+        let mut run: Option<(u64, usize, usize)> = None;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let n = ((cs - (pos & (cs - 1))) as usize).min(buf.len() - done);
+            if !self.l2_cached(pos) {
+                // Mapping may write metadata back: pending data goes first.
+                if let Some((h, b, l)) = run.take() {
+                    self.file.write_all_at(&buf[b..b + l], h)?;
+                }
+            }
+            match self.write_in_cluster(&buf[done..done + n], pos)? {
+                Some(host) => match run {
+                    Some((h, b, l)) if h + l as u64 == host && b + l == done => {
+                        run = Some((h, b, l + n));
+                    }
+                    _ => {
+                        if let Some((h, b, l)) = run.take() {
+                            self.file.write_all_at(&buf[b..b + l], h)?;
+                        }
+                        run = Some((host, done, n));
+                    }
+                },
+                None => {
+                    if let Some((h, b, l)) = run.take() {
+                        self.file.write_all_at(&buf[b..b + l], h)?;
+                    }
+                }
+            }
+            done += n;
+        }
+        if let Some((h, b, l)) = run {
+            self.file.write_all_at(&buf[b..b + l], h)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_metadata()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_range(offset, len, true)
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        self.zero_range(offset, len, unmap)
+    }
+}
+
+impl Drop for Qcow2Disk {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush_metadata() {
+            log::error!("{}: cannot write back metadata: {e}", self.path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,757 @@
+// SPDX-License-Identifier: Apache-2.0
+//! qcow2 behaviour and hostile-image tests.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::*;
+use crate::disk::testutil::TempDir;
+use crate::disk::{open_disk, DiskOptions};
+
+const CS: u64 = 64 << 10;
+/// Layout of a fresh 64 KiB-cluster image: header, reftable, refblock, L1.
+const L1_OFF: u64 = 3 * CS;
+/// First cluster allocated by a write: the L2 table, then data.
+const L2_OFF: u64 = 4 * CS;
+const DATA_OFF: u64 = 5 * CS;
+
+fn image(dir: &TempDir, name: &str, opts: CreateOptions) -> PathBuf {
+    let p = dir.join(name);
+    create(&p, &opts).unwrap();
+    p
+}
+
+fn small(dir: &TempDir) -> PathBuf {
+    image(
+        dir,
+        "a.qcow2",
+        CreateOptions {
+            size: 16 << 20,
+            ..Default::default()
+        },
+    )
+}
+
+fn opts(path: &Path, read_only: bool) -> DiskOptions {
+    DiskOptions {
+        path: path.to_path_buf(),
+        read_only,
+        format: Some(ImageFormat::Qcow2),
+    }
+}
+
+fn open(path: &Path, read_only: bool) -> Result<Box<dyn DiskBackend>, DiskError> {
+    open_disk(&opts(path, read_only))
+}
+
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    let f = File::options().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+fn qcow2_error(path: &Path) -> Qcow2Error {
+    match open(path, false) {
+        Err(DiskError::Qcow2 { source, .. }) => source,
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("hostile image opened"),
+    }
+}
+
+fn metadata(path: &Path, read_only: bool) -> Qcow2Disk {
+    crate::disk::open_qcow2_metadata(path, read_only).unwrap()
+}
+
+/// An image with one written cluster at guest offset 0.
+fn written(dir: &TempDir) -> PathBuf {
+    let p = small(dir);
+    let mut d = open(&p, false).unwrap();
+    d.write_at(&[0xaa; 4096], 0).unwrap();
+    d.flush().unwrap();
+    p
+}
+
+#[test]
+fn test_qcow2_write_across_clusters_reads_back() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    let mut d = open(&p, false).unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+    d.write_at(&data, CS - 100).unwrap();
+    let mut back = vec![0u8; data.len()];
+    d.read_at(&mut back, CS - 100).unwrap();
+    assert_eq!(back, data);
+}
+
+#[test]
+fn test_qcow2_unallocated_reads_zero() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    let mut d = open(&p, true).unwrap();
+    let mut buf = vec![1u8; 8192];
+    d.read_at(&mut buf, 1 << 20).unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+}
+
+#[test]
+fn test_qcow2_data_persists_after_reopen() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    let mut d = open(&p, true).unwrap();
+    let mut buf = [0u8; 4];
+    d.read_at(&mut buf, 4092).unwrap();
+    assert_eq!(buf, [0xaa; 4]);
+}
+
+#[test]
+fn test_qcow2_read_only_write_is_refused() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    let mut d = open(&p, true).unwrap();
+    let err = d.write_at(b"x", 0).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+}
+
+#[test]
+fn test_qcow2_write_past_end_is_invalid_input() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    let mut d = open(&p, false).unwrap();
+    let err = d.write_at(b"xy", (16 << 20) - 1).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+}
+
+#[test]
+fn test_qcow2_discard_frees_cluster_without_leak() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    {
+        let mut d = open(&p, false).unwrap();
+        d.discard(0, CS).unwrap();
+        d.flush().unwrap();
+        let mut buf = [1u8; 16];
+        d.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 16]);
+    }
+    let report = metadata(&p, true).check(false).unwrap();
+    assert_eq!((report.corruptions, report.leaks), (0, 0));
+    assert_eq!(report.allocated_clusters, 5);
+}
+
+#[test]
+fn test_qcow2_write_zeroes_without_unmap_keeps_cluster() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    {
+        let mut d = open(&p, false).unwrap();
+        d.write_zeroes(0, CS, false).unwrap();
+        let mut buf = [1u8; 16];
+        d.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [0; 16]);
+    }
+    let report = metadata(&p, true).check(false).unwrap();
+    assert_eq!(report.allocated_clusters, 6);
+    assert!(report.is_clean());
+}
+
+#[test]
+fn test_qcow2_partial_discard_zeroes_only_the_range() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    let mut d = open(&p, false).unwrap();
+    d.discard(100, 200).unwrap();
+    let mut buf = [0u8; 400];
+    d.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf[99], 0xaa);
+    assert!(buf[100..300].iter().all(|&b| b == 0));
+    assert_eq!(buf[300], 0xaa);
+}
+
+#[test]
+fn test_qcow2_check_finds_and_repairs_leak() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    {
+        let mut d = metadata(&p, false);
+        d.alloc(1).unwrap();
+        d.data_dirty = true;
+        d.flush_metadata().unwrap();
+    }
+    let report = metadata(&p, false).check(true).unwrap();
+    assert_eq!((report.leaks, report.leaks_fixed), (1, 1));
+    let after = metadata(&p, true).check(false).unwrap();
+    assert_eq!(after.leaks, 0);
+}
+
+#[test]
+fn test_qcow2_check_finds_wrong_refcount_as_corruption() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    // Refcount of the data cluster (cluster 5) in the 16-bit refcount block at cluster 2.
+    patch(&p, 2 * CS + 5 * 2, &[0, 0]);
+    let report = metadata(&p, true).check(false).unwrap();
+    assert_eq!(report.corruptions, 1);
+}
+
+#[test]
+fn test_qcow2_dirty_bit_is_repaired_on_read_write_open() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    patch(&p, 2 * CS + 5 * 2, &[0, 0]);
+    patch(
+        &p,
+        header::OFF_INCOMPAT,
+        &header::INCOMPAT_DIRTY.to_be_bytes(),
+    );
+    drop(open(&p, false).unwrap());
+    let d = metadata(&p, true);
+    assert_eq!(d.header().incompatible_features & header::INCOMPAT_DIRTY, 0);
+    drop(d);
+    assert!(metadata(&p, true).check(false).unwrap().is_clean());
+}
+
+#[test]
+fn test_qcow2_resize_grows_and_new_area_reads_zero() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    crate::disk::resize_image(&p, Some(ImageFormat::Qcow2), 8 << 30).unwrap();
+    let mut d = open(&p, false).unwrap();
+    assert_eq!(d.size(), 8 << 30);
+    d.write_at(b"end", (8 << 30) - 3).unwrap();
+    let mut buf = [0u8; 3];
+    d.read_at(&mut buf, (8 << 30) - 3).unwrap();
+    assert_eq!(&buf, b"end");
+    let mut first = [0u8; 1];
+    d.read_at(&mut first, 0).unwrap();
+    assert_eq!(first[0], 0xaa);
+}
+
+#[test]
+fn test_qcow2_resize_shrink_is_refused() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    let err = crate::disk::resize_image(&p, Some(ImageFormat::Qcow2), 1 << 20).unwrap_err();
+    assert!(matches!(err, DiskError::InvalidOptions(_)));
+}
+
+#[test]
+fn test_qcow2_backing_relative_path_reads_through() {
+    let dir = TempDir::new();
+    std::fs::write(dir.join("base.raw"), vec![0x42u8; 1 << 20]).unwrap();
+    let top = image(
+        &dir,
+        "top.qcow2",
+        CreateOptions {
+            size: 2 << 20,
+            backing_file: Some("base.raw".into()),
+            backing_format: Some(ImageFormat::Raw),
+            ..Default::default()
+        },
+    );
+    let mut d = open(&top, false).unwrap();
+    d.write_at(b"new", 10).unwrap();
+    let mut buf = [0u8; 16];
+    d.read_at(&mut buf, 8).unwrap();
+    assert_eq!(
+        &buf,
+        b"\x42\x42new\x42\x42\x42\x42\x42\x42\x42\x42\x42\x42\x42"
+    );
+    // Past the end of the smaller backing file: zeros.
+    let mut tail = [1u8; 4];
+    d.read_at(&mut tail, (1 << 20) + 4).unwrap();
+    assert_eq!(tail, [0; 4]);
+}
+
+#[test]
+fn test_qcow2_v2_discard_over_backing_reads_zero() {
+    let dir = TempDir::new();
+    std::fs::write(dir.join("base.raw"), vec![0x42u8; 1 << 20]).unwrap();
+    let top = image(
+        &dir,
+        "top.qcow2",
+        CreateOptions {
+            size: 1 << 20,
+            version: 2,
+            backing_file: Some("base.raw".into()),
+            backing_format: Some(ImageFormat::Raw),
+            ..Default::default()
+        },
+    );
+    let mut d = open(&top, false).unwrap();
+    d.discard(0, CS).unwrap();
+    let mut buf = [1u8; 8];
+    d.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [0; 8]);
+}
+
+#[test]
+fn test_qcow2_probed_image_with_backing_is_refused() {
+    let dir = TempDir::new();
+    std::fs::write(dir.join("base.raw"), vec![0u8; 4096]).unwrap();
+    let top = image(
+        &dir,
+        "top.qcow2",
+        CreateOptions {
+            size: 4096,
+            backing_file: Some("base.raw".into()),
+            ..Default::default()
+        },
+    );
+    let err = open_disk(&DiskOptions::new(&top)).err().unwrap();
+    assert!(matches!(err, DiskError::ProbedBacking { .. }));
+    assert!(err.to_string().contains("format=qcow2"));
+}
+
+#[test]
+fn test_qcow2_probed_image_without_backing_opens() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    let d = open_disk(&DiskOptions::new(&p)).unwrap();
+    assert_eq!(d.size(), 16 << 20);
+}
+
+#[test]
+fn test_qcow2_self_backing_is_cycle() {
+    let dir = TempDir::new();
+    let p = image(
+        &dir,
+        "loop.qcow2",
+        CreateOptions {
+            size: 4096,
+            backing_file: Some("loop.qcow2".into()),
+            backing_format: Some(ImageFormat::Qcow2),
+            ..Default::default()
+        },
+    );
+    let err = open(&p, true).err().unwrap();
+    assert!(matches!(err, DiskError::BackingCycle { .. }));
+}
+
+#[test]
+fn test_qcow2_deep_chain_is_refused() {
+    let dir = TempDir::new();
+    std::fs::write(dir.join("0.img"), vec![0u8; 4096]).unwrap();
+    for i in 1..=MAX_DEPTH_PLUS_TWO {
+        let fmt = if i == 1 {
+            ImageFormat::Raw
+        } else {
+            ImageFormat::Qcow2
+        };
+        let below = if i == 1 {
+            "0.img".to_string()
+        } else {
+            format!("{}.img", i - 1)
+        };
+        image(
+            &dir,
+            &format!("{i}.img"),
+            CreateOptions {
+                size: 4096,
+                backing_file: Some(below),
+                backing_format: Some(fmt),
+                ..Default::default()
+            },
+        );
+    }
+    let top = dir.join(&format!("{MAX_DEPTH_PLUS_TWO}.img"));
+    let err = open(&top, true).err().unwrap();
+    assert!(matches!(err, DiskError::BackingTooDeep { .. }));
+}
+
+const MAX_DEPTH_PLUS_TWO: usize = crate::disk::MAX_BACKING_DEPTH + 2;
+
+#[test]
+fn test_qcow2_missing_backing_names_the_overlay() {
+    let dir = TempDir::new();
+    let p = image(
+        &dir,
+        "top.qcow2",
+        CreateOptions {
+            size: 4096,
+            backing_file: Some("gone.raw".into()),
+            backing_format: Some(ImageFormat::Raw),
+            ..Default::default()
+        },
+    );
+    let err = open(&p, true).err().unwrap();
+    assert!(matches!(err, DiskError::Backing { .. }));
+}
+
+#[test]
+fn test_qcow2_hostile_bad_magic() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 0, b"QFI\x00");
+    assert!(matches!(qcow2_error(&p), Qcow2Error::BadMagic));
+}
+
+#[test]
+fn test_qcow2_hostile_version() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 4, &4u32.to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::Version(4)));
+}
+
+#[test]
+fn test_qcow2_hostile_cluster_bits_too_small() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 20, &8u32.to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::ClusterBits(8)));
+}
+
+#[test]
+fn test_qcow2_hostile_cluster_bits_too_large() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 20, &40u32.to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::ClusterBits(40)));
+}
+
+#[test]
+fn test_qcow2_hostile_encryption() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 32, &1u32.to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::Encrypted));
+}
+
+#[test]
+fn test_qcow2_hostile_external_data_file() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(
+        &p,
+        header::OFF_INCOMPAT,
+        &header::INCOMPAT_DATA_FILE.to_be_bytes(),
+    );
+    assert!(matches!(qcow2_error(&p), Qcow2Error::ExternalDataFile));
+}
+
+#[test]
+fn test_qcow2_hostile_extended_l2() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(
+        &p,
+        header::OFF_INCOMPAT,
+        &header::INCOMPAT_EXTL2.to_be_bytes(),
+    );
+    assert!(matches!(qcow2_error(&p), Qcow2Error::ExtendedL2));
+}
+
+#[test]
+fn test_qcow2_hostile_unknown_incompatible_bit() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, header::OFF_INCOMPAT, &(1u64 << 40).to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::UnknownFeatures(b) if b == 1 << 40));
+}
+
+#[test]
+fn test_qcow2_hostile_refcount_order() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 96, &7u32.to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::RefcountOrder(7)));
+}
+
+#[test]
+fn test_qcow2_hostile_header_length() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 100, &20u32.to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::HeaderLength(20)));
+}
+
+#[test]
+fn test_qcow2_hostile_huge_virtual_size() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, header::OFF_SIZE, &(1u64 << 62).to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::VirtualSize(_)));
+}
+
+#[test]
+fn test_qcow2_hostile_l1_too_small_for_size() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, header::OFF_SIZE, &(1u64 << 40).to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::L1TooSmall { .. }));
+}
+
+#[test]
+fn test_qcow2_hostile_l1_past_eof() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 40, &(1u64 << 40).to_be_bytes());
+    assert!(matches!(
+        qcow2_error(&p),
+        Qcow2Error::TableOutOfBounds {
+            table: "L1 table",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn test_qcow2_hostile_l1_in_header() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 40, &0u64.to_be_bytes());
+    assert!(matches!(
+        qcow2_error(&p),
+        Qcow2Error::TableOutOfBounds { .. }
+    ));
+}
+
+#[test]
+fn test_qcow2_hostile_refcount_table_misaligned() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, header::OFF_REFTABLE, &(CS + 8).to_be_bytes());
+    assert!(matches!(
+        qcow2_error(&p),
+        Qcow2Error::TableOutOfBounds {
+            table: "refcount table",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn test_qcow2_hostile_refcount_table_too_large() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 56, &u32::MAX.to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::TableTooLarge { .. }));
+}
+
+#[test]
+fn test_qcow2_hostile_refcount_block_past_eof() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, CS, &(1u64 << 40).to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::Io { .. }));
+}
+
+#[test]
+fn test_qcow2_hostile_l2_table_past_eof() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, L1_OFF, &((1u64 << 40) | COPIED).to_be_bytes());
+    assert!(matches!(
+        qcow2_error(&p),
+        Qcow2Error::TableOutOfBounds {
+            table: "L2 table",
+            ..
+        }
+    ));
+}
+
+#[test]
+fn test_qcow2_hostile_backing_name_outside_header_cluster() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 8, &(CS - 4).to_be_bytes());
+    patch(&p, 16, &100u32.to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::BackingName));
+}
+
+#[test]
+fn test_qcow2_hostile_truncated_header() {
+    let dir = TempDir::new();
+    let p = dir.join("t.qcow2");
+    std::fs::write(&p, b"QFI\xfb\x00\x00\x00\x03").unwrap();
+    assert!(matches!(qcow2_error(&p), Qcow2Error::Truncated { .. }));
+}
+
+#[test]
+fn test_qcow2_hostile_corrupt_bit_allows_read_only() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(
+        &p,
+        header::OFF_INCOMPAT,
+        &header::INCOMPAT_CORRUPT.to_be_bytes(),
+    );
+    assert!(matches!(qcow2_error(&p), Qcow2Error::Corrupt));
+    assert!(open(&p, true).is_ok());
+}
+
+#[test]
+fn test_qcow2_hostile_snapshots_refuse_read_write() {
+    let dir = TempDir::new();
+    let p = small(&dir);
+    patch(&p, 60, &1u32.to_be_bytes());
+    assert!(matches!(qcow2_error(&p), Qcow2Error::Snapshots));
+}
+
+#[test]
+fn test_qcow2_hostile_misaligned_data_cluster_is_read_error() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    patch(&p, L2_OFF, &((DATA_OFF + 512) | COPIED).to_be_bytes());
+    let mut d = open(&p, false).unwrap();
+    let mut buf = [0u8; 8];
+    let err = d.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert_eq!(
+        d.write_at(&buf, 0).unwrap_err().kind(),
+        io::ErrorKind::InvalidData
+    );
+}
+
+#[test]
+fn test_qcow2_hostile_data_cluster_in_header_is_refused() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    patch(&p, L2_OFF, &COPIED.to_be_bytes());
+    let mut d = open(&p, false).unwrap();
+    // Offset 0 without the zero flag is "unallocated": writing allocates anew.
+    d.write_at(b"safe", 0).unwrap();
+    let mut hdr = [0u8; 4];
+    File::open(&p).unwrap().read_exact_at(&mut hdr, 0).unwrap();
+    assert_eq!(&hdr, &MAGIC);
+}
+
+#[test]
+fn test_qcow2_hostile_data_cluster_past_eof_is_write_error() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    patch(&p, L2_OFF, &((1u64 << 45) | COPIED).to_be_bytes());
+    let mut d = open(&p, false).unwrap();
+    let err = d.write_at(b"x", 0).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+}
+
+#[test]
+fn test_qcow2_hostile_compressed_garbage_is_read_error() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    patch(&p, L2_OFF, &(COMPRESSED | DATA_OFF).to_be_bytes());
+    patch(&p, DATA_OFF, &[0xff; 512]);
+    let mut d = open(&p, true).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        d.read_at(&mut buf, 0).unwrap_err().kind(),
+        io::ErrorKind::InvalidData
+    );
+}
+
+#[test]
+fn test_qcow2_create_rejects_bad_cluster_size() {
+    let dir = TempDir::new();
+    let err = create(
+        &dir.join("x.qcow2"),
+        &CreateOptions {
+            size: 1 << 20,
+            cluster_size: 3000,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, DiskError::Qcow2 { .. }));
+}
+
+#[test]
+fn test_qcow2_create_preallocation_with_backing_is_refused() {
+    let dir = TempDir::new();
+    let err = create(
+        &dir.join("x.qcow2"),
+        &CreateOptions {
+            size: 1 << 20,
+            backing_file: Some("b".into()),
+            preallocation: Preallocation::Metadata,
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, DiskError::InvalidOptions(_)));
+}
+
+#[test]
+fn test_qcow2_header_roundtrip_keeps_backing() {
+    let dir = TempDir::new();
+    std::fs::write(dir.join("b.raw"), [0u8; 512]).unwrap();
+    let p = image(
+        &dir,
+        "h.qcow2",
+        CreateOptions {
+            size: 1 << 20,
+            backing_file: Some("b.raw".into()),
+            backing_format: Some(ImageFormat::Raw),
+            ..Default::default()
+        },
+    );
+    let h = Header::read(&File::open(&p).unwrap()).unwrap();
+    assert_eq!(h.backing_file.as_deref(), Some("b.raw"));
+    assert_eq!(h.backing_format.as_deref(), Some("raw"));
+}
+
+#[test]
+fn test_qcow2_discarded_cluster_is_reused() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    let mut d = open(&p, false).unwrap();
+    d.discard(0, CS).unwrap();
+    d.flush().unwrap();
+    d.write_at(&[0xbb; 4096], 2 * CS).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), DATA_OFF + CS);
+    assert!(metadata(&p, true).check(false).unwrap().is_clean());
+}
+
+#[test]
+fn test_qcow2_hostile_data_cluster_over_l1_is_write_error() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    patch(&p, L2_OFF, &(L1_OFF | COPIED).to_be_bytes());
+    let mut d = open(&p, false).unwrap();
+    let err = d.write_at(b"x", 0).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+}
+
+#[test]
+fn test_qcow2_hostile_shared_l2_table_is_reported_once_walked() {
+    let dir = TempDir::new();
+    let p = image(
+        &dir,
+        "big.qcow2",
+        CreateOptions {
+            size: 4 << 30,
+            ..Default::default()
+        },
+    );
+    {
+        let mut d = open(&p, false).unwrap();
+        d.write_at(&[1; 512], 0).unwrap();
+    }
+    for i in 1..8u64 {
+        patch(&p, L1_OFF + 8 * i, &(L2_OFF | COPIED).to_be_bytes());
+    }
+    let report = metadata(&p, true).check(false).unwrap();
+    // The L2 table is referenced 8 times; its entries are walked once.
+    assert_eq!(report.corruptions, 1);
+}
+
+#[test]
+fn test_qcow2_hostile_zero_refcounts_never_hand_out_metadata() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    // Claim clusters 0..=5 (header, tables, L2, data) are all free.
+    patch(&p, 2 * CS, &[0u8; 12]);
+    let mut d = open(&p, false).unwrap();
+    d.write_at(&[0x77; 4096], 3 * CS).unwrap();
+    d.flush().unwrap();
+    drop(d);
+    let h = Header::read(&File::open(&p).unwrap()).unwrap();
+    assert_eq!(h.l1_table_offset, L1_OFF);
+    let mut d = open(&p, true).unwrap();
+    let mut buf = [0u8; 2];
+    d.read_at(&mut buf, 3 * CS).unwrap();
+    assert_eq!(buf, [0x77; 2]);
+}

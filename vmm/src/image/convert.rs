@@ -1,0 +1,86 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `wisp image convert`: copies guest data between images, skipping zeros.
+
+use std::path::Path;
+
+use anyhow::Context;
+use devices::disk::qcow2::{self, CreateOptions};
+use devices::disk::{open_disk, DiskOptions, ImageFormat};
+
+use super::Progress;
+
+/// Bytes copied per step.
+const CHUNK: usize = 1 << 20;
+
+/// Converts `src` (format `src_format`, probed if `None`) into a new `dst` of `dst_format`.
+pub fn convert(
+    src: &Path,
+    src_format: Option<ImageFormat>,
+    dst: &Path,
+    dst_format: ImageFormat,
+) -> anyhow::Result<()> {
+    let mut input = open_disk(&DiskOptions {
+        path: src.to_path_buf(),
+        read_only: true,
+        format: src_format,
+    })?;
+    let size = input.size();
+    match dst_format {
+        ImageFormat::Raw => {
+            let f = std::fs::File::create(dst)
+                .with_context(|| format!("Cannot create image {}", dst.display()))?;
+            f.set_len(size)
+                .with_context(|| format!("Cannot size image {}", dst.display()))?;
+        }
+        ImageFormat::Qcow2 => qcow2::create(
+            dst,
+            &CreateOptions {
+                size,
+                ..Default::default()
+            },
+        )?,
+    }
+    let mut output = open_disk(&DiskOptions {
+        path: dst.to_path_buf(),
+        read_only: false,
+        format: Some(dst_format),
+    })?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut progress = Progress::new("Converting", size);
+    let mut off = 0u64;
+    while off < size {
+        let n = (size - off).min(CHUNK as u64) as usize;
+        let chunk = &mut buf[..n];
+        input
+            .read_at(chunk, off)
+            .with_context(|| format!("Cannot read {} at {off:#x}", src.display()))?;
+        // Write only the non-zero 4 KiB runs: the destination is sparse already.
+        let mut pos = 0;
+        while pos < n {
+            let end = (pos + 4096).min(n);
+            if chunk[pos..end].iter().any(|&b| b != 0) {
+                let mut run_end = end;
+                while run_end < n {
+                    let next = (run_end + 4096).min(n);
+                    if chunk[run_end..next].iter().all(|&b| b == 0) {
+                        break;
+                    }
+                    run_end = next;
+                }
+                output
+                    .write_at(&chunk[pos..run_end], off + pos as u64)
+                    .with_context(|| format!("Cannot write {} at {off:#x}", dst.display()))?;
+                pos = run_end;
+            } else {
+                pos = end;
+            }
+        }
+        off += n as u64;
+        progress.update(off);
+    }
+    progress.finish();
+    output
+        .flush()
+        .with_context(|| format!("Cannot flush {}", dst.display()))?;
+    Ok(())
+}

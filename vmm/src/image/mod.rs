@@ -1,0 +1,352 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `wisp image`: create, inspect, check, convert, resize and clone disk images.
+
+mod bench;
+mod convert;
+mod info;
+mod size;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Subcommand, ValueEnum};
+use devices::disk::qcow2::{self, CreateOptions, Preallocation};
+use devices::disk::{open_qcow2_metadata, probe_format, resize_image, ImageFormat};
+
+pub use size::parse_size;
+
+/// Image formats as command-line values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Raw,
+    Qcow2,
+}
+
+impl From<FormatArg> for ImageFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Raw => ImageFormat::Raw,
+            FormatArg::Qcow2 => ImageFormat::Qcow2,
+        }
+    }
+}
+
+/// Preallocation modes as command-line values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PreallocArg {
+    Off,
+    Metadata,
+    Full,
+}
+
+/// The `wisp image` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Create a new image.
+    Create {
+        /// Image format.
+        #[arg(short = 'f', long = "format", value_enum, default_value = "qcow2")]
+        format: FormatArg,
+        /// Backing file (qcow2 only), stored as given; relative names are
+        /// resolved against the new image's directory.
+        #[arg(short = 'b', long)]
+        backing: Option<String>,
+        /// Format of the backing file (probed when omitted).
+        #[arg(short = 'F', long = "backing-format", value_enum)]
+        backing_format: Option<FormatArg>,
+        /// What to allocate up front.
+        #[arg(long, value_enum, default_value = "off")]
+        preallocation: PreallocArg,
+        /// qcow2 cluster size, e.g. 64K.
+        #[arg(long = "cluster-size", value_parser = parse_size, default_value = "64K")]
+        cluster_size: u64,
+        /// Image path.
+        path: PathBuf,
+        /// Virtual size, e.g. 10G (defaults to the backing file's size).
+        #[arg(value_parser = parse_size)]
+        size: Option<u64>,
+    },
+    /// Show an image's format, sizes and backing chain.
+    Info {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Image format (probed when omitted).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        path: PathBuf,
+    },
+    /// Check a qcow2 image's metadata; exit 0 when clean, 2 on corruption, 3 on leaks.
+    Check {
+        /// Fix refcount errors and leaks.
+        #[arg(long, short = 'r')]
+        repair: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        path: PathBuf,
+    },
+    /// Copy an image into a new one, possibly of another format (sparse).
+    Convert {
+        /// Source format (probed when omitted).
+        #[arg(short = 'f', value_enum)]
+        format: Option<FormatArg>,
+        /// Destination format.
+        #[arg(short = 'O', value_enum)]
+        output_format: FormatArg,
+        src: PathBuf,
+        dst: PathBuf,
+    },
+    /// Grow an image to SIZE (or by +SIZE).
+    Resize {
+        /// Image format (probed when omitted).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
+        path: PathBuf,
+        /// New size, e.g. 20G, or +5G to grow by that much.
+        size: String,
+    },
+    /// Copy an image, or with --linked create a qcow2 overlay backed by it.
+    Clone {
+        /// Create a thin qcow2 overlay whose backing file is SRC.
+        #[arg(long)]
+        linked: bool,
+        src: PathBuf,
+        dst: PathBuf,
+    },
+    /// Measure I/O throughput of wisp's backend on an image.
+    Bench(bench::BenchArgs),
+}
+
+/// Runs one `wisp image` command; returns the process exit code.
+pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
+    match cmd {
+        ImageCommand::Create {
+            format,
+            backing,
+            backing_format,
+            preallocation,
+            cluster_size,
+            path,
+            size,
+        } => create(
+            format.into(),
+            backing,
+            backing_format.map(Into::into),
+            preallocation,
+            cluster_size,
+            &path,
+            size,
+        )
+        .map(|()| 0),
+        ImageCommand::Info { json, format, path } => {
+            let info = info::gather(&path, format.map(Into::into))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+            } else {
+                print!("{}", info::render(&info));
+            }
+            Ok(0)
+        }
+        ImageCommand::Check { repair, json, path } => check(&path, repair, json),
+        ImageCommand::Convert {
+            format,
+            output_format,
+            src,
+            dst,
+        } => convert::convert(&src, format.map(Into::into), &dst, output_format.into()).map(|()| 0),
+        ImageCommand::Resize { format, path, size } => {
+            let format = match format {
+                Some(f) => f.into(),
+                None => probe_format(&path)?,
+            };
+            let new_size = match size.strip_prefix('+') {
+                Some(delta) => {
+                    let current = info::gather(&path, Some(format))?.virtual_size;
+                    current
+                        .checked_add(parse_size(delta)?)
+                        .context("New size overflows")?
+                }
+                None => parse_size(&size)?,
+            };
+            resize_image(&path, Some(format), new_size)?;
+            Ok(0)
+        }
+        ImageCommand::Clone { linked, src, dst } => clone(&src, &dst, linked).map(|()| 0),
+        ImageCommand::Bench(args) => bench::run(&args).map(|()| 0),
+    }
+}
+
+fn create(
+    format: ImageFormat,
+    backing: Option<String>,
+    backing_format: Option<ImageFormat>,
+    preallocation: PreallocArg,
+    cluster_size: u64,
+    path: &Path,
+    size: Option<u64>,
+) -> anyhow::Result<()> {
+    let (backing_format, backing_size) = match &backing {
+        Some(name) => {
+            if format != ImageFormat::Qcow2 {
+                bail!("Only qcow2 images can have a backing file");
+            }
+            let resolved = qcow2::resolve_backing(path, name);
+            let fmt = match backing_format {
+                Some(f) => f,
+                None => probe_format(&resolved)
+                    .with_context(|| format!("Cannot open backing file {}", resolved.display()))?,
+            };
+            let info = info::gather(&resolved, Some(fmt))?;
+            (Some(fmt), Some(info.virtual_size))
+        }
+        None => (None, None),
+    };
+    let Some(size) = size.or(backing_size) else {
+        bail!("Missing image size");
+    };
+    match format {
+        ImageFormat::Raw => create_raw(path, size, preallocation),
+        ImageFormat::Qcow2 => {
+            let opts = CreateOptions {
+                size,
+                cluster_size,
+                backing_file: backing,
+                backing_format,
+                preallocation: match preallocation {
+                    PreallocArg::Off => Preallocation::Off,
+                    PreallocArg::Metadata => Preallocation::Metadata,
+                    PreallocArg::Full => Preallocation::Full,
+                },
+                ..Default::default()
+            };
+            qcow2::create(path, &opts)?;
+            Ok(())
+        }
+    }
+}
+
+fn create_raw(path: &Path, size: u64, preallocation: PreallocArg) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::create(path)
+        .with_context(|| format!("Cannot create image {}", path.display()))?;
+    file.set_len(size)
+        .with_context(|| format!("Cannot size image {}", path.display()))?;
+    if preallocation != PreallocArg::Off {
+        let chunk = vec![0u8; 1 << 20];
+        let mut progress = Progress::new("Preallocating", size);
+        let mut off = 0;
+        while off < size {
+            let n = (size - off).min(chunk.len() as u64) as usize;
+            file.write_all_at(&chunk[..n], off)
+                .with_context(|| format!("Cannot write image {} at {off:#x}", path.display()))?;
+            off += n as u64;
+            progress.update(off);
+        }
+        progress.finish();
+    }
+    file.sync_all()
+        .with_context(|| format!("Cannot sync image {}", path.display()))
+}
+
+fn check(path: &Path, repair: bool, json: bool) -> anyhow::Result<i32> {
+    let format = probe_format(path)?;
+    if format != ImageFormat::Qcow2 {
+        if json {
+            println!("{{\"format\": \"raw\", \"corruptions\": 0, \"leaks\": 0}}");
+        } else {
+            println!("{}: raw images have no metadata to check", path.display());
+        }
+        return Ok(0);
+    }
+    let mut disk = open_qcow2_metadata(path, !repair)?;
+    let report = disk
+        .check(repair)
+        .with_context(|| format!("Cannot check image {}", path.display()))?;
+    drop(disk);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for m in &report.messages {
+            println!("{m}");
+        }
+        println!(
+            "{} corruptions ({} fixed), {} leaked clusters ({} fixed), {} allocated clusters",
+            report.corruptions,
+            report.corruptions_fixed,
+            report.leaks,
+            report.leaks_fixed,
+            report.allocated_clusters
+        );
+        if report.is_clean() {
+            println!("No errors were found on the image.");
+        }
+    }
+    Ok(if report.corruptions > report.corruptions_fixed {
+        2
+    } else if report.leaks > report.leaks_fixed {
+        3
+    } else {
+        0
+    })
+}
+
+fn clone(src: &Path, dst: &Path, linked: bool) -> anyhow::Result<()> {
+    let format = probe_format(src)?;
+    if !linked {
+        return convert::convert(src, Some(format), dst, format);
+    }
+    let info = info::gather(src, Some(format))?;
+    let src_abs = src
+        .canonicalize()
+        .with_context(|| format!("Cannot resolve {}", src.display()))?;
+    let name = src_abs
+        .to_str()
+        .with_context(|| format!("Path {} is not UTF-8", src_abs.display()))?
+        .to_string();
+    let opts = CreateOptions {
+        size: info.virtual_size,
+        backing_file: Some(name),
+        backing_format: Some(format),
+        ..Default::default()
+    };
+    qcow2::create(dst, &opts)?;
+    Ok(())
+}
+
+/// A percentage on stderr, shown only when stderr is a terminal.
+pub(crate) struct Progress {
+    label: &'static str,
+    total: u64,
+    shown: Option<u64>,
+    enabled: bool,
+}
+
+impl Progress {
+    pub(crate) fn new(label: &'static str, total: u64) -> Self {
+        Progress {
+            label,
+            total,
+            shown: None,
+            enabled: std::io::stderr().is_terminal(),
+        }
+    }
+
+    pub(crate) fn update(&mut self, done: u64) {
+        if !self.enabled || self.total == 0 {
+            return;
+        }
+        let pct = done.saturating_mul(100) / self.total;
+        if self.shown != Some(pct) {
+            eprint!("\r{}: {pct:3}%", self.label);
+            self.shown = Some(pct);
+        }
+    }
+
+    pub(crate) fn finish(&mut self) {
+        if self.enabled && self.shown.is_some() {
+            eprintln!();
+        }
+    }
+}
