@@ -19,6 +19,8 @@ use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{self, SerialConfig, VmConfig};
+use crate::device_manager::{self, MmioAllocator};
+use crate::vmm::AttachedBlock;
 use crate::vmm::Vmm;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError};
@@ -42,6 +44,9 @@ pub enum BuildError {
     /// A vCPU could not be created or configured.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A virtio device could not be created or attached.
+    #[error(transparent)]
+    VirtioDevice(#[from] crate::device_manager::DeviceError),
     /// A device could not be created.
     #[error("Cannot create {what}: {source}")]
     Device {
@@ -122,11 +127,27 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
         .as_deref()
         .map(|p| loader::load_initrd(&vm.memory, p, cfg.mem_size, kernel.end, initrd_max))
         .transpose()?;
-    let cmdline = loader::build_cmdline(&cfg.cmdline, &[], cmdline_max)?;
+
+    // virtio devices: the root disk first, so it is /dev/vda.
+    let mut mmio = Bus::new();
+    let mut alloc = MmioAllocator::default();
+    let mut disks = Vec::with_capacity(cfg.disks.len());
+    let mut ordered: Vec<&config::DiskConfig> = cfg.disks.iter().filter(|d| d.root).collect();
+    ordered.extend(cfg.disks.iter().filter(|d| !d.root));
+    for d in ordered {
+        let blk = device_manager::create_block(d)?;
+        let transport = device_manager::attach_virtio(&vm, &mut mmio, &mut alloc, blk.clone())?;
+        disks.push(AttachedBlock {
+            block: blk,
+            transport,
+        });
+    }
+
+    let cmdline = loader::build_cmdline(&cfg.cmdline, &alloc.cmdline_params(), cmdline_max)?;
     let cmdline_len = loader::write_cmdline(&vm.memory, &cmdline)?;
 
     boot::mptable::setup_mptable(&vm.memory, cfg.vcpus)?;
-    let rsdp = boot::acpi::setup_acpi(&vm.memory, cfg.vcpus, &[])?;
+    let rsdp = boot::acpi::setup_acpi(&vm.memory, cfg.vcpus, &alloc.devices)?;
     match kernel.entry {
         EntryPoint::Pvh(_) => {
             boot::params::write_pvh_start_info(&vm.memory, initrd, cfg.mem_size, rsdp)?
@@ -168,7 +189,7 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
     pio.insert(acpi_pm, u64::from(ACPI_PM_PORT), 4)
         .map_err(|e| bus_err("ACPI PM", e))?;
     let pio = Arc::new(pio);
-    let mmio = Arc::new(Bus::new());
+    let mmio = Arc::new(mmio);
 
     // vCPUs.
     vcpu::register_kick_handler().map_err(dev_err("vCPU kick signal handler"))?;
@@ -200,6 +221,7 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
         exit_evt,
         reset_evt,
         poweroff_evt,
+        disks,
         config: cfg.clone(),
     })
 }

@@ -4,6 +4,7 @@
 
 pub mod builder;
 pub mod config;
+pub mod device_manager;
 pub mod host_quirks;
 pub mod logger;
 pub mod preboot;

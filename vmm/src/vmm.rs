@@ -31,6 +31,15 @@ pub enum Outcome {
     Error(String),
 }
 
+/// A virtio-blk device and its transport.
+#[derive(Debug)]
+pub struct AttachedBlock {
+    /// The device (also an event-loop subscriber).
+    pub block: Arc<Mutex<devices::virtio::block::Block>>,
+    /// Its virtio-mmio transport.
+    pub transport: Arc<Mutex<devices::virtio::mmio::MmioTransport>>,
+}
+
 /// A built VM with its vCPU threads.
 #[derive(Debug)]
 pub struct Vmm {
@@ -50,6 +59,8 @@ pub struct Vmm {
     pub reset_evt: EventFd,
     /// Guest power-off (ACPI S5).
     pub poweroff_evt: EventFd,
+    /// virtio-blk devices, root first.
+    pub disks: Vec<AttachedBlock>,
     /// What the VM was built from.
     pub config: VmConfig,
 }
@@ -175,6 +186,9 @@ impl Vmm {
             ],
             slot,
         })));
+        for d in &self.disks {
+            em.add_subscriber(d.block.clone());
+        }
         if console {
             let drained = lock(&self.serial)
                 .input_drained_evt()
