@@ -215,3 +215,41 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Key of the test guest's read pattern on the first disk.
+pub const PATTERN_DISK1: u64 = 0x7769_7370_0000_0000;
+/// Key of the test guest's read pattern on the second disk.
+pub const PATTERN_DISK2: u64 = 0x7365_636f_6e64_0000;
+/// Key of what the guest's `blk_write` test writes.
+pub const PATTERN_GUEST_WRITE: u64 = 0x6775_6573_7400_0000;
+
+/// Writes a raw image of `size` bytes whose 8-byte word at offset `o` is `o ^ key`.
+pub fn make_pattern_image(path: &Path, size: u64, key: u64) {
+    let mut buf = Vec::with_capacity(size as usize);
+    for o in (0..size).step_by(8) {
+        buf.extend_from_slice(&(o ^ key).to_le_bytes());
+    }
+    std::fs::write(path, buf).expect("write pattern image");
+}
+
+/// Checks that `data` (read from disk offset `base`) holds the `key` pattern.
+pub fn has_pattern(data: &[u8], base: u64, key: u64) -> bool {
+    data.chunks(8)
+        .enumerate()
+        .all(|(i, w)| w == ((base + 8 * i as u64) ^ key).to_le_bytes())
+}
+
+/// Runs `wisp image ARGS`, asserting success.
+pub fn image_tool(args: &[&str]) -> String {
+    let out = Command::new(wisp())
+        .arg("image")
+        .args(args)
+        .output()
+        .expect("run wisp image");
+    assert!(
+        out.status.success(),
+        "wisp image {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
