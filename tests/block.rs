@@ -196,6 +196,8 @@ fn test_linked_clone_writes_never_touch_base() {
     let out = dir.path("out.img");
     image_tool(&[
         "convert",
+        "-f",
+        "qcow2",
         "-O",
         "raw",
         clone.to_str().unwrap(),
