@@ -253,3 +253,96 @@ pub fn image_tool(args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Whether the host's KVM is PVM, where guest ring-0 code is emulated and an
+/// unmodified Linux kernel cannot reach user space.
+pub fn host_is_pvm() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The reason Linux guest tests give on PVM hosts.
+pub const PVM_LINUX_SKIP: &str = "this host's KVM is PVM (kvm_pvm): guest ring-0 code is emulated and an unmodified Linux kernel is stopped at its int3 self-test (see tests/linux.rs), so a Linux guest cannot reach user space here";
+
+/// Builds the Linux guest from Debian packages once; returns (bzImage, initramfs).
+pub fn linux_guest() -> (PathBuf, PathBuf) {
+    static LINUX: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    LINUX
+        .get_or_init(|| {
+            let script = repo_root().join("resources/linux/build.sh");
+            let out = Command::new(&script)
+                .output()
+                .expect("run resources/linux/build.sh");
+            assert!(
+                out.status.success(),
+                "building the Linux guest failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let dir = repo_root().join("resources/linux/build");
+            (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"))
+        })
+        .clone()
+}
+
+/// Sends one raw HTTP/1.1 request over a Unix socket; returns (status, body).
+pub fn http(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let req = match body {
+        Some(b) => format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+    };
+    http_raw(sock, req.as_bytes())
+}
+
+/// Sends raw bytes over the API socket and parses the answer's status and body.
+pub fn http_raw(sock: &Path, bytes: &[u8]) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect to API socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(bytes).expect("send request");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Waits until the API socket answers `GET /`.
+pub fn wait_for_api(sock: &Path) {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("API socket {} never came up", sock.display());
+}
+
+/// Waits until `file` contains `needle` (up to `timeout`).
+pub fn wait_for_text(file: &Path, needle: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "'{needle}' did not appear in {} within {timeout:?}:\n{text}",
+                file.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

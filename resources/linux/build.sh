@@ -57,6 +57,26 @@ done
 poweroff -f
 INIT
 chmod +x "$root/init"
+mkdir -p "$root/tests"
+# wisp.test=blk: the first disk holds the test pattern; write a marker sector and read it back.
+cat > "$root/tests/blk" <<'T'
+#!/bin/sh
+[ -b /dev/vda ] || { echo "WISP-LINUX-BLK-FAIL no /dev/vda"; exit 1; }
+echo "WISP-LINUX-BLK-SIZE $(cat /sys/block/vda/size)"
+printf 'wisp-linux-was-here' | dd of=/dev/vda bs=512 seek=2048 conv=fsync,notrunc 2>/dev/null
+got=$(dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -c 19)
+[ "$got" = "wisp-linux-was-here" ] && echo "WISP-LINUX-BLK-OK" || echo "WISP-LINUX-BLK-FAIL read back '$got'"
+T
+# wisp.test=net: bring up eth0 with wisp.ip=A/N and ping wisp.peer=B three times.
+cat > "$root/tests/net" <<'T'
+#!/bin/sh
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in wisp.ip=*) ip=${arg#wisp.ip=};; wisp.peer=*) peer=${arg#wisp.peer=};; esac
+done
+ip link set eth0 up && ip addr add "$ip" dev eth0
+ping -c 3 -W 5 "$peer" && echo "WISP-LINUX-NET-OK" || echo "WISP-LINUX-NET-FAIL"
+T
+chmod +x "$root/tests/blk" "$root/tests/net"
 (cd "$root" && find . | cpio -o -H newc --quiet | gzip -9) > "$out/initramfs.cpio.gz"
 rm -rf "$dl" "$root"
 echo "Linux guest: $out/vmlinuz ($kpkg), $out/initramfs.cpio.gz"

@@ -1,0 +1,368 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The API socket of the real `wisp` binary, driven with plain HTTP/1.1 over the
+//! Unix socket: configure and start the test guest, read its state, pause and
+//! resume, stop; Firecracker's command line and config file; every bad request
+//! answered with a 4xx and a fault message while the VMM stays usable.
+
+mod harness;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use harness::{guest, http, http_raw, spawn, wait, wait_for_api, wait_for_text, TempDir};
+
+fn fault_of(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    v["fault_message"].as_str().unwrap_or("").to_string()
+}
+
+fn state(sock: &Path) -> String {
+    let (code, body) = http(sock, "GET", "/", None);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["state"].as_str().unwrap().to_string()
+}
+
+fn configure(sock: &Path, cmdline: &str, cpus: u32) {
+    let g = guest();
+    let (c, b) = http(
+        sock,
+        "PUT",
+        "/boot-source",
+        Some(&format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "{cmdline}"}}"#,
+            g.display()
+        )),
+    );
+    assert_eq!(c, 204, "{b}");
+    let (c, b) = http(
+        sock,
+        "PUT",
+        "/machine-config",
+        Some(&format!(r#"{{"vcpu_count": {cpus}, "mem_size_mib": 128}}"#)),
+    );
+    assert_eq!(c, 204, "{b}");
+}
+
+#[test]
+fn test_configure_start_state_and_stop_over_api() {
+    require_kvm!();
+    let dir = TempDir::new("api-life");
+    let sock = dir.path("api.sock");
+    let console = dir.path("console.log");
+    let serial = format!("file={}", console.display());
+    let child = spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--serial",
+        &serial,
+        "--id",
+        "vm-42",
+    ]);
+    wait_for_api(&sock);
+    // The socket is private to its owner.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let (c, body) = http(&sock, "GET", "/", None);
+    assert_eq!(c, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["id"], "vm-42");
+    assert_eq!(v["state"], "Not started");
+
+    // Starting without a boot source is refused and changes nothing.
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(c, 400);
+    assert!(fault_of(&b).contains("boot source"), "{b}");
+
+    configure(&sock, "tests=cmdline,smp expect_cpus=2 exit=halt", 2);
+    let (c, b) = http(&sock, "GET", "/machine-config", None);
+    assert_eq!(c, 200);
+    assert!(b.contains(r#""vcpu_count":2"#), "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    wait_for_text(&console, "PASS smp", Duration::from_secs(60));
+    assert_eq!(state(&sock), "Running");
+
+    // Pre-boot-only resources are refused once running.
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/x"}"#),
+    );
+    assert_eq!(c, 400);
+    assert!(fault_of(&b).contains("before the microVM starts"), "{b}");
+    let (c, _) = http(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+    );
+    assert_eq!(c, 400);
+    let (c, b) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(c, 400);
+    assert!(fault_of(&b).contains("not paused"), "{b}");
+
+    // Pause, then resume.
+    let (c, b) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(c, 204, "{b}");
+    assert_eq!(state(&sock), "Paused");
+    let (c, _) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(c, 400);
+    let (c, _) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(c, 204);
+    assert_eq!(state(&sock), "Running");
+
+    let (c, b) = http(&sock, "GET", "/vm/config", None);
+    assert_eq!(c, 200);
+    let cfg: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(cfg["machine-config"]["vcpu_count"], 2);
+    assert!(cfg["boot-source"]["kernel_image_path"]
+        .as_str()
+        .unwrap()
+        .ends_with("wisp-guest.elf"));
+
+    let (c, _) = http(&sock, "PUT", "/actions", Some(r#"{"action_type": "Stop"}"#));
+    assert_eq!(c, 204);
+    let r = wait(child, Duration::from_secs(20));
+    r.assert_no_panic();
+    r.assert_code(0);
+    assert!(!sock.exists(), "socket left behind");
+}
+
+#[test]
+fn test_bad_requests_get_4xx_and_vmm_stays_usable() {
+    let dir = TempDir::new("api-bad");
+    let sock = dir.path("api.sock");
+    let child = spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for_api(&sock);
+
+    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
+        ("GET", "/nope", None, 400, ""),
+        ("DELETE", "/boot-source", None, 400, ""),
+        ("PUT", "/boot-source", Some("not json"), 400, ""),
+        (
+            "PUT",
+            "/boot-source",
+            Some(r#"{"kernel_image_path": 7}"#),
+            400,
+            "kernel_image_path",
+        ),
+        (
+            "PUT",
+            "/boot-source",
+            Some(r#"{"kernel_image_path": "/k", "bogus": 1}"#),
+            400,
+            "bogus",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 0, "mem_size_mib": 128}"#),
+            400,
+            "vcpu_count",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 128, "smt": true}"#),
+            400,
+            "smt",
+        ),
+        (
+            "PUT",
+            "/drives/a",
+            Some(
+                r#"{"drive_id": "b", "path_on_host": "/x", "is_root_device": false, "is_read_only": false}"#,
+            ),
+            400,
+            "",
+        ),
+        ("PATCH", "/vm", Some(r#"{"state": "Sleeping"}"#), 400, ""),
+        (
+            "PATCH",
+            "/vm",
+            Some(r#"{"state": "Paused"}"#),
+            400,
+            "not running",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+            400,
+            "not running",
+        ),
+    ];
+    for (m, p, b, want, needle) in cases {
+        let (c, body) = http(&sock, m, p, *b);
+        assert!(
+            c >= 400 && c < 500 && (c == *want || *want == 400),
+            "{m} {p}: status {c}, body {body}"
+        );
+        let f = fault_of(&body);
+        assert!(!f.is_empty(), "{m} {p}: no fault_message in {body}");
+        assert!(f.contains(needle), "{m} {p}: fault '{f}' lacks '{needle}'");
+    }
+
+    // Malformed HTTP.
+    let (c, _) = http_raw(&sock, b"HELLO THERE\r\n\r\n");
+    assert!((400..500).contains(&c), "malformed HTTP got {c}");
+    // An oversized body is refused from its header, without being sent.
+    let (c, _) = http_raw(
+        &sock,
+        b"PUT /boot-source HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n",
+    );
+    assert_eq!(c, 413);
+
+    // Clients that connect and never send do not stall others.
+    let silent: Vec<UnixStream> = (0..8)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    let mut partial = UnixStream::connect(&sock).unwrap();
+    partial
+        .write_all(b"PUT /boot-source HTTP/1.1\r\nContent-Le")
+        .unwrap();
+    let threads: Vec<_> = (0..16)
+        .map(|_| {
+            let s = sock.clone();
+            std::thread::spawn(move || (0..5).all(|_| http(&s, "GET", "/", None).0 == 200))
+        })
+        .collect();
+    for t in threads {
+        assert!(t.join().unwrap(), "a concurrent client failed");
+    }
+    drop(silent);
+    drop(partial);
+
+    // Still usable.
+    assert_eq!(state(&sock), "Not started");
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let r = wait(child, Duration::from_secs(20));
+    r.assert_no_panic();
+    r.assert_code(128 + libc::SIGTERM);
+}
+
+#[test]
+fn test_live_socket_is_refused_and_stale_one_replaced() {
+    let dir = TempDir::new("api-sock");
+    let sock = dir.path("api.sock");
+    // A stale socket file (nobody listening) is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let first = spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for_api(&sock);
+    assert_eq!(state(&sock), "Not started");
+    // A live one is refused.
+    let r = harness::run(
+        &["run", "--api-sock", sock.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&sock.display().to_string()),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(state(&sock), "Not started");
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    wait(first, Duration::from_secs(20));
+}
+
+#[test]
+fn test_firecracker_command_line_and_config_file() {
+    require_kvm!();
+    let dir = TempDir::new("api-fc");
+    let g = guest();
+    let cfg = dir.path("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "tests=cmdline,smp expect_cpus=2"}},
+                "machine-config": {{"vcpu_count": 2, "mem_size_mib": 128}},
+                "drives": [], "network-interfaces": []}}"#,
+            g.display()
+        ),
+    )
+    .unwrap();
+    // Firecracker's flags with no subcommand: --no-api --config-file boots at once.
+    let r = harness::run(
+        &[
+            "--no-api",
+            "--config-file",
+            cfg.to_str().unwrap(),
+            "--id",
+            "fc",
+            "--level",
+            "Info",
+        ],
+        Duration::from_secs(60),
+    );
+    r.assert_no_panic();
+    r.assert_code(0);
+    r.assert_pass("smp");
+
+    // The same through a binary named `firecracker`.
+    let fc = dir.path("firecracker");
+    std::os::unix::fs::symlink(harness::wisp(), &fc).unwrap();
+    let sock = dir.path("fc.sock");
+    let child = std::process::Command::new(&fc)
+        .args(["--api-sock", sock.to_str().unwrap(), "--id", "fc-1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_api(&sock);
+    let (c, b) = http(&sock, "GET", "/", None);
+    assert_eq!(c, 200);
+    assert!(b.contains(r#""id":"fc-1""#), "{b}");
+    let (c, b) = http(&sock, "GET", "/version", None);
+    assert_eq!(c, 200);
+    assert!(b.contains("firecracker_version"), "{b}");
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait(child, Duration::from_secs(20));
+
+    // Flags wisp does not implement are refused by name.
+    let r = harness::run(
+        &["--api-sock", "/tmp/x.sock", "--boot-timer"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(2));
+    assert!(r.stderr.contains("--boot-timer"), "{}", r.stderr);
+    let r = harness::run(
+        &["--api-sock", "/tmp/x.sock", "--frobnicate"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(2));
+    // --no-api needs a config file.
+    let r = harness::run(&["--no-api"], Duration::from_secs(10));
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    // A broken config file is a clear error.
+    std::fs::write(&cfg, r#"{"boot-source": {"kernel_image_path": 1}}"#).unwrap();
+    let r = harness::run(
+        &["--no-api", "--config-file", cfg.to_str().unwrap()],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("Invalid config file"), "{}", r.stderr);
+}
