@@ -165,11 +165,18 @@ pub fn main(argv: &[String]) -> ExitCode {
         None => Preboot::default(),
     };
     let boot_now = a.config_file.is_some();
+    let name = if vmm::registry::valid_name(&a.id) && a.id != "anonymous-instance" {
+        a.id.clone()
+    } else {
+        format!("wisp-{}", std::process::id())
+    };
     crate::run_vmm(RuntimeOptions {
         id: a.id,
         api_sock: (!a.no_api).then_some(a.api_sock),
         preboot,
         boot_now,
+        register: Some((name, PathBuf::from(vmm::registry::DEFAULT_RUNTIME_DIR))),
+        register_required: false,
     })
 }
 

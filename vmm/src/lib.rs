@@ -8,6 +8,7 @@ pub mod device_manager;
 pub mod host_quirks;
 pub mod logger;
 pub mod preboot;
+pub mod registry;
 pub mod runtime;
 pub mod signals;
 pub mod terminal;

@@ -30,6 +30,8 @@ enum Command {
     Run(RunArgs),
     /// Control a running VM through its API socket.
     Ctl(ctl::CtlArgs),
+    /// List the microVMs running on this host.
+    List(ListArgs),
     /// Create, inspect, check, convert, resize and clone disk images.
     #[command(subcommand)]
     Image(image::ImageCommand),
@@ -77,6 +79,65 @@ struct RunArgs {
     /// Log level: Error, Warning, Info, Debug, Trace or Off.
     #[arg(long, default_value = "Warning")]
     level: String,
+    /// Name the VM (shown by `wisp list`); without --api-sock its socket is
+    /// RUNTIME_DIR/NAME.sock.
+    #[arg(long)]
+    name: Option<String>,
+    /// Runtime directory where VMMs register.
+    #[arg(long, default_value = vmm::registry::DEFAULT_RUNTIME_DIR)]
+    runtime_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    /// Runtime directory where VMMs register.
+    #[arg(long, default_value = vmm::registry::DEFAULT_RUNTIME_DIR)]
+    runtime_dir: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+fn list(a: ListArgs) -> ExitCode {
+    let vms = match vmm::registry::list(&a.runtime_dir) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("wisp: cannot read {}: {e}", a.runtime_dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&vms).unwrap_or_else(|_| "[]".into())
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<24} {:>8} {:<28} {:>5} {:>9}  SOCKET",
+        "NAME", "PID", "STATE", "VCPUS", "MEMORY"
+    );
+    for v in vms {
+        let state = if v.alive {
+            v.entry.state.clone()
+        } else {
+            "stale (VMM not running)".to_string()
+        };
+        println!(
+            "{:<24} {:>8} {:<28} {:>5} {:>7}Mi  {}",
+            v.entry.name,
+            v.entry.pid,
+            state,
+            v.entry.vcpus,
+            v.entry.mem_mib,
+            v.entry
+                .api_sock
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -236,11 +297,28 @@ fn run(a: RunArgs) -> ExitCode {
         }
     };
     let boot_now = preboot.boot_source.is_some();
+    if let Some(n) = &a.name {
+        if !vmm::registry::valid_name(n) {
+            eprintln!("wisp: {}", vmm::registry::RegistryError::BadName(n.clone()));
+            return ExitCode::from(2);
+        }
+    }
+    let api_sock = a.api_sock.or_else(|| {
+        a.name
+            .as_ref()
+            .map(|n| a.runtime_dir.join(format!("{n}.sock")))
+    });
+    let register_required = a.name.is_some();
+    let name = a
+        .name
+        .unwrap_or_else(|| format!("wisp-{}", std::process::id()));
     run_vmm(RuntimeOptions {
         id: a.id,
-        api_sock: a.api_sock,
+        api_sock,
         preboot,
         boot_now,
+        register: Some((name, a.runtime_dir)),
+        register_required,
     })
 }
 
@@ -253,6 +331,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run(a),
+        Command::List(a) => list(a),
         Command::Image(cmd) => match image::run(cmd) {
             Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
             Err(e) => {

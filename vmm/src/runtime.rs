@@ -31,6 +31,10 @@ pub struct RuntimeOptions {
     pub preboot: Preboot,
     /// Boot at once instead of waiting for `InstanceStart`.
     pub boot_now: bool,
+    /// Where to register for `wisp list` (name, directory), if anywhere.
+    pub register: Option<(String, PathBuf)>,
+    /// Whether a failure to register is fatal (the user named the VM).
+    pub register_required: bool,
 }
 
 /// Why the runtime could not start.
@@ -45,6 +49,9 @@ pub enum RuntimeError {
     /// Booting failed (before any API was served).
     #[error("{0}")]
     Boot(String),
+    /// Registration in the runtime directory failed.
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
 }
 
 const EV_SIGNAL: u32 = 0;
@@ -96,6 +103,7 @@ pub struct Runtime {
     vmm: Option<Vmm>,
     paused: bool,
     raw_mode: Option<RawModeGuard>,
+    registration: Option<crate::registry::Registration>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -131,6 +139,27 @@ impl Runtime {
             .map_err(|e| RuntimeError::EventLoop(format!("{e:?}")))?;
         let outcome = Arc::new(Mutex::new(None));
         let api_pending = Arc::new(Mutex::new(false));
+        let registration = match &opts.register {
+            Some((name, dir)) => {
+                let entry = crate::registry::Entry {
+                    name: name.clone(),
+                    pid: std::process::id(),
+                    state: "Not started".into(),
+                    vcpus: opts.preboot.machine.vcpu_count,
+                    mem_mib: opts.preboot.machine.mem_size_mib as u64,
+                    api_sock: opts.api_sock.clone(),
+                };
+                match crate::registry::Registration::register(dir, entry) {
+                    Ok(r) => Some(r),
+                    Err(e) if opts.register_required => return Err(e.into()),
+                    Err(e) => {
+                        log::warn!("Not listed by `wisp list`: {e}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let (api, api_evt) = match &opts.api_sock {
             Some(path) => {
                 let evt = EventFd::new(libc::EFD_NONBLOCK)
@@ -165,10 +194,12 @@ impl Runtime {
             vmm: None,
             paused: false,
             raw_mode: None,
+            registration,
         };
         if opts.boot_now {
             rt.start_vm().map_err(RuntimeError::Boot)?;
         }
+        rt.sync_registry();
         Ok(rt)
     }
 
@@ -177,6 +208,24 @@ impl Runtime {
             (None, _) => InstanceState::NotStarted,
             (Some(_), false) => InstanceState::Running,
             (Some(_), true) => InstanceState::Paused,
+        }
+    }
+
+    fn sync_registry(&mut self) {
+        let state = match self.state() {
+            InstanceState::NotStarted => "Not started",
+            InstanceState::Running => "Running",
+            InstanceState::Paused => "Paused",
+        };
+        let size = self
+            .vmm
+            .as_ref()
+            .map(|v| (v.config.vcpus, v.config.mem_size >> 20));
+        if let Some(r) = &mut self.registration {
+            if let Some((vcpus, mem)) = size {
+                r.set_size(vcpus, mem);
+            }
+            r.set_state(state);
         }
     }
 
@@ -229,6 +278,7 @@ impl Runtime {
             let answer = self.dispatch(req);
             responder.send(answer);
         }
+        self.sync_registry();
     }
 
     fn dispatch(&mut self, req: ApiRequest) -> ApiResponse {
