@@ -153,8 +153,8 @@ fn test_bad_requests_get_4xx_and_vmm_stays_usable() {
     wait_for_api(&sock);
 
     let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
-        ("GET", "/nope", None, 400, ""),
-        ("DELETE", "/boot-source", None, 400, ""),
+        ("GET", "/nope", None, 0, ""),
+        ("DELETE", "/boot-source", None, 0, ""),
         ("PUT", "/boot-source", Some("not json"), 400, ""),
         (
             "PUT",
@@ -212,7 +212,7 @@ fn test_bad_requests_get_4xx_and_vmm_stays_usable() {
     for (m, p, b, want, needle) in cases {
         let (c, body) = http(&sock, m, p, *b);
         assert!(
-            c >= 400 && c < 500 && (c == *want || *want == 400),
+            (400..500).contains(&c) && (*want == 0 || c == *want),
             "{m} {p}: status {c}, body {body}"
         );
         let f = fault_of(&body);

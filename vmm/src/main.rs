@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a microVM (or serve an API socket and wait to be configured).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Control a running VM through its API socket.
     Ctl(ctl::CtlArgs),
     /// List the microVMs running on this host.
@@ -330,7 +330,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::List(a) => list(a),
         Command::Image(cmd) => match image::run(cmd) {
             Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
