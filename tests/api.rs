@@ -366,3 +366,91 @@ fn test_firecracker_command_line_and_config_file() {
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("Invalid config file"), "{}", r.stderr);
 }
+
+#[test]
+fn test_logger_and_metrics() {
+    require_kvm!();
+    let dir = TempDir::new("api-metrics");
+    let sock = dir.path("api.sock");
+    let log = dir.path("wisp.log");
+    let metrics = dir.path("metrics.json");
+    let img = dir.path("disk.img");
+    harness::make_pattern_image(&img, 1 << 20, harness::PATTERN_DISK1);
+    let child = spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--serial",
+        "none",
+    ]);
+    wait_for_api(&sock);
+    let (c, _) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(c, 400, "flush before PUT /metrics must fail");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/logger",
+        Some(&format!(
+            r#"{{"log_path": "{}", "level": "Info", "show_level": true}}"#,
+            log.display()
+        )),
+    );
+    assert_eq!(c, 204, "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/metrics",
+        Some(&format!(r#"{{"metrics_path": "{}"}}"#, metrics.display())),
+    );
+    assert_eq!(c, 204, "{b}");
+    configure(&sock, "tests=blk_read exit=halt", 1);
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/drives/rootfs",
+        Some(&format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true, "is_read_only": true}}"#,
+            img.display()
+        )),
+    );
+    assert_eq!(c, 204, "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(line["vcpu"]["exits_io_out"].as_u64().unwrap() > 0, "{line}");
+    assert!(
+        line["api_server"]["requests"].as_u64().unwrap() >= 6,
+        "{line}"
+    );
+    assert!(
+        line["block"]["rootfs"]["read_bytes"].as_u64().unwrap() > 0,
+        "{line}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("[INFO]") && logged.contains("microVM started: 1 vCPUs"),
+        "{logged}"
+    );
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait(child, Duration::from_secs(20));
+}

@@ -141,10 +141,6 @@ pub fn main(argv: &[String]) -> ExitCode {
         eprintln!("wisp: {flag} is a Firecracker flag that wisp does not support");
         return ExitCode::from(2);
     }
-    if a.metrics_path.is_some() {
-        eprintln!("wisp: --metrics-path is not supported yet");
-        return ExitCode::from(2);
-    }
     if let Err(e) = crate::setup_logging(
         a.log_path.as_deref(),
         &a.level,
@@ -177,6 +173,7 @@ pub fn main(argv: &[String]) -> ExitCode {
         boot_now,
         register: Some((name, PathBuf::from(vmm::registry::DEFAULT_RUNTIME_DIR))),
         register_required: false,
+        metrics_path: a.metrics_path,
     })
 }
 

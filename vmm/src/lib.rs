@@ -7,6 +7,7 @@ pub mod config;
 pub mod device_manager;
 pub mod host_quirks;
 pub mod logger;
+pub mod metrics;
 pub mod preboot;
 pub mod registry;
 pub mod runtime;

@@ -86,6 +86,9 @@ struct RunArgs {
     /// Runtime directory where VMMs register.
     #[arg(long, default_value = vmm::registry::DEFAULT_RUNTIME_DIR)]
     runtime_dir: PathBuf,
+    /// Write metrics (JSON lines) to this file or FIFO.
+    #[arg(long)]
+    metrics_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -319,6 +322,7 @@ fn run(a: RunArgs) -> ExitCode {
         boot_now,
         register: Some((name, a.runtime_dir)),
         register_required,
+        metrics_path: a.metrics_path,
     })
 }
 

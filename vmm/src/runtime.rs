@@ -35,6 +35,8 @@ pub struct RuntimeOptions {
     pub register: Option<(String, PathBuf)>,
     /// Whether a failure to register is fatal (the user named the VM).
     pub register_required: bool,
+    /// Metrics file or FIFO from the command line.
+    pub metrics_path: Option<PathBuf>,
 }
 
 /// Why the runtime could not start.
@@ -49,6 +51,15 @@ pub enum RuntimeError {
     /// Booting failed (before any API was served).
     #[error("{0}")]
     Boot(String),
+    /// The metrics file could not be opened.
+    #[error("Cannot open metrics file {path}: {source}")]
+    Metrics {
+        /// The path given.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Registration in the runtime directory failed.
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
@@ -104,7 +115,12 @@ pub struct Runtime {
     paused: bool,
     raw_mode: Option<RawModeGuard>,
     registration: Option<crate::registry::Registration>,
+    metrics: Option<crate::metrics::MetricsSink>,
+    last_metrics: std::time::Instant,
 }
+
+/// How often metrics are written without being asked.
+const METRICS_PERIOD: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -139,6 +155,15 @@ impl Runtime {
             .map_err(|e| RuntimeError::EventLoop(format!("{e:?}")))?;
         let outcome = Arc::new(Mutex::new(None));
         let api_pending = Arc::new(Mutex::new(false));
+        let metrics = match &opts.metrics_path {
+            Some(p) => Some(crate::metrics::MetricsSink::open(p).map_err(|source| {
+                RuntimeError::Metrics {
+                    path: p.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
         let registration = match &opts.register {
             Some((name, dir)) => {
                 let entry = crate::registry::Entry {
@@ -195,6 +220,8 @@ impl Runtime {
             paused: false,
             raw_mode: None,
             registration,
+            metrics,
+            last_metrics: std::time::Instant::now(),
         };
         if opts.boot_now {
             rt.start_vm().map_err(RuntimeError::Boot)?;
@@ -240,6 +267,12 @@ impl Runtime {
             self.raw_mode = RawModeGuard::new();
         }
         vmm.register_events(&mut self.em, self.outcome.clone(), console)?;
+        log::info!(
+            "microVM started: {} vCPUs, {} MiB, kernel {}",
+            cfg.vcpus,
+            cfg.mem_size >> 20,
+            cfg.kernel.display()
+        );
         self.vmm = Some(vmm);
         self.paused = false;
         Ok(())
@@ -251,14 +284,21 @@ impl Runtime {
             if let Some(o) = lock(&self.outcome).take() {
                 break o;
             }
-            if let Err(e) = self.em.run() {
+            let timeout = if self.metrics.is_some() { 1000 } else { -1 };
+            if let Err(e) = self.em.run_with_timeout(timeout) {
                 break Outcome::Error(format!("Event loop failed: {e:?}"));
+            }
+            if self.metrics.is_some() && self.last_metrics.elapsed() >= METRICS_PERIOD {
+                if let Err(e) = self.flush_metrics() {
+                    log::warn!("Cannot write metrics: {e}");
+                }
             }
             let pending = std::mem::take(&mut *lock(&self.api_pending));
             if pending {
                 self.handle_api();
             }
         };
+        log::info!("microVM ending: {outcome:?}");
         if let Some(mut vmm) = self.vmm.take() {
             vmm.stop();
         }
@@ -275,7 +315,11 @@ impl Runtime {
             None => return,
         };
         for (req, responder) in calls {
+            crate::metrics::inc(&crate::metrics::API.requests);
             let answer = self.dispatch(req);
+            if answer.is_err() {
+                crate::metrics::inc(&crate::metrics::API.errors);
+            }
             responder.send(answer);
         }
         self.sync_registry();
@@ -368,6 +412,31 @@ impl Runtime {
                 p.iface_id
             )),
             ApiRequest::Action(a) => self.action(a.action_type),
+            ApiRequest::PutLogger(l) => {
+                let path = std::path::Path::new(&l.log_path);
+                match crate::logger::configure(
+                    Some(path),
+                    l.level.to_filter(),
+                    l.show_level,
+                    l.show_log_origin,
+                ) {
+                    Ok(()) => Ok(None),
+                    Err(e) => fault(format!("Cannot open log file {}: {e}", l.log_path)),
+                }
+            }
+            ApiRequest::PutMetrics(_) if self.metrics.is_some() => {
+                fault("Metrics are already configured")
+            }
+            ApiRequest::PutMetrics(m) => {
+                match crate::metrics::MetricsSink::open(std::path::Path::new(&m.metrics_path)) {
+                    Ok(sink) => {
+                        self.metrics = Some(sink);
+                        self.last_metrics = std::time::Instant::now();
+                        Ok(None)
+                    }
+                    Err(e) => fault(format!("Cannot open metrics file {}: {e}", m.metrics_path)),
+                }
+            }
             ApiRequest::PatchVm(v) => self.patch_vm(v.state),
             other => fault(format!("{} is not supported yet", request_name(&other))),
         }
@@ -386,11 +455,36 @@ impl Runtime {
                 },
                 None => fault("The microVM is not running"),
             },
+            ActionType::FlushMetrics => match self.flush_metrics() {
+                Ok(()) => Ok(None),
+                Err(e) => fault(e),
+            },
             ActionType::Stop => {
                 lock(&self.outcome).get_or_insert(Outcome::Stopped);
                 Ok(None)
             }
             other => fault(format!("Action {other:?} is not supported yet")),
+        }
+    }
+
+    fn flush_metrics(&mut self) -> Result<(), String> {
+        self.last_metrics = std::time::Instant::now();
+        let mut block = serde_json::Map::new();
+        if let Some(v) = &self.vmm {
+            for d in &v.disks {
+                let b = lock(&d.block);
+                block.insert(
+                    b.id().to_string(),
+                    serde_json::to_value(b.metrics().snapshot()).unwrap_or_default(),
+                );
+            }
+        }
+        let devices = serde_json::json!({ "block": block });
+        match &mut self.metrics {
+            Some(sink) => sink
+                .flush(devices)
+                .map_err(|e| format!("Cannot write metrics: {e}")),
+            None => Err("Metrics are not configured: PUT /metrics first".into()),
         }
     }
 
@@ -403,6 +497,7 @@ impl Runtime {
             (VmState::Resumed, false) => fault("The microVM is not paused"),
             (VmState::Paused, false) => match vmm.pause() {
                 Ok(()) => {
+                    log::info!("microVM paused");
                     self.paused = true;
                     Ok(None)
                 }
@@ -410,6 +505,7 @@ impl Runtime {
             },
             (VmState::Resumed, true) => match vmm.resume() {
                 Ok(()) => {
+                    log::info!("microVM resumed");
                     self.paused = false;
                     Ok(None)
                 }
@@ -421,8 +517,6 @@ impl Runtime {
 
 fn request_name(r: &ApiRequest) -> &'static str {
     match r {
-        ApiRequest::PutLogger(_) => "PUT /logger",
-        ApiRequest::PutMetrics(_) => "PUT /metrics",
         ApiRequest::CreateSnapshot(_) => "PUT /snapshot/create",
         ApiRequest::LoadSnapshot(_) => "PUT /snapshot/load",
         ApiRequest::MigrationReceive(_) => "PUT /migration/receive",

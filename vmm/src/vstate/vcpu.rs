@@ -19,6 +19,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vm::Vm;
+use crate::metrics;
 
 /// Why configuring a vCPU failed.
 #[derive(Debug, thiserror::Error)]
@@ -380,26 +381,33 @@ impl Runner {
         let outcome = match self.vcpu.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    metrics::inc(&metrics::VCPU.exits_io_in);
                     if !self.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                     Ok(None)
                 }
                 VcpuExit::IoOut(port, data) => {
+                    metrics::inc(&metrics::VCPU.exits_io_out);
                     self.pio.write(u64::from(port), data);
                     Ok(None)
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    metrics::inc(&metrics::VCPU.exits_mmio_read);
                     if !self.mmio.read(addr, data) {
                         data.fill(0);
                     }
                     Ok(None)
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    metrics::inc(&metrics::VCPU.exits_mmio_write);
                     self.mmio.write(addr, data);
                     Ok(None)
                 }
-                VcpuExit::Hlt => Ok(None),
+                VcpuExit::Hlt => {
+                    metrics::inc(&metrics::VCPU.exits_hlt);
+                    Ok(None)
+                }
                 VcpuExit::Shutdown => Ok(Some(Err("triple fault (KVM_EXIT_SHUTDOWN)".to_string()))),
                 VcpuExit::SystemEvent(kind, data) => Ok(Some(match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => Ok(VmExit::Poweroff),
@@ -419,6 +427,7 @@ impl Runner {
             Ok(None) => Step::Continue,
             Ok(Some(Ok(exit))) => Step::Exit(exit),
             Ok(Some(Err(msg))) => {
+                metrics::inc(&metrics::VCPU.failures);
                 let msg = if msg.is_empty() {
                     self.internal_error()
                 } else {
@@ -429,7 +438,10 @@ impl Runner {
                     self.rip()
                 )))
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Interrupted,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                metrics::inc(&metrics::VCPU.exits_interrupted);
+                Step::Interrupted
+            }
             Err(e) => Step::Exit(VmExit::Error(format!(
                 "vCPU {id}: KVM_RUN failed at RIP {}: {e}",
                 self.rip()
