@@ -95,6 +95,7 @@ class Child:
         self.fd = r
         self.out = bytearray()
         self.t_first = None
+        self.t_last = None
         self.eof = False
         self.status = None
 
@@ -115,6 +116,7 @@ class Child:
             else:
                 if self.t_first is None:
                     self.t_first = now
+                self.t_last = now
                 self.out += chunk
 
     def reap(self, deadline):
@@ -166,7 +168,8 @@ def timed_run(a, name, mkcmd, tmpdir):
     if c.status != 0 or "FAIL" in out or " 0 failed" not in out or "powering off" not in out:
         raise RunError(f"{name}: exit status {c.status}, guest output not a clean "
                        f"pass + power-off\n{c.describe()}")
-    return {"first_ms": (c.t_first - c.t0) * 1e3, "exit_ms": (t_exit - c.t0) * 1e3}
+    return {"first_ms": (c.t_first - c.t0) * 1e3, "last_ms": (c.t_last - c.t0) * 1e3,
+            "exit_ms": (t_exit - c.t0) * 1e3, "teardown_ms": (t_exit - c.t_last) * 1e3}
 
 
 def read_status(pid):
@@ -282,6 +285,8 @@ def report(a, res, big):
     rows = [
         ("first serial byte", "ms", "first_ms", "time"),
         ("exit (power-off)", "ms", "exit_ms", "time"),
+        ("  last serial byte", "ms", "last_ms", None),
+        ("  last byte -> exit", "ms", "teardown_ms", None),
         ("peak RSS (VmHWM)", "MiB", "hwm_mib", None),
         ("  guest RAM resident", "MiB", "guest_mib", None),
         ("  file-backed RSS", "MiB", "file_mib", None),
@@ -367,7 +372,7 @@ def main():
                     res[name].append(row[name])
                 if a.verbose:
                     print(f"round {rnd + 1}: " + "  ".join(
-                        f"{n}: first {row[n]['first_ms']:.1f} ms exit {row[n]['exit_ms']:.1f} ms "
+                        f"{n}: first {row[n]['first_ms']:.1f} ms last {row[n]['last_ms']:.1f} ms exit {row[n]['exit_ms']:.1f} ms "
                         f"hwm {row[n]['hwm_mib']:.2f} MiB" for n, _ in VMMS), file=sys.stderr)
                 else:
                     print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr)
