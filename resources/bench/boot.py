@@ -165,7 +165,8 @@ def timed_run(a, name, mkcmd, tmpdir):
         raise RunError(f"{name}: {e}\n{c.describe()}")
     c.close()
     out = c.out.decode(errors="replace")
-    if c.status != 0 or "FAIL" in out or " 0 failed" not in out or "powering off" not in out:
+    if c.status != 0 or "FAIL" in out or " 0 failed" not in out or "powering off" not in out \
+            or "poweroff failed" in out:
         raise RunError(f"{name}: exit status {c.status}, guest output not a clean "
                        f"pass + power-off\n{c.describe()}")
     return {"first_ms": (c.t_first - c.t0) * 1e3, "last_ms": (c.t_last - c.t0) * 1e3,
