@@ -153,7 +153,7 @@ class Child:
 
 
 def timed_run(a, name, mkcmd, tmpdir):
-    argv = mkcmd(a, a.memory, f"tests={a.tests}")
+    argv = mkcmd(a, a.memory, f"tests={a.tests} expect_cpus={a.cpus}")
     c = Child(argv, tmpdir)
     try:
         # Block in wait4 right after EOF: the VMM closes its fds while exiting.
@@ -211,7 +211,7 @@ def guest_ram_kib(pid, mem):
 
 
 def probe_run(a, name, mkcmd, tmpdir, mem):
-    argv = mkcmd(a, mem, f"tests={a.tests} exit=halt")
+    argv = mkcmd(a, mem, f"tests={a.tests} expect_cpus={a.cpus} exit=halt")
     c = Child(argv, tmpdir)
     try:
         c.read_until(c.t0 + a.timeout, stop=b"wisp-guest: halting")
