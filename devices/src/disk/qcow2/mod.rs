@@ -113,6 +113,13 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Most memory the L2 cache of one image may use (filled lazily): with
+/// 64 KiB clusters it maps 256 GiB of guest space.
+const L2_CACHE_BYTES: u64 = 32 << 20;
+/// Most memory the refcount block cache of one image may use.
+const REFCOUNT_CACHE_BYTES: u64 = 4 << 20;
+
+/// How many tables of one cluster each fit `budget` bytes (4 to 1024).
 fn cache_tables(cluster_bits: u32, budget: u64) -> usize {
     (budget >> cluster_bits).clamp(4, 1024) as usize
 }
@@ -172,7 +179,7 @@ impl Qcow2Disk {
             header.refcount_order,
             header.cluster_bits,
             file_len,
-            cache_tables(header.cluster_bits, 1 << 20),
+            cache_tables(header.cluster_bits, REFCOUNT_CACHE_BYTES),
         )
         .map_err(|source| {
             qerr(Qcow2Error::Io {
@@ -197,7 +204,7 @@ impl Qcow2Disk {
         };
         let mut disk = Qcow2Disk {
             cluster_bits: header.cluster_bits,
-            l2: TableCache::new(cache_tables(header.cluster_bits, 4 << 20)),
+            l2: TableCache::new(cache_tables(header.cluster_bits, L2_CACHE_BYTES)),
             header,
             file,
             path: path.to_path_buf(),

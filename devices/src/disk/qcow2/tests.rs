@@ -755,3 +755,34 @@ fn test_qcow2_hostile_zero_refcounts_never_hand_out_metadata() {
     d.read_at(&mut buf, 3 * CS).unwrap();
     assert_eq!(buf, [0x77; 2]);
 }
+
+#[test]
+fn test_qcow2_l2_cache_eviction_keeps_every_write() {
+    let dir = TempDir::new();
+    // 512 B clusters: one L2 table maps 32 KiB, and the cache holds 1024 tables.
+    let p = image(
+        &dir,
+        "evict.qcow2",
+        CreateOptions {
+            size: 48 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        },
+    );
+    let span = 32u64 << 10;
+    {
+        let mut d = open(&p, false).unwrap();
+        for i in 0..(48 << 20) / span {
+            d.write_at(&[(i % 251) as u8 + 1], i * span + 7).unwrap();
+        }
+        d.flush().unwrap();
+    }
+    let mut d = open(&p, true).unwrap();
+    for i in 0..(48 << 20) / span {
+        let mut b = [0u8; 1];
+        d.read_at(&mut b, i * span + 7).unwrap();
+        assert_eq!(b[0], (i % 251) as u8 + 1, "write {i} lost");
+    }
+    drop(d);
+    assert!(metadata(&p, true).check(false).unwrap().is_clean());
+}
