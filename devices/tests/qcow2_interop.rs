@@ -672,3 +672,38 @@ fn test_interop_dirty_lazy_refcount_image_is_repaired_on_open() {
     assert_eq!(h.incompatible_features & qcow2::header::INCOMPAT_DIRTY, 0);
     qemu_check_clean(&img);
 }
+
+#[test]
+fn test_interop_internal_snapshot_image_reads_active_layer_read_only() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = Dir::new();
+    let img = d.join("s.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "4M"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x01 0 1M", p(&img)],
+    );
+    run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x02 64k 64k", p(&img)],
+    );
+    let raw = d.join("s.raw");
+    run(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&raw)],
+    );
+    let mut disk = open(&img, true);
+    assert!(read_all(disk.as_mut()) == std::fs::read(&raw).unwrap());
+    drop(disk);
+    let err = open_disk(&DiskOptions {
+        path: img.clone(),
+        read_only: false,
+        format: Some(ImageFormat::Qcow2),
+    })
+    .err()
+    .unwrap();
+    assert!(err.to_string().starts_with("Invalid qcow2 image"), "{err}");
+}
