@@ -707,3 +707,63 @@ fn test_interop_internal_snapshot_image_reads_active_layer_read_only() {
     .unwrap();
     assert!(err.to_string().starts_with("Invalid qcow2 image"), "{err}");
 }
+
+#[test]
+fn test_interop_stress_small_clusters_evictions_discards_reuse() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = Dir::new();
+    let img = d.join("stress.qcow2");
+    let size = 64u64 << 20;
+    qcow2::create(
+        &img,
+        &CreateOptions {
+            size,
+            cluster_size: 512,
+            refcount_bits: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reference = raw_reference(&d.join("ref.raw"), size);
+    {
+        let mut disk = open(&img, false);
+        let mut x: u64 = 77;
+        for round in 0..6u64 {
+            scribble(disk.as_mut(), &reference, round * 1000 + 1, 25);
+            for _ in 0..10 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = x % 300_000;
+                let off = (x >> 24) % (size - len);
+                if x % 2 == 0 {
+                    disk.discard(off, len).unwrap();
+                } else {
+                    disk.write_zeroes(off, len, x % 3 == 0).unwrap();
+                }
+                reference
+                    .write_all_at(&vec![0u8; len as usize], off)
+                    .unwrap();
+            }
+            if round % 2 == 0 {
+                disk.flush().unwrap();
+            }
+        }
+        disk.flush().unwrap();
+    }
+    qemu_check_clean(&img);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(&img),
+            p(&d.join("ref.raw")),
+        ],
+    );
+}
