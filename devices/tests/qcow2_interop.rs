@@ -738,16 +738,16 @@ fn test_interop_stress_small_clusters_evictions_discards_reuse() {
                 x ^= x << 17;
                 let len = x % 300_000;
                 let off = (x >> 24) % (size - len);
-                if x % 2 == 0 {
+                if x.is_multiple_of(2) {
                     disk.discard(off, len).unwrap();
                 } else {
-                    disk.write_zeroes(off, len, x % 3 == 0).unwrap();
+                    disk.write_zeroes(off, len, x.is_multiple_of(3)).unwrap();
                 }
                 reference
                     .write_all_at(&vec![0u8; len as usize], off)
                     .unwrap();
             }
-            if round % 2 == 0 {
+            if round.is_multiple_of(2) {
                 disk.flush().unwrap();
             }
         }
