@@ -734,8 +734,9 @@ fn test_qcow2_hostile_shared_l2_table_is_reported_once_walked() {
         patch(&p, L1_OFF + 8 * i, &(L2_OFF | COPIED).to_be_bytes());
     }
     let report = metadata(&p, true).check(false).unwrap();
-    // The L2 table is referenced 8 times; its entries are walked once.
-    assert_eq!(report.corruptions, 1);
+    // The L2 table is referenced 8 times (one refcount error, and eight L1
+    // entries wrongly flagged COPIED); its entries are walked once.
+    assert_eq!(report.corruptions, 9);
 }
 
 #[test]
@@ -803,4 +804,14 @@ fn test_qcow2_crash_before_flush_leaves_image_consistent() {
     let mut buf = [0u8; 4];
     back.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, [0xaa; 4], "flushed data survives");
+}
+
+#[test]
+fn test_qcow2_check_repairs_missing_copied_flag() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    patch(&p, L2_OFF, &DATA_OFF.to_be_bytes());
+    let report = metadata(&p, false).check(true).unwrap();
+    assert_eq!((report.corruptions, report.corruptions_fixed), (1, 1));
+    assert!(metadata(&p, true).check(false).unwrap().is_clean());
 }
