@@ -767,3 +767,47 @@ fn test_interop_stress_small_clusters_evictions_discards_reuse() {
         ],
     );
 }
+
+#[test]
+fn test_interop_wisp_check_finds_qemu_images_clean() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = Dir::new();
+    for (i, o) in [
+        "compat=0.10",
+        "preallocation=metadata",
+        "preallocation=falloc",
+        "lazy_refcounts=on",
+        "cluster_size=512,refcount_bits=2",
+        "cluster_size=2M",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = d.join(&format!("{i}.qcow2"));
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", o, p(&img), "20M"],
+        );
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 3 0 3M",
+                "-c",
+                "write -z 4M 1M",
+                "-c",
+                "discard 1M 512k",
+                p(&img),
+            ],
+        );
+        let report = devices::disk::open_qcow2_metadata(&img, true)
+            .unwrap()
+            .check(false)
+            .unwrap();
+        assert!(report.is_clean(), "{o}: {report:?}");
+    }
+}
