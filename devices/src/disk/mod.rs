@@ -1,5 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Disk image backends behind one trait, so virtio-blk never knows the format.
+//!
+//! [`open_disk`] opens an image ([`DiskOptions`]: path, read-only, declared or
+//! probed [`ImageFormat`]), takes an `flock` on it (exclusive for read-write,
+//! shared for read-only) and returns a [`RawDisk`] or a [`qcow2::Qcow2Disk`]
+//! (with its backing chain) as a `Box<dyn DiskBackend>`. Every failure is a
+//! one-line [`DiskError`] naming the image.
 
 use std::io;
 
