@@ -672,3 +672,142 @@ fn test_interop_dirty_lazy_refcount_image_is_repaired_on_open() {
     assert_eq!(h.incompatible_features & qcow2::header::INCOMPAT_DIRTY, 0);
     qemu_check_clean(&img);
 }
+
+#[test]
+fn test_interop_internal_snapshot_image_reads_active_layer_read_only() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = Dir::new();
+    let img = d.join("s.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", p(&img), "4M"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x01 0 1M", p(&img)],
+    );
+    run("qemu-img", &["snapshot", "-c", "s1", p(&img)]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x02 64k 64k", p(&img)],
+    );
+    let raw = d.join("s.raw");
+    run(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", p(&img), p(&raw)],
+    );
+    let mut disk = open(&img, true);
+    assert!(read_all(disk.as_mut()) == std::fs::read(&raw).unwrap());
+    drop(disk);
+    let err = open_disk(&DiskOptions {
+        path: img.clone(),
+        read_only: false,
+        format: Some(ImageFormat::Qcow2),
+    })
+    .err()
+    .unwrap();
+    assert!(err.to_string().starts_with("Invalid qcow2 image"), "{err}");
+}
+
+#[test]
+fn test_interop_stress_small_clusters_evictions_discards_reuse() {
+    if !have("qemu-img") {
+        return;
+    }
+    let d = Dir::new();
+    let img = d.join("stress.qcow2");
+    let size = 64u64 << 20;
+    qcow2::create(
+        &img,
+        &CreateOptions {
+            size,
+            cluster_size: 512,
+            refcount_bits: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reference = raw_reference(&d.join("ref.raw"), size);
+    {
+        let mut disk = open(&img, false);
+        let mut x: u64 = 77;
+        for round in 0..6u64 {
+            scribble(disk.as_mut(), &reference, round * 1000 + 1, 25);
+            for _ in 0..10 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let len = x % 300_000;
+                let off = (x >> 24) % (size - len);
+                if x.is_multiple_of(2) {
+                    disk.discard(off, len).unwrap();
+                } else {
+                    disk.write_zeroes(off, len, x.is_multiple_of(3)).unwrap();
+                }
+                reference
+                    .write_all_at(&vec![0u8; len as usize], off)
+                    .unwrap();
+            }
+            if round.is_multiple_of(2) {
+                disk.flush().unwrap();
+            }
+        }
+        disk.flush().unwrap();
+    }
+    qemu_check_clean(&img);
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            p(&img),
+            p(&d.join("ref.raw")),
+        ],
+    );
+}
+
+#[test]
+fn test_interop_wisp_check_finds_qemu_images_clean() {
+    if !have("qemu-img") || !have("qemu-io") {
+        return;
+    }
+    let d = Dir::new();
+    for (i, o) in [
+        "compat=0.10",
+        "preallocation=metadata",
+        "preallocation=falloc",
+        "lazy_refcounts=on",
+        "cluster_size=512,refcount_bits=2",
+        "cluster_size=2M",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = d.join(&format!("{i}.qcow2"));
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", o, p(&img), "20M"],
+        );
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 3 0 3M",
+                "-c",
+                "write -z 4M 1M",
+                "-c",
+                "discard 1M 512k",
+                p(&img),
+            ],
+        );
+        let report = devices::disk::open_qcow2_metadata(&img, true)
+            .unwrap()
+            .check(false)
+            .unwrap();
+        assert!(report.is_clean(), "{o}: {report:?}");
+    }
+}

@@ -232,3 +232,57 @@ fn test_cli_qemu_img_accepts_wisp_images() {
         String::from_utf8_lossy(&cmp.stdout)
     );
 }
+
+#[test]
+fn test_cli_preallocated_qcow2_passes_qemu_check() {
+    if Command::new("qemu-img").arg("--version").output().is_err() {
+        eprintln!("skipped: qemu-img is not installed");
+        return;
+    }
+    let d = Dir::new();
+    for mode in ["metadata", "full"] {
+        let img = d.join(&format!("{mode}.qcow2"));
+        ok(&[
+            "create",
+            "--preallocation",
+            mode,
+            "--cluster-size",
+            "64K",
+            s(&img),
+            "32M",
+        ]);
+        let check = Command::new("qemu-img")
+            .args(["check", s(&img)])
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+        assert!(info(&img)["actual_size"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn test_cli_info_text_names_format_and_size() {
+    let d = Dir::new();
+    let img = d.join("a.qcow2");
+    ok(&["create", s(&img), "2G"]);
+    let text = ok(&["info", s(&img)]);
+    assert!(text.contains("file format: qcow2"), "{text}");
+    assert!(
+        text.contains("virtual size: 2 GiB (2147483648 bytes)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn test_cli_missing_image_error_is_one_line() {
+    let d = Dir::new();
+    let out = wisp(&["check", s(&d.join("nope.qcow2"))]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+}

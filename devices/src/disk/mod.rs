@@ -1,5 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Disk image backends behind one trait, so virtio-blk never knows the format.
+//!
+//! [`open_disk`] opens an image ([`DiskOptions`]: path, read-only, declared or
+//! probed [`ImageFormat`]), takes an `flock` on it (exclusive for read-write,
+//! shared for read-only) and returns a [`RawDisk`] or a [`qcow2::Qcow2Disk`]
+//! (with its backing chain) as a `Box<dyn DiskBackend>`. Every failure is a
+//! one-line [`DiskError`] naming the image.
 
 use std::io;
 
@@ -44,7 +50,7 @@ pub(crate) mod testutil;
 
 use std::path::PathBuf;
 
-pub use open::{open_disk, open_qcow2_metadata, probe_format, resize_image};
+pub use open::{open_disk, open_qcow2_metadata, probe_format, resize_image, resolve_format};
 pub use raw::RawDisk;
 
 /// On-disk image formats wisp understands.

@@ -25,6 +25,15 @@ pub fn probe_format(path: &Path) -> Result<ImageFormat, DiskError> {
     probe_file(&file, path)
 }
 
+/// The format `open_disk` would use for `opts`, and whether it was probed
+/// (so callers can log "probed qcow2 for disk X").
+pub fn resolve_format(opts: &DiskOptions) -> Result<(ImageFormat, bool), DiskError> {
+    match opts.format {
+        Some(f) => Ok((f, false)),
+        None => probe_format(&opts.path).map(|f| (f, true)),
+    }
+}
+
 fn probe_file(file: &File, path: &Path) -> Result<ImageFormat, DiskError> {
     let mut magic = [0u8; 4];
     let mut done = 0;
@@ -342,6 +351,16 @@ mod tests {
         let dir = TempDir::new();
         let p = raw_file(&dir, "a.raw", 0);
         assert_eq!(probe_format(&p).unwrap(), ImageFormat::Raw);
+    }
+
+    #[test]
+    fn test_resolve_format_declared_is_not_probed() {
+        let dir = TempDir::new();
+        let p = raw_file(&dir, "a.raw", 4096);
+        let mut opts = DiskOptions::new(&p);
+        assert_eq!(resolve_format(&opts).unwrap(), (ImageFormat::Raw, true));
+        opts.format = Some(ImageFormat::Qcow2);
+        assert_eq!(resolve_format(&opts).unwrap(), (ImageFormat::Qcow2, false));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::io;
 
-use super::{Mapping, Qcow2Disk, OFFSET_MASK};
+use super::{Mapping, Qcow2Disk, COPIED, OFFSET_MASK};
 
 /// Most messages a report keeps.
 const MAX_MESSAGES: usize = 64;
@@ -38,7 +38,73 @@ impl CheckReport {
     }
 }
 
+/// A table entry whose COPIED flag disagrees with its cluster's refcount.
+enum FlagFix {
+    /// L1 index and corrected entry.
+    L1(usize, u64),
+    /// L2 table offset, index and corrected entry.
+    L2(u64, usize, u64),
+}
+
 impl Qcow2Disk {
+    /// COPIED must be set exactly on entries whose cluster has refcount one
+    /// (as the references, `refs`, count it).
+    fn check_copied_flags(
+        &mut self,
+        refs: &[u64],
+        report: &mut CheckReport,
+    ) -> io::Result<Vec<FlagFix>> {
+        let bits = self.cluster_bits;
+        let sole = |off: u64| refs.get((off >> bits) as usize) == Some(&1);
+        let mut fixes = Vec::new();
+        let l1 = self.l1.clone();
+        let mut walked = std::collections::HashSet::new();
+        for (l1i, &e) in l1.iter().enumerate() {
+            let l2off = e & OFFSET_MASK;
+            if l2off == 0 {
+                continue;
+            }
+            let want = if sole(l2off) { e | COPIED } else { e & !COPIED };
+            if want != e {
+                report.corruptions += 1;
+                report.note(format!("L1 entry {l1i}: wrong COPIED flag"));
+                fixes.push(FlagFix::L1(l1i, want));
+            }
+            if !walked.insert(l2off) {
+                continue;
+            }
+            let Some(table) = self
+                .l2_table(l1i, false)?
+                .and_then(|o| self.l2.get(o).cloned())
+            else {
+                continue;
+            };
+            for (l2i, &entry) in table.iter().enumerate() {
+                let off = match self.mapping(entry) {
+                    Ok(Mapping::Data { off, .. })
+                    | Ok(Mapping::Zero {
+                        prealloc: Some(off),
+                        ..
+                    }) => off,
+                    _ => continue,
+                };
+                let want = if sole(off) {
+                    entry | COPIED
+                } else {
+                    entry & !COPIED
+                };
+                if want != entry {
+                    report.corruptions += 1;
+                    report.note(format!(
+                        "L2 table at {l2off:#x}, entry {l2i}: wrong COPIED flag"
+                    ));
+                    fixes.push(FlagFix::L2(l2off, l2i, want));
+                }
+            }
+        }
+        Ok(fixes)
+    }
+
     /// Recomputes every refcount from the tables and compares with the stored ones.
     pub fn check(&mut self, repair: bool) -> io::Result<CheckReport> {
         if repair {
@@ -127,6 +193,7 @@ impl Qcow2Disk {
                 }
             }
         }
+        let flag_fixes = self.check_copied_flags(&refs, &mut report)?;
         let mut fixes = Vec::new();
         for (c, &want) in refs.iter().enumerate() {
             let have = self.rc.get(&self.file, c as u64)?;
@@ -169,7 +236,17 @@ impl Qcow2Disk {
         }
         report.allocated_clusters = refs.iter().filter(|&&r| r > 0).count() as u64;
         report.image_end_offset = self.next_free;
-        if repair && !fixes.is_empty() {
+        if repair && !(fixes.is_empty() && flag_fixes.is_empty()) {
+            for fix in flag_fixes {
+                match fix {
+                    FlagFix::L1(i, e) => {
+                        self.l1[i] = e;
+                        self.l1_dirty = true;
+                    }
+                    FlagFix::L2(table, i, e) => self.set_l2_entry(table, i, e)?,
+                }
+                report.corruptions_fixed += 1;
+            }
             for (c, want, leak) in fixes {
                 self.rc.set(&self.file, c, want, &mut self.next_free)?;
                 if leak {

@@ -11,9 +11,11 @@ mod check;
 mod compress;
 pub mod create;
 mod error;
+mod flush;
 mod fuzz;
 pub mod header;
 mod refcount;
+mod zero;
 
 use std::fs::File;
 use std::io;
@@ -113,6 +115,13 @@ fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Most memory the L2 cache of one image may use (filled lazily): with
+/// 64 KiB clusters it maps 256 GiB of guest space.
+const L2_CACHE_BYTES: u64 = 32 << 20;
+/// Most memory the refcount block cache of one image may use.
+const REFCOUNT_CACHE_BYTES: u64 = 4 << 20;
+
+/// How many tables of one cluster each fit `budget` bytes (4 to 1024).
 fn cache_tables(cluster_bits: u32, budget: u64) -> usize {
     (budget >> cluster_bits).clamp(4, 1024) as usize
 }
@@ -172,7 +181,7 @@ impl Qcow2Disk {
             header.refcount_order,
             header.cluster_bits,
             file_len,
-            cache_tables(header.cluster_bits, 1 << 20),
+            cache_tables(header.cluster_bits, REFCOUNT_CACHE_BYTES),
         )
         .map_err(|source| {
             qerr(Qcow2Error::Io {
@@ -197,7 +206,7 @@ impl Qcow2Disk {
         };
         let mut disk = Qcow2Disk {
             cluster_bits: header.cluster_bits,
-            l2: TableCache::new(cache_tables(header.cluster_bits, 4 << 20)),
+            l2: TableCache::new(cache_tables(header.cluster_bits, L2_CACHE_BYTES)),
             header,
             file,
             path: path.to_path_buf(),
@@ -609,159 +618,12 @@ impl Qcow2Disk {
             .is_some_and(|o| o != 0 && self.l2.contains(o))
     }
 
-    /// Whether a mapping reads as zeros.
-    fn reads_zero(&self, m: Mapping) -> bool {
-        match m {
-            Mapping::Zero { .. } => true,
-            Mapping::Unallocated => self.backing.is_none(),
-            _ => false,
-        }
-    }
-
-    /// Zeroes the whole cluster at `vaddr` through metadata where possible.
-    fn zero_cluster(&mut self, vaddr: u64, unmap: bool) -> io::Result<()> {
-        let entry = self.entry_for(vaddr)?;
-        let m = self.mapping(entry)?;
-        let keep_prealloc = matches!(
-            m,
-            Mapping::Zero {
-                prealloc: Some(_),
-                ..
-            }
-        );
-        if self.reads_zero(m) && !(unmap && keep_prealloc) {
-            return Ok(());
-        }
-        let v3 = self.header.version >= 3;
-        if !v3 && self.backing.is_some() {
-            let zeros = vec![0u8; self.cs() as usize];
-            return self.write_one(&zeros, vaddr);
-        }
-        let (new, keeps) = match m {
-            Mapping::Data { off, copied: true } if v3 && !unmap => (off | COPIED | ZERO, true),
-            _ if self.backing.is_none() => (0, false),
-            _ => (ZERO, false),
-        };
-        let (l1i, l2i) = self.indices(vaddr);
-        let l2off = self
-            .l2_table(l1i, true)?
-            .ok_or_else(|| invalid("L2 table allocation failed".into()))?;
-        self.set_l2_entry(l2off, l2i, new)?;
-        if !keeps {
-            self.release(m);
-        }
-        if matches!(m, Mapping::Compressed { .. }) {
-            self.unpacked = None;
-        }
-        Ok(())
-    }
-
-    fn zero_range(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
-        self.check_writable()?;
-        check_range(self.header.size, offset, len)?;
-        let cs = self.cs();
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let cluster_end = (pos | (cs - 1)) + 1;
-            let chunk_end = cluster_end.min(end);
-            if pos.is_multiple_of(cs) && chunk_end == cluster_end {
-                self.zero_cluster(pos, unmap)?;
-            } else {
-                let m = self.entry_for(pos).and_then(|e| self.mapping(e))?;
-                if !self.reads_zero(m) {
-                    let zeros = vec![0u8; (chunk_end - pos) as usize];
-                    self.write_one(&zeros, pos)?;
-                }
-            }
-            pos = chunk_end;
-        }
-        Ok(())
-    }
-
     fn check_writable(&self) -> io::Result<()> {
         if self.read_only {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 "disk is read-only",
             ));
-        }
-        Ok(())
-    }
-
-    /// Writes all cached metadata back in crash-safe order and syncs.
-    pub fn flush_metadata(&mut self) -> io::Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        let l2_dirty = !self.l2.dirty_keys().is_empty();
-        let any = self.data_dirty
-            || self.rc.is_dirty()
-            || l2_dirty
-            || self.l1_dirty
-            || !self.pending_free.is_empty();
-        if !any {
-            return Ok(());
-        }
-        // 1. Data (and the file growth of new clusters).
-        self.file.sync_data()?;
-        self.data_dirty = false;
-        // 2. Refcount increments, then the table that points at new blocks.
-        if self.rc.write_blocks(&self.file)? {
-            self.file.sync_data()?;
-        }
-        if self.rc.write_table(&self.file)? {
-            self.file.sync_data()?;
-        }
-        if self.rc.table_moved {
-            let mut f = [0u8; 12];
-            f[..8].copy_from_slice(&self.rc.table_offset.to_be_bytes());
-            f[8..].copy_from_slice(&(self.rc.table_clusters as u32).to_be_bytes());
-            self.file.write_all_at(&f, header::OFF_REFTABLE)?;
-            self.file.sync_data()?;
-            self.header.refcount_table_offset = self.rc.table_offset;
-            self.header.refcount_table_clusters = self.rc.table_clusters as u32;
-            self.rc.table_moved = false;
-            let cs = self.cs();
-            for (off, n) in std::mem::take(&mut self.rc.old_tables) {
-                self.pending_free.push((off, n * cs));
-            }
-        }
-        // 3. L2 tables, then the L1 table that points at new ones.
-        let keys = self.l2.dirty_keys();
-        for &k in &keys {
-            if let Some(t) = self.l2.peek(k) {
-                self.write_l2(k, t)?;
-            }
-            self.l2.mark_clean(k);
-        }
-        if !keys.is_empty() {
-            self.file.sync_data()?;
-        }
-        if self.l1_dirty {
-            let raw: Vec<u8> = self.l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-            self.file.write_all_at(&raw, self.header.l1_table_offset)?;
-            self.file.sync_data()?;
-            self.l1_dirty = false;
-        }
-        // 4. Nothing points at released clusters any more: drop their refcounts.
-        if !self.pending_free.is_empty() {
-            for (off, len) in std::mem::take(&mut self.pending_free) {
-                let first = off >> self.cluster_bits;
-                let last = (off + len.max(1) - 1) >> self.cluster_bits;
-                for c in first..=last {
-                    let rc = self.rc.get(&self.file, c)?;
-                    if rc > 0 {
-                        self.rc.set(&self.file, c, rc - 1, &mut self.next_free)?;
-                        if rc == 1 {
-                            self.free_hint = self.free_hint.min(c);
-                        }
-                    }
-                }
-            }
-            self.rc.write_blocks(&self.file)?;
-            self.rc.write_table(&self.file)?;
-            self.file.sync_data()?;
         }
         Ok(())
     }

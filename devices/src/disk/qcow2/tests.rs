@@ -734,8 +734,9 @@ fn test_qcow2_hostile_shared_l2_table_is_reported_once_walked() {
         patch(&p, L1_OFF + 8 * i, &(L2_OFF | COPIED).to_be_bytes());
     }
     let report = metadata(&p, true).check(false).unwrap();
-    // The L2 table is referenced 8 times; its entries are walked once.
-    assert_eq!(report.corruptions, 1);
+    // The L2 table is referenced 8 times (one refcount error, and eight L1
+    // entries wrongly flagged COPIED); its entries are walked once.
+    assert_eq!(report.corruptions, 9);
 }
 
 #[test]
@@ -754,4 +755,63 @@ fn test_qcow2_hostile_zero_refcounts_never_hand_out_metadata() {
     let mut buf = [0u8; 2];
     d.read_at(&mut buf, 3 * CS).unwrap();
     assert_eq!(buf, [0x77; 2]);
+}
+
+#[test]
+fn test_qcow2_l2_cache_eviction_keeps_every_write() {
+    let dir = TempDir::new();
+    // 512 B clusters: one L2 table maps 32 KiB, and the cache holds 1024 tables.
+    let p = image(
+        &dir,
+        "evict.qcow2",
+        CreateOptions {
+            size: 48 << 20,
+            cluster_size: 512,
+            ..Default::default()
+        },
+    );
+    let span = 32u64 << 10;
+    {
+        let mut d = open(&p, false).unwrap();
+        for i in 0..(48 << 20) / span {
+            d.write_at(&[(i % 251) as u8 + 1], i * span + 7).unwrap();
+        }
+        d.flush().unwrap();
+    }
+    let mut d = open(&p, true).unwrap();
+    for i in 0..(48 << 20) / span {
+        let mut b = [0u8; 1];
+        d.read_at(&mut b, i * span + 7).unwrap();
+        assert_eq!(b[0], (i % 251) as u8 + 1, "write {i} lost");
+    }
+    drop(d);
+    assert!(metadata(&p, true).check(false).unwrap().is_clean());
+}
+
+#[test]
+fn test_qcow2_crash_before_flush_leaves_image_consistent() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    let file = File::options().read(true).write(true).open(&p).unwrap();
+    let mut d = Qcow2Disk::open_with(file, &p, false, |_| unreachable!()).unwrap();
+    d.write_at(&[0xcc; 300_000], 5 * CS).unwrap();
+    d.discard(0, CS).unwrap();
+    // Simulate a crash: no write-back of cached metadata.
+    std::mem::forget(d);
+    let report = metadata(&p, true).check(false).unwrap();
+    assert_eq!(report.corruptions, 0);
+    let mut back = open(&p, true).unwrap();
+    let mut buf = [0u8; 4];
+    back.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, [0xaa; 4], "flushed data survives");
+}
+
+#[test]
+fn test_qcow2_check_repairs_missing_copied_flag() {
+    let dir = TempDir::new();
+    let p = written(&dir);
+    patch(&p, L2_OFF, &DATA_OFF.to_be_bytes());
+    let report = metadata(&p, false).check(true).unwrap();
+    assert_eq!((report.corruptions, report.corruptions_fixed), (1, 1));
+    assert!(metadata(&p, true).check(false).unwrap().is_clean());
 }
