@@ -563,3 +563,41 @@ const char *test_blk_bench(void)
 	printf("bench: %lu MiB sequential writes: %lu cycles\n", region >> 20, wcyc);
 	return NULL;
 }
+
+/* ---------------- blk_write_tick hooks (tick.c) */
+
+#define PAT_TICK 0x7469636b00000000UL
+#define TICK_SECTOR ((1 << 20) / 512)
+static struct blk *tick_blk;
+
+const char *blk_tick_prepare(void)
+{
+	const char *e;
+	struct blk *b = first_blk(&e);
+	if (!b) return e;
+	if (b->dev_features & BLK_F_RO)
+		return "device is read-only";
+	if (b->capacity < TICK_SECTOR + 64)
+		return fail_fmt("capacity %lu too small", b->capacity);
+	tick_blk = b;
+	printf("blk_write_tick: disk at 0x%lx, sectors %u-%u\n", b->base, TICK_SECTOR, TICK_SECTOR + 63);
+	return NULL;
+}
+
+/* sector 2048 + counter % 64 gets words o ^ PAT_TICK ^ counter; written,
+ * flushed (if offered) and read back before the tick is reported */
+const char *blk_tick_write(u64 counter)
+{
+	struct blk *b = tick_blk;
+	u64 sec = TICK_SECTOR + counter % 64;
+	fill(iobuf, sec * 512, 512, PAT_TICK ^ counter);
+	int st = blk_submit(b, T_OUT, sec, iobuf, 512, 0, 0);
+	if (st)
+		return fail_fmt("tick %lu: write of sector %lu: status %d", counter, sec, st);
+	if (b->features & BLK_F_FLUSH) {
+		st = blk_submit(b, T_FLUSH, 0, NULL, 0, 0, 0);
+		if (st)
+			return fail_fmt("tick %lu: flush: status %d", counter, st);
+	}
+	return read_verify(b, sec, 1, PAT_TICK ^ counter);
+}
