@@ -158,6 +158,9 @@ const char *test_blk_irq(void);
 const char *test_blk_bench(void);
 const char *test_tick(void);
 const char *test_blk_write_tick(void);
+const char *test_net_arp_icmp(void);
+const char *test_net_tx_burst(void);
+const char *test_net_rx(void);
 extern struct hvm_start_info *g_si;
 
 /* ---- smp */
