@@ -88,6 +88,8 @@ again:
 	u64 next = rdtsc() + tick_period;
 	while (ticking) {
 		u64 now = rdtsc();
+		if ((s64)(next - now) > (s64)tick_period) /* TSC went backwards */
+			next = now + tick_period;
 		if ((s64)(now - next) < 0) {
 			cpu_relax();
 			continue;
