@@ -429,3 +429,17 @@ const char *test_net_rx(void)
 		return fail_fmt("%lu bad frames", rx_bad);
 	return NULL;
 }
+
+/* ---------------- tick_net=1: answer ARP/ICMP between ticks (tick.c) */
+
+const char *net_serve_prepare(void)
+{
+	const char *e = net_get();
+	if (e) return e;
+	if (!nd.ip) return "tick_net needs ip=A.B.C.D";
+	printf("tick: answering ARP/ICMP for %u.%u.%u.%u between ticks\n", nd.ip >> 24,
+	       (nd.ip >> 16) & 0xff, (nd.ip >> 8) & 0xff, nd.ip & 0xff);
+	return NULL;
+}
+
+int net_serve_poll(void) { return rx_poll(NULL); }

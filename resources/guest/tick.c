@@ -104,6 +104,8 @@ again:
 /* per-tick hook for blk_write_tick (virtio.c) */
 const char *blk_tick_prepare(void);
 const char *blk_tick_write(u64 counter);
+const char *net_serve_prepare(void);
+int net_serve_poll(void);
 
 static const char *tick_run(int with_blk)
 {
@@ -118,6 +120,9 @@ static const char *tick_run(int with_blk)
 	if (mib < 0 || per < 0 || every < 0) return "negative pattern_mib/dirty_pages_per_tick/verify_every";
 	const char *e;
 	if (with_blk && (e = blk_tick_prepare())) return e;
+	s64 tn = 0;
+	int with_net = cmd_get_int("tick_net", &tn) && tn;
+	if (with_net && (e = net_serve_prepare())) return e;
 	s64 ta = 0;
 	if (cmd_get_int("tick_aps", &ta) && ta && g_acpi.ncpus > 1 && !smp_aps_online()) {
 		/* start the APs so they run their own tick loops */
@@ -155,7 +160,7 @@ static const char *tick_run(int with_blk)
 		}
 		prev = now;
 		if ((s64)(now - next) < 0) {
-			cpu_relax();
+			if (!with_net || !net_serve_poll()) cpu_relax();
 			continue;
 		}
 		if ((s64)(now - next) > (s64)period) {
