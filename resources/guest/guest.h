@@ -156,10 +156,18 @@ const char *test_blk_id(void);
 const char *test_blk_two(void);
 const char *test_blk_irq(void);
 const char *test_blk_bench(void);
+const char *test_tick(void);
+const char *test_blk_write_tick(void);
+const char *test_net_arp_icmp(void);
+const char *test_net_tx_burst(void);
+const char *test_net_rx(void);
 extern struct hvm_start_info *g_si;
 
 /* ---- smp */
 void ap_main(u64 idx);
 extern volatile u32 ap_next_idx;
+extern volatile int g_ap_tick;
+void ap_tick_loop(u64 idx) __attribute__((noreturn));
+int smp_aps_online(void);
 #endif
 #endif

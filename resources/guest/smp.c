@@ -32,6 +32,8 @@ void user_ap_main(u64 idx, u64 apic_id)
 	for (u64 i = 1; i <= 100000; i++) sum += i;
 	if (sum == 100000UL * 100001 / 2)
 		__atomic_fetch_add(&ap_payload_done, 1, __ATOMIC_SEQ_CST);
+	if (g_ap_tick)
+		ap_tick_loop(idx);
 	syscall3(SYS_EXIT_HALT, 0, 0, 0);
 	for (;;) ;
 }
@@ -77,6 +79,10 @@ const char *test_smp(void)
 	if (!g_acpi.ok)
 		return "ACPI tables not found or invalid";
 	u32 bsp = syscall3(SYS_APIC_ID, 0, 0, 0);
+	if (ap_online)
+		return "APs already started";
+	s64 ta = 0;
+	g_ap_tick = cmd_get_int("tick_aps", &ta) && ta;
 	int naps = 0;
 	for (int i = 0; i < g_acpi.ncpus; i++)
 		if (g_acpi.apic_ids[i] != bsp) naps++;
@@ -118,3 +124,5 @@ const char *test_smp(void)
 		return fail_fmt("%u of %d APs online, %u payloads done", ap_online, naps, ap_payload_done);
 	return NULL;
 }
+
+int smp_aps_online(void) { return ap_online; }

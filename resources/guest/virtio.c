@@ -3,35 +3,8 @@
  * Only interrupt routing/waiting needs ring 0 (SYS_ROUTE_IRQ, SYS_WAIT_IRQ). */
 #include "guest.h"
 
-#define VMMIO_MAGIC      0x000
-#define VMMIO_VERSION    0x004
-#define VMMIO_DEVICE_ID  0x008
-#define VMMIO_DEV_FEAT   0x010
-#define VMMIO_DEV_FSEL   0x014
-#define VMMIO_DRV_FEAT   0x020
-#define VMMIO_DRV_FSEL   0x024
-#define VMMIO_QUEUE_SEL  0x030
-#define VMMIO_QUEUE_MAX  0x034
-#define VMMIO_QUEUE_NUM  0x038
-#define VMMIO_QUEUE_RDY  0x044
-#define VMMIO_NOTIFY     0x050
-#define VMMIO_INT_STATUS 0x060
-#define VMMIO_INT_ACK    0x064
-#define VMMIO_STATUS     0x070
-#define VMMIO_DESC_LO    0x080
-#define VMMIO_DESC_HI    0x084
-#define VMMIO_AVAIL_LO   0x090
-#define VMMIO_AVAIL_HI   0x094
-#define VMMIO_USED_LO    0x0a0
-#define VMMIO_USED_HI    0x0a4
-#define VMMIO_CONFIG     0x100
+#include "virtio.h"
 
-#define ST_ACK 1
-#define ST_DRIVER 2
-#define ST_DRIVER_OK 4
-#define ST_FEATURES_OK 8
-
-#define F_VERSION_1 (1UL << 32)
 #define BLK_F_RO (1UL << 5)
 #define BLK_F_BLK_SIZE (1UL << 6)
 #define BLK_F_FLUSH (1UL << 9)
@@ -45,14 +18,7 @@
 #define PAT_WRITE 0x6775657374000000UL
 #define PAT_SECOND 0x7365636f6e640000UL
 
-#define QSIZE_MAX 256
-#define MAX_MMIO 32
 #define MAX_BLK 4
-
-struct vdesc { u64 addr; u32 len; u16 flags, next; };
-struct vavail { u16 flags, idx, ring[QSIZE_MAX], used_event; };
-struct vused_elem { u32 id, len; };
-struct vused { u16 flags, idx; struct vused_elem ring[QSIZE_MAX]; u16 avail_event; };
 
 struct queue_mem {
 	struct vdesc desc[QSIZE_MAX];                            /* 4 KiB */
@@ -70,16 +36,13 @@ struct blk {
 	struct queue_mem *q;
 };
 
-struct mmio_dev { u64 base, size; u32 gsi, irqflags; };
-
-static struct mmio_dev mdevs[MAX_MMIO];
-static int nmdevs;
+struct mmio_dev mdevs[MAX_MMIO];
+int nmdevs;
 static struct blk blks[MAX_BLK];
 static int nblks = -1;
 static struct queue_mem qmem[MAX_BLK] __attribute__((section(".bss.noinit")));
 static u8 iobuf[2 << 20] __attribute__((aligned(4096), section(".bss.noinit")));
 
-static inline void mb(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 static s64 check(const void *buf, u64 off, u32 len, u64 key);
 static int blk_submit(struct blk *b, u32 type, u64 sector, void *buf, u32 len, int dev_writes,
@@ -222,16 +185,7 @@ static void blk_discover(void)
 {
 	if (nblks >= 0) return;
 	nblks = 0;
-	discover_dsdt();
-	discover_cmdline();
-	/* sort by base address so the first disk is the lowest transport */
-	for (int i = 0; i < nmdevs; i++)
-		for (int j = i + 1; j < nmdevs; j++)
-			if (mdevs[j].base < mdevs[i].base) {
-				struct mmio_dev t = mdevs[i];
-				mdevs[i] = mdevs[j];
-				mdevs[j] = t;
-			}
+	virtio_discover();
 	int empty = 0;
 	for (int i = 0; i < nmdevs; i++) {
 		u64 base = mdevs[i].base;
@@ -269,6 +223,25 @@ static void blk_discover(void)
 		nblks++;
 	}
 	printf("virtio: %d transports (%d empty), %d block devices\n", nmdevs, empty, nblks);
+}
+
+/* Find the virtio-mmio transports (DSDT, then virtio_mmio.device= on the cmdline),
+ * sorted by base address. Idempotent. */
+void virtio_discover(void)
+{
+	static int done;
+	if (done) return;
+	done = 1;
+	discover_dsdt();
+	discover_cmdline();
+	/* sort by base address so the first disk is the lowest transport */
+	for (int i = 0; i < nmdevs; i++)
+		for (int j = i + 1; j < nmdevs; j++)
+			if (mdevs[j].base < mdevs[i].base) {
+				struct mmio_dev t = mdevs[i];
+				mdevs[i] = mdevs[j];
+				mdevs[j] = t;
+			}
 }
 
 /* One synchronous request: header, optional data, status. Returns the status
@@ -562,4 +535,42 @@ const char *test_blk_bench(void)
 	       (region * 100 / (us ? us : 1)) % 100);
 	printf("bench: %lu MiB sequential writes: %lu cycles\n", region >> 20, wcyc);
 	return NULL;
+}
+
+/* ---------------- blk_write_tick hooks (tick.c) */
+
+#define PAT_TICK 0x7469636b00000000UL
+#define TICK_SECTOR ((1 << 20) / 512)
+static struct blk *tick_blk;
+
+const char *blk_tick_prepare(void)
+{
+	const char *e;
+	struct blk *b = first_blk(&e);
+	if (!b) return e;
+	if (b->dev_features & BLK_F_RO)
+		return "device is read-only";
+	if (b->capacity < TICK_SECTOR + 64)
+		return fail_fmt("capacity %lu too small", b->capacity);
+	tick_blk = b;
+	printf("blk_write_tick: disk at 0x%lx, sectors %u-%u\n", b->base, TICK_SECTOR, TICK_SECTOR + 63);
+	return NULL;
+}
+
+/* sector 2048 + counter % 64 gets words o ^ PAT_TICK ^ counter; written,
+ * flushed (if offered) and read back before the tick is reported */
+const char *blk_tick_write(u64 counter)
+{
+	struct blk *b = tick_blk;
+	u64 sec = TICK_SECTOR + counter % 64;
+	fill(iobuf, sec * 512, 512, PAT_TICK ^ counter);
+	int st = blk_submit(b, T_OUT, sec, iobuf, 512, 0, 0);
+	if (st)
+		return fail_fmt("tick %lu: write of sector %lu: status %d", counter, sec, st);
+	if (b->features & BLK_F_FLUSH) {
+		st = blk_submit(b, T_FLUSH, 0, NULL, 0, 0, 0);
+		if (st)
+			return fail_fmt("tick %lu: flush: status %d", counter, st);
+	}
+	return read_verify(b, sec, 1, PAT_TICK ^ counter);
 }
