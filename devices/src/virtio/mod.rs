@@ -90,3 +90,5 @@ pub trait VirtioDevice: Send {
     /// Whether [`VirtioDevice::activate`] has run since the last reset.
     fn is_activated(&self) -> bool;
 }
+
+pub mod net;
