@@ -258,6 +258,16 @@ impl<T: Tap> Net<T> {
     }
 }
 
+/// Returns a chain to the guest. A head outside the queue (a bogus avail-ring
+/// entry) cannot be returned; it is counted and skipped so the queue keeps
+/// running.
+pub(crate) fn add_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, m: &NetMetrics) {
+    if let Err(e) = q.add_used(mem, head, len) {
+        NetMetrics::inc(&m.queue_errors);
+        log::debug!("virtio-net: cannot return chain {head}: {e}");
+    }
+}
+
 impl<T: Tap> VirtioDevice for Net<T> {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_NET

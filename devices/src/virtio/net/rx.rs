@@ -13,6 +13,7 @@ use std::io;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use super::device::add_used;
 use super::metrics::NetMetrics;
 use super::{Net, NetError, MRG_RXBUF_FEATURE, NUM_BUFFERS_OFFSET, RX_INDEX};
 use crate::net::{Tap, VNET_HDR_LEN};
@@ -191,11 +192,11 @@ impl<T: Tap> Net<T> {
                     // Return the bad buffer empty; the frame waits for a good one.
                     NetMetrics::inc(&metrics.rx_malformed);
                     self.rx_reserved_gap |= !self.rx_reserved.is_empty();
-                    q.add_used(mem, head, 0).map_err(queue_err)?;
+                    add_used(q, mem, head, 0, metrics);
                 }
                 Ok(c) if !mrg && c.capacity < frame_len => {
                     NetMetrics::inc(&metrics.rx_dropped);
-                    q.add_used(mem, c.head, 0).map_err(queue_err)?;
+                    add_used(q, mem, c.head, 0, metrics);
                     return Ok(Delivery::Dropped);
                 }
                 Ok(c) => {
@@ -211,8 +212,7 @@ impl<T: Tap> Net<T> {
         for chain in self.rx_reserved.drain(..) {
             let written = scatter(mem, &chain, &frame[off..]);
             off += written;
-            q.add_used(mem, chain.head, written as u32)
-                .map_err(queue_err)?;
+            add_used(q, mem, chain.head, written as u32, metrics);
         }
         self.rx_reserved_cap = 0;
         self.rx_reserved_gap = false;

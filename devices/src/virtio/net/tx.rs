@@ -5,6 +5,7 @@
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use super::device::add_used;
 use super::metrics::NetMetrics;
 use super::{max_tx_frame_len, Net, NetError, TX_INDEX};
 use crate::net::{FrameIov, Tap, VNET_HDR_LEN};
@@ -125,7 +126,7 @@ impl<T: Tap> Net<T> {
                     },
                     Err(why) => why.count(metrics),
                 }
-                q.add_used(mem, head, 0).map_err(queue_err)?;
+                add_used(q, mem, head, 0, metrics);
                 consumed += 1;
             }
             if !q.enable_notification(mem).map_err(queue_err)? {
