@@ -235,10 +235,8 @@ fn main() {
     }
     let ns_file = File::open(format!("/run/netns/{}", ns.0)).unwrap();
     // SAFETY: setns on a valid netns fd; this benchmark thread stays in it.
-    assert_eq!(
-        unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) },
-        0
-    );
+    let entered = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(entered, 0);
 
     let (tapdev, _pd) = open_tap("tapdev", Some("br0"), None).unwrap();
     let (mut taphost, _ph) = open_tap("taphost", Some("br0"), None).unwrap();
