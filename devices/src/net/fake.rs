@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use super::tap::{FrameIov, Tap, TapError};
+use super::tap::{FrameIov, GuestIovMut, Tap, TapError};
 
 /// The device end of the pair; implements [`Tap`].
 #[derive(Debug)]
@@ -86,6 +86,10 @@ impl Tap for FakeTap {
 
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         recv(self.fd.as_raw_fd(), buf)
+    }
+
+    fn read_frame_iov(&mut self, iov: &GuestIovMut<'_>) -> io::Result<usize> {
+        iov.readv(self.fd.as_raw_fd())
     }
 
     fn write_frame(&mut self, frame: &FrameIov<'_>) -> io::Result<usize> {

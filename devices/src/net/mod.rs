@@ -13,7 +13,7 @@ pub mod tap;
 
 pub use bridge::{BridgeError, BridgePort};
 pub use mac::{MacAddr, MacError};
-pub use tap::{FrameIov, Tap, TapDevice, TapError, VNET_HDR_LEN};
+pub use tap::{FrameIov, GuestIovMut, GuestSlice, Tap, TapDevice, TapError, VNET_HDR_LEN};
 
 /// Why [`open_tap`] failed.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,8 @@ use std::marker::PhantomData;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use vm_memory::bitmap::BitmapSlice;
-use vm_memory::volatile_memory::PtrGuard;
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, BitmapSlice, BS};
+use vm_memory::volatile_memory::{PtrGuard, PtrGuardMut};
 use vm_memory::VolatileSlice;
 
 use super::ifctl;
@@ -139,6 +139,74 @@ impl<'a> FrameIov<'a> {
     }
 }
 
+/// A slice of wisp guest memory (see [`crate::GuestMemoryMmap`]).
+pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
+
+/// Guest buffers a frame is read into directly (`readv`). After a read,
+/// [`GuestIovMut::mark_dirty`] records the written bytes in the dirty bitmap.
+#[derive(Debug, Default)]
+pub struct GuestIovMut<'a> {
+    iovs: Vec<libc::iovec>,
+    slices: Vec<GuestSlice<'a>>,
+    guards: Vec<PtrGuardMut>,
+    len: usize,
+}
+
+impl<'a> GuestIovMut<'a> {
+    /// No buffers yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends a bounds-checked region of guest memory.
+    pub fn push_slice(&mut self, slice: GuestSlice<'a>) {
+        let guard = slice.ptr_guard_mut();
+        self.iovs.push(libc::iovec {
+            iov_base: guard.as_ptr().cast(),
+            iov_len: guard.len(),
+        });
+        self.len += guard.len();
+        self.guards.push(guard);
+        self.slices.push(slice);
+    }
+
+    /// Total capacity in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there is no capacity.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Reads one datagram/frame from `fd` into the buffers with one `readv`.
+    pub fn readv(&self, fd: RawFd) -> io::Result<usize> {
+        let count = libc::c_int::try_from(self.iovs.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: every iovec points to guest memory checked by `VolatileSlice`
+        // and valid for writes for `'a`, which `self` borrows.
+        let ret = unsafe { libc::readv(fd, self.iovs.as_ptr(), count) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(ret as usize)
+    }
+
+    /// Marks the first `n` bytes as written in the guest dirty bitmap.
+    pub fn mark_dirty(&self, n: usize) {
+        let mut left = n;
+        for slice in &self.slices {
+            if left == 0 {
+                break;
+            }
+            let len = left.min(slice.len());
+            slice.bitmap().mark_dirty(0, len);
+            left -= len;
+        }
+    }
+}
+
 /// What the virtio-net device needs from a TAP-like backend. Frames always
 /// carry a [`VNET_HDR_LEN`]-byte virtio-net header. The fd must be
 /// non-blocking: reads return `WouldBlock` when no frame is queued.
@@ -147,6 +215,9 @@ pub trait Tap: AsRawFd + Send {
     fn name(&self) -> &str;
     /// Reads one frame (header included) into `buf`, returning its length.
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Reads one frame (header included) straight into guest buffers. The
+    /// buffers must be able to hold any frame (the rest would be lost).
+    fn read_frame_iov(&mut self, iov: &GuestIovMut<'_>) -> io::Result<usize>;
     /// Writes one frame (header included) in one operation.
     fn write_frame(&mut self, frame: &FrameIov<'_>) -> io::Result<usize>;
     /// Tells the backend which offloads (`TUN_F_*`) the guest accepts on RX.
@@ -287,6 +358,10 @@ impl Tap for TapDevice {
 
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.file.read(buf)
+    }
+
+    fn read_frame_iov(&mut self, iov: &GuestIovMut<'_>) -> io::Result<usize> {
+        iov.readv(self.file.as_raw_fd())
     }
 
     fn write_frame(&mut self, frame: &FrameIov<'_>) -> io::Result<usize> {

@@ -1,12 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Receive: frames read from the TAP are scattered into guest RX chains; with
+//! Receive: frames from the TAP land in guest RX chains; with
 //! `VIRTIO_NET_F_MRG_RXBUF` one frame may span several chains.
 //!
-//! RX never drops a frame for lack of buffers: the frame stays in the device
+//! The device first reserves guest chains. When they can hold any frame
+//! ([`RX_BUF_LEN`] bytes) the TAP is read straight into them with one
+//! `readv`; otherwise the frame goes through a bounce buffer and waits there
+//! until enough buffers arrive.
+//!
+//! RX never drops a frame for lack of buffers: the frame stays in the bounce
 //! buffer, [`Net::process_rx`] returns [`RxStatus::NeedBuffers`] and the caller
 //! stops polling the TAP until the guest posts buffers (RX queue notification).
-//! Chains collected for a frame that does not fit yet stay reserved, so the
-//! guest's next buffer always triggers a notification (also with event index).
+//! Reserved chains are held, not returned, so the guest's next buffer always
+//! triggers a notification (also with event index).
 
 use std::io;
 
@@ -15,8 +20,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::device::add_used;
 use super::metrics::NetMetrics;
-use super::{Net, NetError, MRG_RXBUF_FEATURE, NUM_BUFFERS_OFFSET, RX_INDEX};
-use crate::net::{Tap, VNET_HDR_LEN};
+use super::{Net, NetError, MRG_RXBUF_FEATURE, NUM_BUFFERS_OFFSET, RX_BUF_LEN, RX_INDEX};
+use crate::net::{GuestIovMut, Tap, VNET_HDR_LEN};
 use crate::GuestMemoryMmap;
 
 /// Frames handled per [`Net::process_rx`] call, so TX is not starved.
@@ -88,6 +93,34 @@ fn scatter(mem: &GuestMemoryMmap, chain: &RxChain, data: &[u8]) -> usize {
     off
 }
 
+/// Writes `bytes` at logical `offset` of the chain's buffers.
+fn write_at(mem: &GuestMemoryMmap, chain: &RxChain, offset: usize, bytes: &[u8]) {
+    let mut base = 0usize;
+    let mut idx = 0usize;
+    for &(addr, len) in &chain.descs {
+        while idx < bytes.len() && offset + idx < base + len {
+            let pos = offset + idx - base;
+            if let Some(at) = addr.0.checked_add(pos as u64) {
+                let _ = mem.write_obj(bytes[idx], GuestAddress(at));
+            }
+            idx += 1;
+        }
+        base += len;
+    }
+}
+
+/// How many of `chains` a frame of `len` bytes fills, and the bytes in each.
+fn chains_needed(chains: &[RxChain], len: usize) -> usize {
+    let mut cap = 0usize;
+    for (i, c) in chains.iter().enumerate() {
+        cap += c.capacity;
+        if cap >= len {
+            return i + 1;
+        }
+    }
+    chains.len()
+}
+
 enum Delivery {
     Done,
     Dropped,
@@ -108,13 +141,20 @@ impl<T: Tap> Net<T> {
                 break Ok(RxStatus::Budget);
             }
             if self.rx_pending == 0 {
-                match self.tap.read_frame(&mut self.rx_buf) {
-                    Ok(n) if n < VNET_HDR_LEN => {
-                        NetMetrics::inc(&self.metrics.rx_tap_short);
+                if let Err(e) = self.reserve_rx_chains(RX_BUF_LEN) {
+                    break Err(e);
+                }
+                let read = if self.rx_reserved_cap >= RX_BUF_LEN {
+                    self.read_into_guest()
+                } else {
+                    self.read_into_bounce()
+                };
+                match read {
+                    Ok(true) => {
                         handled += 1;
                         continue;
                     }
-                    Ok(n) => self.rx_pending = n,
+                    Ok(false) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(RxStatus::Drained),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
@@ -164,40 +204,39 @@ impl<T: Tap> Net<T> {
             })
     }
 
-    /// Delivers the frame in `rx_buf[..rx_pending]`.
-    fn deliver_pending(&mut self) -> Result<Delivery, NetError> {
+    /// Reserves guest chains until they hold `target` bytes or the queue is
+    /// empty (without MRG_RXBUF: at most one chain). Malformed chains are
+    /// returned empty and counted.
+    fn reserve_rx_chains(&mut self, target: usize) -> Result<(), NetError> {
         let mrg = self.has_feature(MRG_RXBUF_FEATURE);
-        let frame_len = self.rx_pending;
         let tap = &self.tap;
         let metrics = &self.metrics;
         let Some(active) = self.active.as_mut() else {
-            return Ok(Delivery::NoBuffers);
+            return Ok(());
         };
         let mem = &active.mem;
         let q = &mut active.queues[RX_INDEX];
-        let queue_err = |source| NetError::Queue {
-            tap: tap.name().to_string(),
-            source,
-        };
-        while self.rx_reserved_cap < frame_len {
-            let Some(chain) = q.iter(mem).map_err(queue_err)?.next() else {
-                return Ok(Delivery::NoBuffers);
+        while self.rx_reserved_cap < target && (mrg || self.rx_reserved.is_empty()) {
+            let next = q
+                .iter(mem)
+                .map_err(|source| NetError::Queue {
+                    tap: tap.name().to_string(),
+                    source,
+                })?
+                .next();
+            let Some(chain) = next else {
+                break;
             };
             let chain = match collect_rx_chain(mem, chain) {
+                // The first buffer of a frame must hold the whole header.
                 Ok(c) if self.rx_reserved.is_empty() && c.capacity < VNET_HDR_LEN => Err(c.head),
                 other => other,
             };
             match chain {
                 Err(head) => {
-                    // Return the bad buffer empty; the frame waits for a good one.
                     NetMetrics::inc(&metrics.rx_malformed);
                     self.rx_reserved_gap |= !self.rx_reserved.is_empty();
                     add_used(q, mem, head, 0, metrics);
-                }
-                Ok(c) if !mrg && c.capacity < frame_len => {
-                    NetMetrics::inc(&metrics.rx_dropped);
-                    add_used(q, mem, c.head, 0, metrics);
-                    return Ok(Delivery::Dropped);
                 }
                 Ok(c) => {
                     self.rx_reserved_cap += c.capacity;
@@ -205,24 +244,108 @@ impl<T: Tap> Net<T> {
                 }
             }
         }
-        let num_buffers = u16::try_from(self.rx_reserved.len()).unwrap_or(u16::MAX);
-        self.rx_buf[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
-        let frame = &self.rx_buf[..frame_len];
-        let mut off = 0;
-        for chain in self.rx_reserved.drain(..) {
-            let written = scatter(mem, &chain, &frame[off..]);
-            off += written;
+        Ok(())
+    }
+
+    /// Returns the first `count` reserved chains to the guest; `len` bytes
+    /// were written into them in order. Sets `num_buffers`.
+    fn complete_rx(&mut self, count: usize, len: usize) {
+        let metrics = &self.metrics;
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = &active.mem;
+        let q = &mut active.queues[RX_INDEX];
+        let num_buffers = u16::try_from(count).unwrap_or(u16::MAX);
+        if let Some(first) = self.rx_reserved.first() {
+            write_at(mem, first, NUM_BUFFERS_OFFSET, &num_buffers.to_le_bytes());
+        }
+        let mut left = len;
+        for chain in self.rx_reserved.drain(..count) {
+            let written = left.min(chain.capacity);
+            left -= written;
+            self.rx_reserved_cap -= chain.capacity;
             add_used(q, mem, chain.head, written as u32, metrics);
         }
-        self.rx_reserved_cap = 0;
-        self.rx_reserved_gap = false;
-        if off == frame_len {
-            NetMetrics::inc(&metrics.rx_frames);
-            NetMetrics::add(&metrics.rx_bytes, (frame_len - VNET_HDR_LEN) as u64);
-            Ok(Delivery::Done)
-        } else {
-            NetMetrics::inc(&metrics.rx_dropped);
-            Ok(Delivery::Dropped)
+        if self.rx_reserved.is_empty() {
+            self.rx_reserved_gap = false;
         }
+        NetMetrics::inc(&metrics.rx_frames);
+        NetMetrics::add(&metrics.rx_bytes, (len - VNET_HDR_LEN) as u64);
+    }
+
+    /// Reads one frame straight into the reserved chains. `Ok(true)`: a
+    /// frame was handled.
+    fn read_into_guest(&mut self) -> io::Result<bool> {
+        let Some(active) = self.active.as_ref() else {
+            return Ok(false);
+        };
+        let mem = &active.mem;
+        let mut iov = GuestIovMut::new();
+        for chain in &self.rx_reserved {
+            for &(addr, len) in &chain.descs {
+                for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
+                    // Checked when reserved; guest memory does not shrink.
+                    let slice = slice.map_err(io::Error::other)?;
+                    iov.push_slice(slice);
+                }
+            }
+        }
+        let n = self.tap.read_frame_iov(&iov)?;
+        iov.mark_dirty(n);
+        drop(iov);
+        if n < VNET_HDR_LEN {
+            NetMetrics::inc(&self.metrics.rx_tap_short);
+            return Ok(true);
+        }
+        let count = chains_needed(&self.rx_reserved, n);
+        self.complete_rx(count, n);
+        Ok(true)
+    }
+
+    /// Reads one frame into the bounce buffer. `Ok(false)`: it is pending.
+    fn read_into_bounce(&mut self) -> io::Result<bool> {
+        let n = self.tap.read_frame(&mut self.rx_buf)?;
+        if n < VNET_HDR_LEN {
+            NetMetrics::inc(&self.metrics.rx_tap_short);
+            return Ok(true);
+        }
+        self.rx_pending = n;
+        Ok(false)
+    }
+
+    /// Delivers the frame in the bounce buffer `rx_buf[..rx_pending]`.
+    fn deliver_pending(&mut self) -> Result<Delivery, NetError> {
+        let frame_len = self.rx_pending;
+        self.reserve_rx_chains(frame_len)?;
+        if self.rx_reserved_cap < frame_len {
+            if self.has_feature(MRG_RXBUF_FEATURE) || self.rx_reserved.is_empty() {
+                return Ok(Delivery::NoBuffers);
+            }
+            // Without MRG_RXBUF the frame must fit one chain: drop it, counted.
+            let chain = self.rx_reserved.remove(0);
+            self.rx_reserved_cap -= chain.capacity;
+            NetMetrics::inc(&self.metrics.rx_dropped);
+            if let Some(active) = self.active.as_mut() {
+                let q = &mut active.queues[RX_INDEX];
+                add_used(q, &active.mem, chain.head, 0, &self.metrics);
+            }
+            return Ok(Delivery::Dropped);
+        }
+        let Some(active) = self.active.as_ref() else {
+            return Ok(Delivery::NoBuffers);
+        };
+        let count = chains_needed(&self.rx_reserved, frame_len);
+        let frame = &self.rx_buf[..frame_len];
+        let mut off = 0;
+        for chain in &self.rx_reserved[..count] {
+            off += scatter(&active.mem, chain, &frame[off..]);
+        }
+        if off != frame_len {
+            // Guest memory refused a write it had accepted when reserved.
+            NetMetrics::inc(&self.metrics.rx_malformed);
+        }
+        self.complete_rx(count, frame_len);
+        Ok(Delivery::Done)
     }
 }
