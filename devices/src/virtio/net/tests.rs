@@ -518,11 +518,17 @@ fn dirty(mem: &GuestMemoryMmap, addr: u64) -> bool {
 #[test]
 fn rx_zero_copy_into_big_buffer() {
     let mem = guest_mem();
-    let mut h = Harness::new(&mem, bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4));
+    let mut h = Harness::new(
+        &mem,
+        bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4),
+    );
     let f = frame(65_000, 3);
     h.peer.send(&f).unwrap();
     // A "big packets" chain: header buffer + 64 KiB + a bit.
-    h.add_chain(RX_INDEX, &[(0x80_0000, 12, true), (0x90_0000, RX_BUF_LEN as u32, true)]);
+    h.add_chain(
+        RX_INDEX,
+        &[(0x80_0000, 12, true), (0x90_0000, RX_BUF_LEN as u32, true)],
+    );
     assert!(!dirty(&mem, 0x90_0000 + 0x8000));
     assert_eq!(h.net.process_rx().unwrap(), RxStatus::Drained);
     assert_eq!(h.used(RX_INDEX), vec![(0, f.len() as u32)]);
@@ -530,7 +536,10 @@ fn rx_zero_copy_into_big_buffer() {
     got.extend(h.read_guest(0x90_0000, f.len() - 12));
     assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
     assert_eq!(got[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
-    assert!(dirty(&mem, 0x90_0000 + 0x8000), "direct reads mark guest pages dirty");
+    assert!(
+        dirty(&mem, 0x90_0000 + 0x8000),
+        "direct reads mark guest pages dirty"
+    );
     assert_eq!(h.metrics().rx_frames, 1);
 }
 
@@ -546,7 +555,10 @@ fn rx_zero_copy_merged_keeps_unused_buffers() {
     h.peer.send(&f2).unwrap();
     assert_eq!(h.net.process_rx().unwrap(), RxStatus::Drained);
     let used = h.used(RX_INDEX);
-    assert_eq!(used, vec![(0, 4096), (1, 4096), (2, 10_012 - 8192), (3, 112)]);
+    assert_eq!(
+        used,
+        vec![(0, 4096), (1, 4096), (2, 10_012 - 8192), (3, 112)]
+    );
     let mut got = Vec::new();
     for (i, &(_, len)) in used[..3].iter().enumerate() {
         got.extend(h.read_guest(0x100_0000 + i as u64 * 0x2000, len as usize));
