@@ -10,15 +10,16 @@
 //! RX: each injected batch is flooded to both TAPs; the device drains
 //! `tapdev` into guest RX buffers, the baseline `read`s `taphost`.
 //! Only the device's / host's own work is timed (not the guest posting
-//! buffers or the injection). Needs root; prints "skipped" otherwise.
+//! buffers or the injection), as this thread's CPU time, so other load on
+//! the machine does not skew the ratios. Needs root; prints "skipped" otherwise.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use devices::net::{ifctl, open_tap, FrameIov, MacAddr, Tap, TapDevice, VNET_HDR_LEN};
+use devices::net::{ifctl, open_tap, FrameIov, MacAddr, Tap, VNET_HDR_LEN};
 use devices::virtio::net::{Net, NetConfig, RxStatus};
 use devices::virtio::{IrqTrigger, VirtioDevice};
 use devices::GuestMemoryMmap;
@@ -108,6 +109,7 @@ fn make_frame(kind: &str) -> ([u8; VNET_HDR_LEN], Vec<u8>) {
     (hdr, f)
 }
 
+#[derive(Default)]
 struct Rate {
     frames: u64,
     bytes: u64,
@@ -115,6 +117,12 @@ struct Rate {
 }
 
 impl Rate {
+    fn add(&mut self, frames: u64, frame_len: u64, time: Duration) {
+        self.frames += frames;
+        self.bytes += frames * frame_len;
+        self.time += time;
+    }
+
     fn fps(&self) -> f64 {
         self.frames as f64 / self.time.as_secs_f64()
     }
@@ -196,15 +204,6 @@ fn post(mem: &GuestMemoryMmap, avail: GuestAddress, idx: &mut u16, n: usize) {
     mem.write_obj(*idx, GuestAddress(avail.0 + 2)).unwrap();
 }
 
-fn drain(tap: &mut TapDevice) -> u64 {
-    let mut buf = vec![0u8; 70_000];
-    let mut n = 0;
-    while tap.read_frame(&mut buf).is_ok() {
-        n += 1;
-    }
-    n
-}
-
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
@@ -240,8 +239,10 @@ fn main() {
 
     let (tapdev, _pd) = open_tap("tapdev", Some("br0"), None).unwrap();
     let (mut taphost, _ph) = open_tap("taphost", Some("br0"), None).unwrap();
+    let (mut taphost2, _ph2) = open_tap("taphost2", Some("br0"), None).unwrap();
     let offload = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
     taphost.set_offload(offload).unwrap();
+    taphost2.set_offload(offload).unwrap();
     let v1 = packet_socket("v1");
 
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
@@ -272,92 +273,127 @@ fn main() {
     let (mut rx_idx, mut tx_idx) = (0u16, 0u16);
 
     println!(
-        "{:<8} {:<4} {:>14} {:>10} {:>14} {:>10} {:>7}",
-        "frame", "dir", "device fr/s", "Gbit/s", "host fr/s", "Gbit/s", "ratio"
+        "{:<9} {:<3} {:>12} {:>8} | {:>12} {:>8} {:>6} | {:>12} {:>8} {:>6}",
+        "frame",
+        "dir",
+        "device fr/s",
+        "Gbit/s",
+        "host-hot",
+        "Gbit/s",
+        "ratio",
+        "host-spread",
+        "Gbit/s",
+        "ratio"
     );
+    // Host buffers: one reused buffer ("hot") or as many distinct buffers as
+    // the guest has ("spread", same memory footprint as the device's).
+    let mut spread_rx: Vec<Vec<u8>> = (0..QSIZE).map(|_| vec![0u8; 70_000]).collect();
+    let mut hot_rx = vec![0u8; 70_000];
     for kind in ["64B", "1500B", "64KiB-TSO"] {
         let (hdr, frame) = make_frame(kind);
         let flen = frame.len() as u64;
-        let batches = if kind == "64KiB-TSO" { 60 } else { 200 };
+        let batches = if kind == "64KiB-TSO" { 60 } else { 150 };
+        let mut msg = hdr.to_vec();
+        msg.extend(&frame);
+        let spread_tx: Vec<Vec<u8>> = (0..QSIZE).map(|_| msg.clone()).collect();
 
         // TX: the guest's chains hold header + frame in one buffer.
         for i in 0..u64::from(QSIZE) {
             let addr = TX_BUFS + i * STRIDE;
-            mem.write_slice(&hdr, GuestAddress(addr)).unwrap();
-            mem.write_slice(&frame, GuestAddress(addr + VNET_HDR_LEN as u64))
-                .unwrap();
-            let d = SplitDescriptor::new(addr, (VNET_HDR_LEN + frame.len()) as u32, 0, 0);
+            mem.write_slice(&msg, GuestAddress(addr)).unwrap();
+            let d = SplitDescriptor::new(addr, msg.len() as u32, 0, 0);
             mem.write_obj(RawDescriptor::from(d), GuestAddress(TXQ + 16 * i))
                 .unwrap();
         }
-        let before = net.metrics().snapshot().tx_frames;
-        let mut dev_tx = Duration::ZERO;
-        for _ in 0..batches {
+        let mut rates = [Rate::default(), Rate::default(), Rate::default()];
+        for b in 0..batches {
             post(&mem, GuestAddress(TXQ + AVAIL_OFF), &mut tx_idx, BATCH);
-            let t = Instant::now();
-            net.process_tx().unwrap();
-            dev_tx += t.elapsed();
-        }
-        let sent = net.metrics().snapshot().tx_frames - before;
-        let dev = Rate {
-            frames: sent,
-            bytes: sent * flen,
-            time: dev_tx,
-        };
-        let mut iov = FrameIov::new();
-        iov.push_bytes(&hdr);
-        iov.push_bytes(&frame);
-        let t = Instant::now();
-        let mut ok = 0u64;
-        for _ in 0..batches * BATCH {
-            if taphost.write_frame(&iov).is_ok() {
-                ok += 1;
+            // Rotate who goes first, so nobody always meets the same cache or
+            // softirq state.
+            for k in 0..3 {
+                let who = (b + k) % 3;
+                let t = cpu_now();
+                let frames = match who {
+                    0 => {
+                        let before = net.metrics().snapshot().tx_frames;
+                        net.process_tx().unwrap();
+                        net.metrics().snapshot().tx_frames - before
+                    }
+                    _ => {
+                        let tap = if who == 1 {
+                            &mut taphost
+                        } else {
+                            &mut taphost2
+                        };
+                        let mut ok = 0;
+                        for i in 0..BATCH {
+                            let buf = if who == 1 {
+                                &msg
+                            } else {
+                                &spread_tx[i % spread_tx.len()]
+                            };
+                            let mut iov = FrameIov::new();
+                            iov.push_bytes(buf);
+                            ok += u64::from(tap.write_frame(&iov).is_ok());
+                        }
+                        ok
+                    }
+                };
+                rates[who].add(frames, flen, cpu_now() - t);
             }
         }
-        let host = Rate {
-            frames: ok,
-            bytes: ok * flen,
-            time: t.elapsed(),
-        };
-        report(kind, "TX", &dev, &host);
+        report(kind, "TX", &rates);
         std::thread::sleep(Duration::from_millis(20));
         // Forget what TX flooded into the TAPs.
-        drain(&mut taphost);
-        flush_fd(net.tap().as_raw_fd());
+        for fd in [
+            net.tap().as_raw_fd(),
+            taphost.as_raw_fd(),
+            taphost2.as_raw_fd(),
+        ] {
+            flush_fd(fd);
+        }
 
-        // RX: inject a batch (flooded to both TAPs), then let each drain it.
-        let mut msg = hdr[..10].to_vec();
-        msg.extend(&frame);
-        let (mut dev_rx, mut host_rx) = (Duration::ZERO, Duration::ZERO);
-        let (mut dev_frames, mut host_frames) = (0u64, 0u64);
+        // RX: inject a batch (flooded to all three TAPs), then let each drain it.
+        let mut pmsg = hdr[..10].to_vec();
+        pmsg.extend(&frame);
+        let mut rates = [Rate::default(), Rate::default(), Rate::default()];
         let rx_batch = if kind == "64KiB-TSO" { 128 } else { BATCH };
-        for _ in 0..batches {
+        for b in 0..batches {
             post(&mem, GuestAddress(RXQ + AVAIL_OFF), &mut rx_idx, rx_batch);
             for _ in 0..rx_batch {
-                // SAFETY: `msg` is valid for reads of its length.
-                unsafe { libc::send(v1.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+                // SAFETY: `pmsg` is valid for reads of its length.
+                unsafe { libc::send(v1.as_raw_fd(), pmsg.as_ptr().cast(), pmsg.len(), 0) };
             }
             std::thread::sleep(Duration::from_millis(2));
-            let before = net.metrics().snapshot().rx_frames;
-            let t = Instant::now();
-            while let Ok(RxStatus::Budget) = net.process_rx() {}
-            dev_rx += t.elapsed();
-            dev_frames += net.metrics().snapshot().rx_frames - before;
-            let t = Instant::now();
-            host_frames += drain(&mut taphost);
-            host_rx += t.elapsed();
+            for k in 0..3 {
+                let who = (b + k) % 3;
+                let t = cpu_now();
+                let frames = match who {
+                    0 => {
+                        let before = net.metrics().snapshot().rx_frames;
+                        while let Ok(RxStatus::Budget) = net.process_rx() {}
+                        net.metrics().snapshot().rx_frames - before
+                    }
+                    1 => {
+                        let mut n = 0;
+                        while taphost.read_frame(&mut hot_rx).is_ok() {
+                            n += 1;
+                        }
+                        n
+                    }
+                    _ => {
+                        let mut n = 0;
+                        let len = spread_rx.len();
+                        while taphost2.read_frame(&mut spread_rx[n % len]).is_ok() {
+                            n += 1;
+                        }
+                        n as u64
+                    }
+                };
+                rates[who].add(frames, flen, cpu_now() - t);
+            }
         }
-        let dev = Rate {
-            frames: dev_frames,
-            bytes: dev_frames * flen,
-            time: dev_rx,
-        };
-        let host = Rate {
-            frames: host_frames,
-            bytes: host_frames * flen,
-            time: host_rx,
-        };
-        report(kind, "RX", &dev, &host);
+        report(kind, "RX", &rates);
     }
     let m = net.metrics().snapshot();
     println!(
@@ -366,19 +402,34 @@ fn main() {
     );
 }
 
+/// CPU time of this thread: unlike wall time, it is not inflated when other
+/// processes share the cores.
+fn cpu_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for clock_gettime to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 fn flush_fd(fd: i32) {
     let mut buf = vec![0u8; 70_000];
     // SAFETY: `buf` is valid for writes of its length; the fd is non-blocking.
     while unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
 }
 
-fn report(kind: &str, dir: &str, dev: &Rate, host: &Rate) {
+fn report(kind: &str, dir: &str, r: &[Rate; 3]) {
     println!(
-        "{kind:<8} {dir:<4} {:>14.0} {:>10.2} {:>14.0} {:>10.2} {:>7.2}",
-        dev.fps(),
-        dev.gbps(),
-        host.fps(),
-        host.gbps(),
-        dev.fps() / host.fps()
+        "{kind:<9} {dir:<3} {:>12.0} {:>8.2} | {:>12.0} {:>8.2} {:>6.2} | {:>12.0} {:>8.2} {:>6.2}",
+        r[0].fps(),
+        r[0].gbps(),
+        r[1].fps(),
+        r[1].gbps(),
+        r[0].fps() / r[1].fps(),
+        r[2].fps(),
+        r[2].gbps(),
+        r[0].fps() / r[2].fps(),
     );
 }
