@@ -43,8 +43,16 @@ pub enum RxStatus {
 #[derive(Debug)]
 pub(crate) struct RxChain {
     pub(crate) head: u16,
-    descs: Vec<(GuestAddress, usize)>,
+    /// First buffer inline (most chains have one), the others in `more`.
+    first: (GuestAddress, usize),
+    more: Vec<(GuestAddress, usize)>,
     capacity: usize,
+}
+
+impl RxChain {
+    fn descs(&self) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+        std::iter::once(self.first).chain(self.more.iter().copied())
+    }
 }
 
 /// Validates a RX chain: only writable, in-bounds buffers, no loop.
@@ -53,7 +61,8 @@ fn collect_rx_chain(
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> Result<RxChain, u16> {
     let head = chain.head_index();
-    let mut descs = Vec::new();
+    let mut first = None;
+    let mut more = Vec::new();
     let mut capacity = 0usize;
     let mut truncated = false;
     for desc in chain {
@@ -63,24 +72,29 @@ fn collect_rx_chain(
             return Err(head);
         }
         if len > 0 {
-            descs.push((desc.addr(), len));
+            if first.is_none() {
+                first = Some((desc.addr(), len));
+            } else {
+                more.push((desc.addr(), len));
+            }
             capacity = capacity.checked_add(len).ok_or(head)?;
         }
     }
-    if truncated || capacity == 0 {
-        return Err(head);
+    match first {
+        Some(first) if !truncated => Ok(RxChain {
+            head,
+            first,
+            more,
+            capacity,
+        }),
+        _ => Err(head),
     }
-    Ok(RxChain {
-        head,
-        descs,
-        capacity,
-    })
 }
 
 /// Copies `data` into the chain's buffers; returns bytes written.
 fn scatter(mem: &GuestMemoryMmap, chain: &RxChain, data: &[u8]) -> usize {
     let mut off = 0;
-    for &(addr, len) in &chain.descs {
+    for (addr, len) in chain.descs() {
         let n = len.min(data.len() - off);
         if n == 0 {
             break;
@@ -95,9 +109,14 @@ fn scatter(mem: &GuestMemoryMmap, chain: &RxChain, data: &[u8]) -> usize {
 
 /// Writes `bytes` at logical `offset` of the chain's buffers.
 fn write_at(mem: &GuestMemoryMmap, chain: &RxChain, offset: usize, bytes: &[u8]) {
+    let (addr, len) = chain.first;
+    if offset + bytes.len() <= len {
+        let _ = mem.write_slice(bytes, GuestAddress(addr.0 + offset as u64));
+        return;
+    }
     let mut base = 0usize;
     let mut idx = 0usize;
-    for &(addr, len) in &chain.descs {
+    for (addr, len) in chain.descs() {
         while idx < bytes.len() && offset + idx < base + len {
             let pos = offset + idx - base;
             if let Some(at) = addr.0.checked_add(pos as u64) {
@@ -283,7 +302,7 @@ impl<T: Tap> Net<T> {
         let mem = &active.mem;
         let mut iov = GuestIovMut::new();
         for chain in &self.rx_reserved {
-            for &(addr, len) in &chain.descs {
+            for (addr, len) in chain.descs() {
                 for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
                     // Checked when reserved; guest memory does not shrink.
                     let slice = slice.map_err(io::Error::other)?;
