@@ -142,14 +142,38 @@ impl<'a> FrameIov<'a> {
 /// A slice of wisp guest memory (see [`crate::GuestMemoryMmap`]).
 pub type GuestSlice<'a> = VolatileSlice<'a, BS<'a, AtomicBitmap>>;
 
+/// Buffers kept inline in [`GuestIovMut`] before it allocates.
+const INLINE_IOVS: usize = 4;
+
+const EMPTY_IOV: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
+
 /// Guest buffers a frame is read into directly (`readv`). After a read,
 /// [`GuestIovMut::mark_dirty`] records the written bytes in the dirty bitmap.
-#[derive(Debug, Default)]
+/// Up to four buffers need no allocation.
+#[derive(Debug)]
 pub struct GuestIovMut<'a> {
-    iovs: Vec<libc::iovec>,
-    slices: Vec<GuestSlice<'a>>,
-    guards: Vec<PtrGuardMut>,
+    inline_iovs: [libc::iovec; INLINE_IOVS],
+    inline_bufs: [Option<(GuestSlice<'a>, PtrGuardMut)>; INLINE_IOVS],
+    spill_iovs: Vec<libc::iovec>,
+    spill_bufs: Vec<(GuestSlice<'a>, PtrGuardMut)>,
+    count: usize,
     len: usize,
+}
+
+impl Default for GuestIovMut<'_> {
+    fn default() -> Self {
+        Self {
+            inline_iovs: [EMPTY_IOV; INLINE_IOVS],
+            inline_bufs: Default::default(),
+            spill_iovs: Vec::new(),
+            spill_bufs: Vec::new(),
+            count: 0,
+            len: 0,
+        }
+    }
 }
 
 impl<'a> GuestIovMut<'a> {
@@ -161,13 +185,30 @@ impl<'a> GuestIovMut<'a> {
     /// Appends a bounds-checked region of guest memory.
     pub fn push_slice(&mut self, slice: GuestSlice<'a>) {
         let guard = slice.ptr_guard_mut();
-        self.iovs.push(libc::iovec {
+        let iov = libc::iovec {
             iov_base: guard.as_ptr().cast(),
             iov_len: guard.len(),
-        });
+        };
         self.len += guard.len();
-        self.guards.push(guard);
-        self.slices.push(slice);
+        if self.count < INLINE_IOVS {
+            self.inline_iovs[self.count] = iov;
+            self.inline_bufs[self.count] = Some((slice, guard));
+        } else {
+            if self.count == INLINE_IOVS {
+                self.spill_iovs.extend_from_slice(&self.inline_iovs);
+            }
+            self.spill_iovs.push(iov);
+            self.spill_bufs.push((slice, guard));
+        }
+        self.count += 1;
+    }
+
+    fn iovs(&self) -> &[libc::iovec] {
+        if self.count <= INLINE_IOVS {
+            &self.inline_iovs[..self.count]
+        } else {
+            &self.spill_iovs
+        }
     }
 
     /// Total capacity in bytes.
@@ -182,11 +223,12 @@ impl<'a> GuestIovMut<'a> {
 
     /// Reads one datagram/frame from `fd` into the buffers with one `readv`.
     pub fn readv(&self, fd: RawFd) -> io::Result<usize> {
-        let count = libc::c_int::try_from(self.iovs.len())
+        let iovs = self.iovs();
+        let count = libc::c_int::try_from(iovs.len())
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: every iovec points to guest memory checked by `VolatileSlice`
-        // and valid for writes for `'a`, which `self` borrows.
-        let ret = unsafe { libc::readv(fd, self.iovs.as_ptr(), count) };
+        // and valid for writes for `'a`, which `self` borrows (with its guard).
+        let ret = unsafe { libc::readv(fd, iovs.as_ptr(), count) };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -196,7 +238,12 @@ impl<'a> GuestIovMut<'a> {
     /// Marks the first `n` bytes as written in the guest dirty bitmap.
     pub fn mark_dirty(&self, n: usize) {
         let mut left = n;
-        for slice in &self.slices {
+        let bufs = self
+            .inline_bufs
+            .iter()
+            .flatten()
+            .chain(self.spill_bufs.iter());
+        for (slice, _) in bufs {
             if left == 0 {
                 break;
             }

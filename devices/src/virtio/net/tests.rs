@@ -572,3 +572,30 @@ fn rx_zero_copy_merged_keeps_unused_buffers() {
     assert_eq!(h.net.rx_reserved.len(), 16);
     assert_eq!(h.net.save().queues[RX_INDEX].next_avail, 4);
 }
+
+#[test]
+fn rx_zero_copy_into_many_descriptor_chain() {
+    let mem = guest_mem();
+    let mut h = Harness::new(
+        &mem,
+        bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4),
+    );
+    // Header + six 13,200-byte pieces: more than the inline iovec slots.
+    let mut bufs = vec![(0x80_0000u64, 12u32, true)];
+    bufs.extend((0..6u64).map(|i| (0x90_0000 + i * 0x4000, 13_200, true)));
+    h.add_chain(RX_INDEX, &bufs);
+    let f = frame(60_000, 6);
+    h.peer.send(&f).unwrap();
+    assert_eq!(h.net.process_rx().unwrap(), RxStatus::Drained);
+    assert_eq!(h.used(RX_INDEX), vec![(0, f.len() as u32)]);
+    let mut got = h.read_guest(0x80_0000, 12);
+    for i in 0..6u64 {
+        got.extend(h.read_guest(0x90_0000 + i * 0x4000, 13_200));
+    }
+    got.truncate(f.len());
+    assert_eq!(got[VNET_HDR_LEN..], f[VNET_HDR_LEN..]);
+    assert!(
+        dirty(&mem, 0x90_0000 + 4 * 0x4000 + 100),
+        "spilled buffers marked dirty"
+    );
+}
