@@ -5,7 +5,7 @@
 //! local stand-in until the virtio transport provides a shared queue-state type.
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueState};
+use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::device::{Net, NetConfig, NetError};
 use super::RX_INDEX;
@@ -131,6 +131,23 @@ impl<T: Tap> Net<T> {
             activated: self.active.is_some(),
             queues,
             rx_pending_frame: self.rx_buf[..self.rx_pending].to_vec(),
+        }
+    }
+
+    /// Gives back guest RX buffers set aside for a frame that has not arrived
+    /// yet, by rewinding the live RX queue's `next_avail`. Call before the
+    /// transport snapshots queue state itself (instead of [`Net::save`]'s
+    /// copy); RX processing simply reserves them again afterwards.
+    pub fn release_rx_buffers(&mut self) {
+        if self.rx_reserved.is_empty() || self.rx_reserved_gap {
+            return;
+        }
+        if let Some(active) = self.active.as_mut() {
+            let q = &mut active.queues[RX_INDEX];
+            let back = self.rx_reserved.len() as u16;
+            q.set_next_avail(q.next_avail().wrapping_sub(back));
+            self.rx_reserved.clear();
+            self.rx_reserved_cap = 0;
         }
     }
 

@@ -599,3 +599,21 @@ fn rx_zero_copy_into_many_descriptor_chain() {
         "spilled buffers marked dirty"
     );
 }
+
+#[test]
+fn release_rx_buffers_rewinds_reservations() {
+    let mem = guest_mem();
+    let mut h = Harness::new(&mem, bit(VIRTIO_NET_F_MRG_RXBUF));
+    h.peer.send(&frame(3000, 1)).unwrap();
+    h.add_chain(RX_INDEX, &[(0x50_0000, 1000, true)]);
+    h.add_chain(RX_INDEX, &[(0x51_0000, 1000, true)]);
+    assert_eq!(h.net.process_rx().unwrap(), RxStatus::NeedBuffers);
+    assert_eq!(h.net.save().queues[RX_INDEX].next_avail, 0);
+    h.net.release_rx_buffers();
+    assert!(h.net.rx_reserved.is_empty());
+    assert_eq!(h.net.save().queues[RX_INDEX].next_avail, 0);
+    // The same buffers are found again, plus one more: the frame arrives.
+    h.add_chain(RX_INDEX, &[(0x52_0000, 2000, true)]);
+    assert_eq!(h.net.process_rx().unwrap(), RxStatus::Drained);
+    assert_eq!(h.used(RX_INDEX), vec![(0, 1000), (1, 1000), (2, 1012)]);
+}
