@@ -68,7 +68,9 @@ fn collect_rx_chain(
     for desc in chain {
         truncated = desc.has_next();
         let len = desc.len() as usize;
-        if !desc.is_write_only() || !GuestMemoryBackend::check_range(mem, desc.addr(), len) {
+        let in_bounds = GuestMemoryBackend::get_slice(mem, desc.addr(), len).is_ok()
+            || GuestMemoryBackend::check_range(mem, desc.addr(), len);
+        if !desc.is_write_only() || !in_bounds {
             return Err(head);
         }
         if len > 0 {
@@ -303,6 +305,10 @@ impl<T: Tap> Net<T> {
         let mut iov = GuestIovMut::new();
         for chain in &self.rx_reserved {
             for (addr, len) in chain.descs() {
+                if let Ok(slice) = GuestMemoryBackend::get_slice(mem, addr, len) {
+                    iov.push_slice(slice);
+                    continue;
+                }
                 for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
                     // Checked when reserved; guest memory does not shrink.
                     let slice = slice.map_err(io::Error::other)?;

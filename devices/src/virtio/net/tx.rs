@@ -80,6 +80,11 @@ fn push_guest_range<'a>(
     if len == 0 {
         return Ok(());
     }
+    // Fast path: the range lies in one region (bounds-checked by vm-memory).
+    if let Ok(slice) = GuestMemoryBackend::get_slice(mem, addr, len) {
+        iov.push_slice(&slice);
+        return Ok(());
+    }
     if !GuestMemoryBackend::check_range(mem, addr, len) {
         return Err(TxMalformed::OutOfBounds);
     }
