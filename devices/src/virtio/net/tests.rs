@@ -617,3 +617,36 @@ fn release_rx_buffers_rewinds_reservations() {
     assert_eq!(h.net.process_rx().unwrap(), RxStatus::Drained);
     assert_eq!(h.used(RX_INDEX), vec![(0, 1000), (1, 1000), (2, 1012)]);
 }
+
+#[test]
+fn event_loop_sends_on_tx_notification_and_rearms_after_reset() {
+    let mem = guest_mem();
+    let mut h = Harness::new(&mem, 0);
+    let f = frame(80, 2);
+    mem.write_slice(&f, GuestAddress(0x10_0000)).unwrap();
+    h.add_chain(TX_INDEX, &[(0x10_0000, f.len() as u32, false)]);
+    let Harness { net, peer, .. } = h;
+    let tx_evt = net.active.as_ref().unwrap().queue_evts[TX_INDEX]
+        .try_clone()
+        .unwrap();
+    let net = Arc::new(Mutex::new(net));
+    let mut em: EventManager<Arc<Mutex<Net<FakeTap>>>> = EventManager::new().unwrap();
+    em.add_subscriber(net.clone());
+    // Activation registers the queues and flushes work queued before it.
+    em.run_with_timeout(100).unwrap();
+    assert_eq!(peer.recv().unwrap(), f);
+    // A later notification is served through the queue eventfd.
+    tx_evt.write(1).unwrap();
+    em.run_with_timeout(100).unwrap();
+    assert_eq!(net.lock().unwrap().metrics().snapshot().tx_queue_events, 1);
+    // Reset: the handler drops the old queue eventfds and the TAP.
+    net.lock().unwrap().reset();
+    em.run_with_timeout(100).unwrap();
+    {
+        let n = net.lock().unwrap();
+        assert!(n.retired_evts.is_empty());
+        assert!(!n.events.tap_registered && !n.events.queues_registered);
+    }
+    peer.send(&frame(10, 1)).unwrap();
+    assert_eq!(em.run_with_timeout(50).unwrap(), 0, "TAP no longer watched");
+}
