@@ -567,4 +567,43 @@ mod device {
             assert_eq!((m.tx_frames, m.rx_dropped, m.rx_malformed), (1, 0, 0));
         });
     }
+
+    #[test]
+    fn deleted_tap_does_not_spin_the_event_loop() {
+        use event_manager::{EventManager, SubscriberOps};
+        use std::sync::Mutex;
+        if !privileged() {
+            return;
+        }
+        let ns = Netns::with_bridge("del");
+        ns.enter(|| {
+            let (tap, _port) = open_tap("wtap0", Some("br0"), None).unwrap();
+            let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+            let rxq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+            let txq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+            let mut net =
+                Net::new(tap, NetConfig::new("02:00:00:00:00:06".parse().unwrap())).unwrap();
+            net.set_acked_features(1 << VIRTIO_F_VERSION_1);
+            let irq = Arc::new(IrqTrigger::new(EventFd::new(0).unwrap()));
+            let queues: Vec<Queue> = vec![rxq.create_queue().unwrap(), txq.create_queue().unwrap()];
+            let evts = vec![EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+            net.activate(mem.clone(), irq, queues, evts).unwrap();
+            let net = Arc::new(Mutex::new(net));
+            let mut em: EventManager<Arc<Mutex<Net<TapDevice>>>> = EventManager::new().unwrap();
+            em.add_subscriber(net.clone());
+            em.run_with_timeout(100).unwrap();
+            let st = Command::new("ip")
+                .args(["link", "del", "wtap0"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            // The error is reported once, then the TAP is no longer watched.
+            let mut events = 0;
+            for _ in 0..5 {
+                events += em.run_with_timeout(20).unwrap();
+            }
+            assert!(events <= 1, "{events} events: the loop spins on a dead TAP");
+            assert_eq!(net.lock().unwrap().metrics().snapshot().rx_tap_errors, 1);
+        });
+    }
 }

@@ -146,6 +146,22 @@ impl<T: Tap> MutEventSubscriber for Net<T> {
             }
             DATA_TAP => {
                 NetMetrics::inc(&self.metrics.tap_events);
+                if events
+                    .event_set()
+                    .intersects(EventSet::ERROR | EventSet::HANG_UP)
+                {
+                    // E.g. the interface was deleted under us: epoll would
+                    // report this forever, so stop watching the TAP.
+                    NetMetrics::inc(&self.metrics.rx_tap_errors);
+                    log::error!(
+                        "TAP {} failed (deleted?); no longer receiving from it",
+                        self.tap.name()
+                    );
+                    let _ = ops.remove(Events::empty(&self.tap));
+                    self.events.tap_registered = false;
+                    self.events.tap_polling = false;
+                    return;
+                }
                 self.run_rx(ops);
             }
             other => log::warn!(
