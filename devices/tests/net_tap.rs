@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Root-only tests of TAP and bridge plumbing. Each test creates its own
 //! network namespace (`wisp-test-<pid>-<tag>`), works only inside it from a
-//! thread that `setns`-ed into it, and deletes it afterwards. Without root or
-//! `/dev/net/tun` the tests print why and pass.
+//! thread that `setns`-ed into it, and deletes it afterwards. Without root,
+//! iproute2 or `/dev/net/tun` the tests print why and pass.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -19,9 +19,13 @@ const ETHERTYPE_TEST: u16 = 0x88b5;
 fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let ok = root && std::path::Path::new("/dev/net/tun").exists();
+    let has_ip = Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let ok = root && has_ip && std::path::Path::new("/dev/net/tun").exists();
     if !ok {
-        eprintln!("skipping: needs root and /dev/net/tun");
+        eprintln!("skipping: needs root, iproute2 and /dev/net/tun");
     }
     ok
 }
