@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod disk;
 pub mod legacy;
+pub mod net;
 pub mod virtio;
 
 /// Guest memory as every device sees it. The bitmap records pages written by

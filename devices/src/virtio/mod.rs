@@ -112,3 +112,5 @@ pub trait VirtioDevice: Send {
         false
     }
 }
+
+pub mod net;
