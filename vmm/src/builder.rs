@@ -20,7 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{self, SerialConfig, VmConfig};
 use crate::device_manager::{self, MmioAllocator};
-use crate::vmm::AttachedBlock;
+use crate::vmm::{AttachedBlock, AttachedNet};
 use crate::vmm::Vmm;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError};
@@ -143,6 +143,17 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
         });
     }
 
+    let mut nets = Vec::with_capacity(cfg.nets.len());
+    for n in &cfg.nets {
+        let (net, port) = device_manager::create_net(n)?;
+        let transport = device_manager::attach_virtio(&vm, &mut mmio, &mut alloc, net.clone())?;
+        nets.push(AttachedNet {
+            net,
+            transport,
+            port,
+        });
+    }
+
     let cmdline = loader::build_cmdline(&cfg.cmdline, &alloc.cmdline_params(), cmdline_max)?;
     let cmdline_len = loader::write_cmdline(&vm.memory, &cmdline)?;
 
@@ -222,6 +233,7 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
         reset_evt,
         poweroff_evt,
         disks,
+        nets,
         config: cfg.clone(),
     })
 }

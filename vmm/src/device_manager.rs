@@ -15,7 +15,7 @@ use devices::virtio::{IrqTrigger, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, NetConfig};
 use crate::vstate::vm::Vm;
 
 /// Why a device could not be attached.
@@ -34,6 +34,16 @@ pub enum DeviceError {
         /// Why.
         #[source]
         source: devices::disk::DiskError,
+    },
+    /// The TAP or bridge could not be set up.
+    #[error("Cannot set up network interface '{id}' (TAP {tap}): {detail}")]
+    Net {
+        /// Interface id.
+        id: String,
+        /// TAP name.
+        tap: String,
+        /// Why.
+        detail: String,
     },
     /// The block device refused its configuration.
     #[error("Cannot create disk '{id}': {detail}")]
@@ -198,4 +208,34 @@ mod tests {
         }
         assert!(matches!(a.allocate(), Err(DeviceError::TooMany(19))));
     }
+}
+
+/// A virtio-net device over a TAP, and the bridge port to undo on teardown.
+pub type NetDevice = (
+    Arc<Mutex<devices::virtio::net::Net<devices::net::TapDevice>>>,
+    Option<devices::net::BridgePort>,
+);
+
+/// Opens (or creates) the TAP, attaches it to its bridge, and creates the
+/// virtio-net device with the configured or a generated stable MAC.
+pub fn create_net(n: &NetConfig) -> Result<NetDevice, DeviceError> {
+    let err = |detail: String| DeviceError::Net {
+        id: n.id.clone(),
+        tap: n.tap.clone(),
+        detail,
+    };
+    let mac = match &n.mac {
+        Some(m) => m
+            .parse::<devices::net::MacAddr>()
+            .map_err(|e| err(e.to_string()))?,
+        None => devices::net::MacAddr::generate(&format!("{}/{}", n.id, n.tap)),
+    };
+    let (tap, port) = devices::net::open_tap(&n.tap, n.bridge.as_deref(), n.mtu)
+        .map_err(|e| err(e.to_string()))?;
+    let mut cfg = devices::virtio::net::NetConfig::new(mac);
+    if let Some(mtu) = n.mtu {
+        cfg.mtu = mtu;
+    }
+    let net = devices::virtio::net::Net::new(tap, cfg).map_err(|e| err(e.to_string()))?;
+    Ok((Arc::new(Mutex::new(net)), port))
 }

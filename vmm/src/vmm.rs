@@ -40,6 +40,17 @@ pub struct AttachedBlock {
     pub transport: Arc<Mutex<devices::virtio::mmio::MmioTransport>>,
 }
 
+/// A virtio-net device, its transport and its bridge port.
+#[derive(Debug)]
+pub struct AttachedNet {
+    /// The device (also an event-loop subscriber).
+    pub net: Arc<Mutex<devices::virtio::net::Net<devices::net::TapDevice>>>,
+    /// Its virtio-mmio transport.
+    pub transport: Arc<Mutex<devices::virtio::mmio::MmioTransport>>,
+    /// The bridge port to detach when the VM ends.
+    pub port: Option<devices::net::BridgePort>,
+}
+
 /// A built VM with its vCPU threads.
 #[derive(Debug)]
 pub struct Vmm {
@@ -61,6 +72,8 @@ pub struct Vmm {
     pub poweroff_evt: EventFd,
     /// virtio-blk devices, root first.
     pub disks: Vec<AttachedBlock>,
+    /// virtio-net devices.
+    pub nets: Vec<AttachedNet>,
     /// What the VM was built from.
     pub config: VmConfig,
 }
@@ -189,6 +202,9 @@ impl Vmm {
         for d in &self.disks {
             em.add_subscriber(d.block.clone());
         }
+        for n in &self.nets {
+            em.add_subscriber(n.net.clone());
+        }
         if console {
             let drained = lock(&self.serial)
                 .input_drained_evt()
@@ -225,10 +241,18 @@ impl Vmm {
         Ok(())
     }
 
-    /// Stops the vCPUs and flushes the console.
+    /// Stops the vCPUs, detaches the TAPs from their bridges and flushes the
+    /// console.
     pub fn stop(&mut self) {
         for v in &mut self.vcpus {
             v.stop();
+        }
+        for n in &mut self.nets {
+            if let Some(p) = &mut n.port {
+                if let Err(e) = p.teardown() {
+                    log::warn!("Cannot detach a TAP from its bridge: {e}");
+                }
+            }
         }
         lock(&self.serial).flush_output();
     }
