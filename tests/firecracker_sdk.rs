@@ -99,6 +99,8 @@ fn test_pyrecracker_drives_wisp_unchanged() {
         .spawn()
         .expect("run tests/sdk/test_sdk.py");
     let r = harness::wait(child, Duration::from_secs(180));
+    // Shown with --nocapture; on failure the assertion below prints it.
+    println!("{}{}", r.stdout, r.stderr);
     assert_eq!(
         r.code,
         Some(0),
