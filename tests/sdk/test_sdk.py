@@ -253,7 +253,7 @@ def run(args):
     vm.host_env_cleanup_pause = 1
     vm.stop()
     wait_until("the VMM process to end", lambda: pid not in pids_with_arg(sock), 10)
-    check(True, "VMManager.stop() ended the VMM process")
+    print("ok: VMManager.stop() ended the VMM process", flush=True)
     check(not os.path.exists(sock), "the API socket is gone")
     tail = read(log)
     check("wisp: stopped by SIGTERM" in tail, "wisp reports it was stopped by SIGTERM")
