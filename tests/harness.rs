@@ -346,3 +346,158 @@ pub fn wait_for_text(file: &Path, needle: &str, timeout: Duration) -> String {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A network namespace with a bridge `br0` and a host-side veth `vh`
+/// (10.77.0.1/24) plugged into it; deleted (with everything in it) on drop.
+pub struct NetNs {
+    /// Namespace name.
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates the namespace and its bridge.
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "wisp-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let ns = Self { name };
+        let ip = |args: &str| {
+            let st = Command::new("ip")
+                .args(args.split_whitespace())
+                .status()
+                .expect("run ip");
+            assert!(st.success(), "ip {args} failed");
+        };
+        ip(&format!("netns add {}", ns.name));
+        let n = &ns.name;
+        ip(&format!("-n {n} link set lo up"));
+        ip(&format!("-n {n} link add br0 type bridge"));
+        ip(&format!("-n {n} link set br0 up"));
+        ip(&format!("-n {n} link add vh type veth peer name vb"));
+        ip(&format!("-n {n} link set vb master br0"));
+        ip(&format!("-n {n} link set vb up"));
+        ip(&format!("-n {n} addr add 10.77.0.1/24 dev vh"));
+        ip(&format!("-n {n} link set vh up"));
+        ns
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Spawns `wisp ARGS` inside the namespace, output captured.
+    pub fn spawn_wisp(&self, args: &[&str]) -> Child {
+        self.cmd(wisp().to_str().expect("utf-8 path"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wisp in namespace")
+    }
+
+    /// Output of `program ARGS` run inside the namespace.
+    pub fn output(&self, program: &str, args: &[&str]) -> String {
+        let o = self
+            .cmd(program)
+            .args(args)
+            .output()
+            .expect("run in namespace");
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+    }
+
+    /// Whether interface `name` exists in the namespace.
+    pub fn has_link(&self, name: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name, "link", "show", name])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Whether this process may create network namespaces and TAP devices.
+pub fn have_net_admin() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    root && Path::new("/dev/net/tun").exists()
+}
+
+/// Skips the calling test with a reason when TAP/namespace setup is impossible.
+#[macro_export]
+macro_rules! require_net {
+    () => {
+        if !harness::have_kvm() || !harness::have_net_admin() {
+            eprintln!("SKIPPED: needs /dev/kvm, /dev/net/tun and root for network namespaces");
+            return;
+        }
+    };
+}
+
+/// Reads a child's stdout line by line on a thread; `wait_line` waits for one.
+pub struct LineReader {
+    rx: std::sync::mpsc::Receiver<String>,
+    /// Every line seen so far.
+    pub seen: Vec<String>,
+}
+
+impl LineReader {
+    /// Takes over `child`'s stdout.
+    pub fn new(child: &mut Child) -> Self {
+        let out = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`.
+    pub fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!(
+                    "no line with '{needle}' within {timeout:?}; saw:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Collects what is left after the child exits.
+    pub fn rest(&mut self) -> String {
+        while let Ok(l) = self.rx.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        self.seen.join("\n")
+    }
+}

@@ -134,11 +134,17 @@ mod tests {
         bus.insert(dev.clone(), 0x3f8, 8).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x3fc, 8),
-            Err(BusError::Overlap { base: 0x3fc, len: 8 })
+            Err(BusError::Overlap {
+                base: 0x3fc,
+                len: 8
+            })
         );
         assert_eq!(
             bus.insert(dev.clone(), 0x3f0, 9),
-            Err(BusError::Overlap { base: 0x3f0, len: 9 })
+            Err(BusError::Overlap {
+                base: 0x3f0,
+                len: 9
+            })
         );
         assert!(bus.insert(dev.clone(), 0x3f0, 8).is_ok());
         assert!(matches!(

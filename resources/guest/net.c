@@ -389,10 +389,11 @@ const char *test_net_tx_burst(void)
 }
 
 static u64 rx_good, rx_bad;
+static u32 rx_et = ET_RX;
 
 static void rx_check(const u8 *f, u32 len)
 {
-	if (len < 14 || be16(f + 12) != ET_RX) return;
+	if (len < 14 || be16(f + 12) != rx_et) return;
 	if (len < 18) {
 		rx_bad++;
 		printf("net_rx: bad frame: %u bytes, too short\n", len);
@@ -414,11 +415,14 @@ const char *test_net_rx(void)
 {
 	const char *e = net_get();
 	if (e) return e;
-	s64 want = 100;
+	s64 want = 100, et = ET_RX;
 	cmd_get_int("rx_count", &want);
+	/* rx_ethertype= (decimal) lets one guest receive another's net_tx_burst. */
+	cmd_get_int("rx_ethertype", &et);
+	rx_et = (u32)et & 0xffff;
 	rx_good = rx_bad = 0;
 	u64 lim = timeout_cycles("net_timeout_s", 60), t0 = rdtsc();
-	printf("net_rx: ready for %ld frames with ethertype 0x%x\n", want, ET_RX);
+	printf("net_rx: ready for %ld frames with ethertype 0x%x\n", want, rx_et);
 	while (rx_good < (u64)want && rdtsc() - t0 < lim)
 		if (!rx_poll(rx_check)) cpu_relax();
 	printf("net_rx: %lu good, %lu bad frames (%lu received in all, %lu oversized)\n", rx_good,

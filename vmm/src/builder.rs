@@ -20,8 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{self, SerialConfig, VmConfig};
 use crate::device_manager::{self, MmioAllocator};
-use crate::vmm::{AttachedBlock, AttachedNet};
 use crate::vmm::Vmm;
+use crate::vmm::{AttachedBlock, AttachedNet};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError};
 use crate::vstate::vm::{self, Vm, VmError};

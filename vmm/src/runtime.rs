@@ -377,8 +377,25 @@ impl Runtime {
                 preboot_only("The machine configuration")
             }
             ApiRequest::PutDrive(d) if !started => {
-                self.preboot.put_drive(d);
-                Ok(None)
+                // Open it now (as Firecracker does) so a bad image is refused here.
+                let cfg = crate::config::DiskConfig {
+                    path: PathBuf::from(&d.path_on_host),
+                    read_only: d.is_read_only,
+                    id: d.drive_id.clone(),
+                    serial: d.serial.clone(),
+                    format: d.format.map(|f| match f {
+                        api::models::DriveFormat::Raw => "raw".to_string(),
+                        api::models::DriveFormat::Qcow2 => "qcow2".to_string(),
+                    }),
+                    root: d.is_root_device,
+                };
+                match crate::device_manager::create_block(&cfg) {
+                    Ok(_) => {
+                        self.preboot.put_drive(d);
+                        Ok(None)
+                    }
+                    Err(e) => fault(chain(&e)),
+                }
             }
             ApiRequest::PutDrive(_) => preboot_only("Drives"),
             ApiRequest::PatchDrive(p) if !started => {
