@@ -288,3 +288,44 @@ fn test_second_writer_is_refused_while_first_runs() {
     r.assert_code(0);
     r.assert_pass("blk_read");
 }
+
+#[test]
+fn test_linux_guest_reads_and_writes_disk() {
+    require_kvm!();
+    if harness::host_is_pvm() {
+        eprintln!("SKIPPED: {}", harness::PVM_LINUX_SKIP);
+        return;
+    }
+    let (kernel, initrd) = harness::linux_guest();
+    let dir = TempDir::new("blk-linux");
+    let img = dir.path("disk.img");
+    make_pattern_image(&img, DISK_SIZE, PATTERN_DISK1);
+    let r = run(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--disk",
+            &format!("path={}", img.display()),
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=1 wisp.test=blk",
+        ],
+        Duration::from_secs(600),
+    );
+    r.assert_code(0);
+    assert!(
+        r.stdout
+            .contains(&format!("WISP-LINUX-BLK-SIZE {}", DISK_SIZE / 512)),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("WISP-LINUX-BLK-OK"), "{}", r.stdout);
+    let mut buf = [0u8; 19];
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut buf, 2048 * 512)
+        .unwrap();
+    assert_eq!(&buf, b"wisp-linux-was-here");
+}
