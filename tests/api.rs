@@ -454,3 +454,87 @@ fn test_logger_and_metrics() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     wait(child, Duration::from_secs(20));
 }
+
+fn start_guest_with_api(
+    tag: &str,
+    cmdline: &str,
+) -> (TempDir, std::path::PathBuf, std::process::Child) {
+    let dir = TempDir::new(tag);
+    let sock = dir.path("api.sock");
+    let g = guest();
+    let child = spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--kernel",
+        g.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+    ]);
+    wait_for_api(&sock);
+    (dir, sock, child)
+}
+
+#[test]
+fn test_orderly_shutdown_through_acpi_power_button() {
+    require_kvm!();
+    let (_dir, sock, mut child) = start_guest_with_api("api-shutdown", "tests=acpi_power_button");
+    let mut lines = harness::LineReader::new(&mut child);
+    lines.wait_line("acpi_power_button: waiting", Duration::from_secs(60));
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "Shutdown", "timeout_s": 30}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    let st = child.wait().unwrap();
+    let out = lines.rest();
+    assert!(st.success(), "{out}");
+    assert!(
+        out.contains("acpi_power_button: interrupt, event register 0x1"),
+        "{out}"
+    );
+    assert!(out.contains("PASS acpi_power_button"), "{out}");
+}
+
+#[test]
+fn test_shutdown_deadline_stops_a_guest_that_ignores_it() {
+    require_kvm!();
+    let (_dir, sock, child) = start_guest_with_api("api-deadline", "tests=cmdline exit=halt");
+    std::thread::sleep(Duration::from_millis(500));
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "Shutdown", "timeout_s": 1}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    let r = wait(child, Duration::from_secs(20));
+    r.assert_no_panic();
+    r.assert_code(1);
+    assert!(
+        r.stderr.contains("did not power off within 1 s"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn test_send_ctrl_alt_del_reaches_guest_keyboard() {
+    require_kvm!();
+    let (_dir, sock, mut child) = start_guest_with_api("api-cad", "tests=ctrl_alt_del");
+    let mut lines = harness::LineReader::new(&mut child);
+    lines.wait_line("ctrl_alt_del: waiting", Duration::from_secs(60));
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    let st = child.wait().unwrap();
+    let out = lines.rest();
+    assert!(st.success(), "{out}");
+    assert!(out.contains("PASS ctrl_alt_del"), "{out}");
+}

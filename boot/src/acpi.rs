@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::layout::{
     ACPI_END, ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, ACPI_START, APIC_START, COM1_IRQ,
-    COM1_PORT, IOAPIC_START,
+    COM1_PORT, GED_IRQ, GED_PORT, IOAPIC_START,
 };
 use crate::BootError;
 
@@ -90,6 +90,59 @@ pub fn dsdt_body(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, BootError> {
         )
         .to_aml_bytes(&mut body);
     }
+
+    // The power button, signalled through the Generic Event Device.
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    let ged_port = usize::from(GED_PORT);
+    aml::Device::new(
+        "_SB_.GED_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"ACPI0013"),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Interrupt::new(
+                    true, true, false, false, GED_IRQ,
+                )]),
+            ),
+            &aml::OpRegion::new(
+                "GDST".into(),
+                aml::OpRegionSpace::SystemIO,
+                &ged_port,
+                &1usize,
+            ),
+            &aml::Field::new(
+                "GDST".into(),
+                aml::FieldAccessType::Byte,
+                aml::FieldLockRule::NoLock,
+                aml::FieldUpdateRule::Preserve,
+                vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+            ),
+            &aml::Method::new(
+                "_EVT".into(),
+                1,
+                true,
+                vec![
+                    &aml::Store::new(&aml::Local(0), &aml::Path::new("GDAT")),
+                    &aml::If::new(
+                        &aml::Equal::new(
+                            &aml::And::new(&aml::ZERO, &aml::Local(0), &aml::ONE),
+                            &aml::ONE,
+                        ),
+                        vec![&aml::Notify::new(&aml::Path::new("\\_SB_.PWRB"), &0x80u8)],
+                    ),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
 
     aml::Name::new(
         "_S5_".into(),
@@ -240,6 +293,7 @@ mod tests {
         let has = |pat: &[u8]| dsdt.windows(pat.len()).any(|w| w == pat);
         assert!(has(b"LNRO0005"));
         assert!(has(b"_S5_"));
+        assert!(has(b"ACPI0013") && has(b"_EVT") && has(b"GDAT"));
         assert!(has(&0xd000_0000u32.to_le_bytes()));
     }
 }

@@ -68,8 +68,12 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 /// First GSI handed to devices (0-4 are the PIT, keyboard, cascade and COM1).
 pub const IRQ_BASE: u32 = 5;
-/// Last GSI handed to devices (the IOAPIC has 24 pins).
-pub const IRQ_MAX: u32 = 23;
+/// Last GSI handed to virtio devices (the IOAPIC has 24 pins; the last is the GED's).
+pub const IRQ_MAX: u32 = 22;
+/// GSI of the ACPI Generic Event Device (power button).
+pub const GED_IRQ: u32 = 23;
+/// I/O port of the GED event register.
+pub const GED_PORT: u16 = 0x3c4;
 /// COM1 I/O port base and GSI.
 pub const COM1_PORT: u16 = 0x3f8;
 /// COM1 interrupt line.

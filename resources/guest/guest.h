@@ -38,7 +38,7 @@ enum {
 	SYS_LAPIC_ENABLE,  /* enable the local APIC (SVR) */
 	SYS_WAIT_IRQ,      /* old count, timeout cycles -> new count */
 	SYS_TSC_KHZ,       /* -> TSC kHz from cpuid (0 if unknown) */
-	SYS_ROUTE_IRQ,     /* gsi, virtio base (0 = unroute), flags: bit0 level, bit1 active low */
+	SYS_ROUTE_IRQ,     /* gsi, virtio base (0 = unroute), flags: bit0 level, bit1 active low, bit2 plain (no virtio ack) */
 	SYS_NOP,
 };
 
@@ -155,6 +155,8 @@ const char *test_blk_ro(void);
 const char *test_blk_id(void);
 const char *test_blk_two(void);
 const char *test_blk_irq(void);
+const char *test_acpi_power_button(void);
+const char *test_ctrl_alt_del(void);
 const char *test_blk_bench(void);
 const char *test_tick(void);
 const char *test_blk_write_tick(void);

@@ -161,12 +161,13 @@ static long route_irq(u32 gsi, u64 vbase, u32 flags)
 		asm volatile("cpuid" : "=a"(a), "=b"(bb), "=c"(c), "=d"(d) : "a"(1), "c"(0));
 		apic = bb >> 24;
 		mmio_w32(LAPIC_BASE + 0xf0, 0x100 | VEC_SPURIOUS);
-		if (!vbase) {
+		if (!vbase && !(flags & 4)) {
 			ioapic_rw(b, 0x10 + 2 * pin, 1 << 16, 1);
 			irq_virtio_base = 0;
 			return 0;
 		}
-		irq_virtio_base = vbase;
+		/* flags bit 2: a plain interrupt, no virtio InterruptStatus to ack */
+		irq_virtio_base = (flags & 4) ? 0 : vbase;
 		irq_virtio_status = 0;
 		ioapic_rw(b, 0x11 + 2 * pin, apic << 24, 1);
 		ioapic_rw(b, 0x10 + 2 * pin,

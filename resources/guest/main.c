@@ -92,7 +92,7 @@ static const struct { const char *name; const char *(*fn)(void); } tests[] = {
 	{ "cmdline", test_cmdline }, { "e820", test_e820 },       { "madt", test_madt },
 	{ "smp", test_smp },         { "blk_read", test_blk_read }, { "blk_write", test_blk_write },
 	{ "blk_ro", test_blk_ro },   { "blk_id", test_blk_id },   { "blk_two", test_blk_two },
-	{ "blk_irq", test_blk_irq }, { "blk_bench", test_blk_bench }, { "fault", test_fault },
+	{ "blk_irq", test_blk_irq }, { "acpi_power_button", test_acpi_power_button }, { "ctrl_alt_del", test_ctrl_alt_del }, { "blk_bench", test_blk_bench }, { "fault", test_fault },
 	{ "irq_timeout", test_irq_timeout }, { "tick", test_tick },
 	{ "blk_write_tick", test_blk_write_tick }, { "net_arp_icmp", test_net_arp_icmp },
 	{ "net_tx_burst", test_net_tx_burst }, { "net_rx", test_net_rx },

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex};
 
 use boot::layout::{
     ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, CMDLINE_MAX_SIZE, COM1_IRQ, COM1_PORT,
-    I8042_IRQ, I8042_PORT,
+    GED_IRQ, GED_PORT, I8042_IRQ, I8042_PORT,
 };
 use boot::loader::{self, EntryPoint};
 use devices::bus::Bus;
-use devices::legacy::{AcpiPm, SerialDevice, I8042};
+use devices::legacy::{AcpiPm, Ged, SerialDevice, I8042};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -189,6 +189,7 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
         poweroff_evt.try_clone().map_err(dev_err("ACPI PM"))?,
         reset_evt.try_clone().map_err(dev_err("ACPI PM"))?,
     )));
+    let ged = Arc::new(Mutex::new(Ged::new(irqfd(&vm, GED_IRQ, "GED")?)));
     let mut pio = Bus::new();
     let bus_err = |what: &str, e: devices::bus::BusError| {
         dev_err(what)(std::io::Error::new(std::io::ErrorKind::AddrInUse, e))
@@ -199,6 +200,8 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
         .map_err(|e| bus_err("i8042", e))?;
     pio.insert(acpi_pm, u64::from(ACPI_PM_PORT), 4)
         .map_err(|e| bus_err("ACPI PM", e))?;
+    pio.insert(ged.clone(), u64::from(GED_PORT), 1)
+        .map_err(|e| bus_err("GED", e))?;
     let pio = Arc::new(pio);
     let mmio = Arc::new(mmio);
 
@@ -228,6 +231,7 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
         vcpus: handles,
         serial,
         i8042,
+        ged,
         exit_rx,
         exit_evt,
         reset_evt,

@@ -254,6 +254,12 @@ pub fn run_vmm(opts: RuntimeOptions) -> ExitCode {
             eprintln!("wisp: stopped through the API");
             ExitCode::SUCCESS
         }
+        Outcome::ShutdownTimeout(s) => {
+            eprintln!(
+                "wisp: the guest did not power off within {s} s of the ACPI power button; stopped"
+            );
+            ExitCode::FAILURE
+        }
         Outcome::Signal(sig) => {
             eprintln!("wisp: stopped by {}", vmm::signals::name(sig));
             ExitCode::from(128u8.wrapping_add(sig as u8))

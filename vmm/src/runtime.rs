@@ -117,6 +117,7 @@ pub struct Runtime {
     registration: Option<crate::registry::Registration>,
     metrics: Option<crate::metrics::MetricsSink>,
     last_metrics: std::time::Instant,
+    shutdown_deadline: Option<(std::time::Instant, u64)>,
 }
 
 /// How often metrics are written without being asked.
@@ -222,6 +223,7 @@ impl Runtime {
             registration,
             metrics,
             last_metrics: std::time::Instant::now(),
+            shutdown_deadline: None,
         };
         if opts.boot_now {
             rt.start_vm().map_err(RuntimeError::Boot)?;
@@ -284,7 +286,16 @@ impl Runtime {
             if let Some(o) = lock(&self.outcome).take() {
                 break o;
             }
-            let timeout = if self.metrics.is_some() { 1000 } else { -1 };
+            if let Some((when, secs)) = self.shutdown_deadline {
+                if std::time::Instant::now() >= when {
+                    break Outcome::ShutdownTimeout(secs);
+                }
+            }
+            let timeout = if self.metrics.is_some() || self.shutdown_deadline.is_some() {
+                100
+            } else {
+                -1
+            };
             if let Err(e) = self.em.run_with_timeout(timeout) {
                 break Outcome::Error(format!("Event loop failed: {e:?}"));
             }
@@ -428,6 +439,9 @@ impl Runtime {
                 "Rate limiters are not supported by wisp (interface '{}')",
                 p.iface_id
             )),
+            ApiRequest::Action(a) if a.action_type == ActionType::Shutdown => {
+                self.shutdown(a.shutdown_timeout_s())
+            }
             ApiRequest::Action(a) => self.action(a.action_type),
             ApiRequest::PutLogger(l) => {
                 let path = std::path::Path::new(&l.log_path);
@@ -482,6 +496,28 @@ impl Runtime {
             }
             other => fault(format!("Action {other:?} is not supported yet")),
         }
+    }
+
+    /// Presses the ACPI power button and stops the VM if the guest has not
+    /// powered off within `timeout_s` seconds.
+    fn shutdown(&mut self, timeout_s: u64) -> ApiResponse {
+        let Some(vmm) = &self.vmm else {
+            return fault("The microVM is not running");
+        };
+        if self.paused {
+            return fault("The microVM is paused: resume it before asking for a shutdown");
+        }
+        if let Err(e) = lock(&vmm.ged).power_button() {
+            return Err(ApiFault::internal(format!(
+                "Cannot press the power button: {e}"
+            )));
+        }
+        log::info!(
+            "ACPI power button pressed; stopping in {timeout_s} s unless the guest powers off"
+        );
+        let when = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+        self.shutdown_deadline = Some((when, timeout_s));
+        Ok(None)
     }
 
     fn flush_metrics(&mut self) -> Result<(), String> {

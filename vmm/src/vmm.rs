@@ -27,6 +27,9 @@ pub enum Outcome {
     Signal(i32),
     /// The VMM was told to stop through its API.
     Stopped,
+    /// An orderly shutdown was asked for, and the guest did not power off
+    /// within the deadline (seconds), so the VM was stopped.
+    ShutdownTimeout(u64),
     /// Something failed; the message says what.
     Error(String),
 }
@@ -62,6 +65,8 @@ pub struct Vmm {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The keyboard controller.
     pub i8042: Arc<Mutex<I8042>>,
+    /// The ACPI Generic Event Device (power button).
+    pub ged: Arc<Mutex<devices::legacy::Ged>>,
     /// How vCPUs report the end of the VM.
     pub exit_rx: Receiver<(u8, VmExit)>,
     /// Signalled with `exit_rx`.
