@@ -184,32 +184,6 @@ pub fn create_block(d: &DiskConfig) -> Result<Arc<Mutex<Block>>, DeviceError> {
     Ok(Arc::new(Mutex::new(blk)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn test_allocator_windows_gsis_and_cmdline() {
-        let mut a = MmioAllocator::default();
-        let d0 = a.allocate().unwrap();
-        let d1 = a.allocate().unwrap();
-        assert_eq!(d0.base, VIRTIO_MMIO_START);
-        assert_eq!(d1.base, VIRTIO_MMIO_START + 0x1000);
-        assert_eq!((d0.gsi, d1.gsi), (5, 6));
-        assert_eq!(
-            a.cmdline_params(),
-            vec![
-                "virtio_mmio.device=4K@0xd0000000:5".to_string(),
-                "virtio_mmio.device=4K@0xd0001000:6".to_string()
-            ]
-        );
-        for _ in 2..19 {
-            a.allocate().unwrap();
-        }
-        assert!(matches!(a.allocate(), Err(DeviceError::TooMany(19))));
-    }
-}
-
 /// A virtio-net device over a TAP, and the bridge port to undo on teardown.
 pub type NetDevice = (
     Arc<Mutex<devices::virtio::net::Net<devices::net::TapDevice>>>,
@@ -238,4 +212,30 @@ pub fn create_net(n: &NetConfig) -> Result<NetDevice, DeviceError> {
     }
     let net = devices::virtio::net::Net::new(tap, cfg).map_err(|e| err(e.to_string()))?;
     Ok((Arc::new(Mutex::new(net)), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_allocator_windows_gsis_and_cmdline() {
+        let mut a = MmioAllocator::default();
+        let d0 = a.allocate().unwrap();
+        let d1 = a.allocate().unwrap();
+        assert_eq!(d0.base, VIRTIO_MMIO_START);
+        assert_eq!(d1.base, VIRTIO_MMIO_START + 0x1000);
+        assert_eq!((d0.gsi, d1.gsi), (5, 6));
+        assert_eq!(
+            a.cmdline_params(),
+            vec![
+                "virtio_mmio.device=4K@0xd0000000:5".to_string(),
+                "virtio_mmio.device=4K@0xd0001000:6".to_string()
+            ]
+        );
+        for _ in 2..19 {
+            a.allocate().unwrap();
+        }
+        assert!(matches!(a.allocate(), Err(DeviceError::TooMany(19))));
+    }
 }
