@@ -329,3 +329,68 @@ fn test_linux_guest_reads_and_writes_disk() {
         .unwrap();
     assert_eq!(&buf, b"wisp-linux-was-here");
 }
+
+fn tick_sector_ok(img: &Path, c: u64) -> bool {
+    let off = (2048 + c % 64) * 512;
+    let mut buf = vec![0u8; 512];
+    std::fs::File::open(img)
+        .unwrap()
+        .read_exact_at(&mut buf, off)
+        .unwrap();
+    has_pattern(&buf, off, 0x7469_636b_0000_0000 ^ c)
+}
+
+#[test]
+fn test_patch_drive_swaps_backing_file_of_running_vm() {
+    require_kvm!();
+    let dir = TempDir::new("blk-patch");
+    let a = dir.path("a.img");
+    let b = dir.path("b.img");
+    make_pattern_image(&a, DISK_SIZE, PATTERN_DISK1);
+    std::fs::File::create(&b)
+        .unwrap()
+        .set_len(DISK_SIZE)
+        .unwrap();
+    let sock = dir.path("api.sock");
+    let g = guest();
+    let mut child = spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--kernel",
+        g.to_str().unwrap(),
+        "--disk",
+        &format!("path={},id=data", a.display()),
+        "--cmdline",
+        "tests=blk_write_tick tick_ms=50 tick_count=40 pattern_mib=0",
+    ]);
+    let mut lines = harness::LineReader::new(&mut child);
+    lines.wait_line("tick 5 ok", Duration::from_secs(60));
+    // A missing image is refused and the VM keeps running on the old one.
+    let (c, body) = harness::http(
+        &sock,
+        "PATCH",
+        "/drives/data",
+        Some(r#"{"drive_id": "data", "path_on_host": "/nonexistent.img"}"#),
+    );
+    assert_eq!(c, 400, "{body}");
+    assert!(body.contains("does not exist"), "{body}");
+    let (c, body) = harness::http(
+        &sock,
+        "PATCH",
+        "/drives/data",
+        Some(&format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
+            b.display()
+        )),
+    );
+    assert_eq!(c, 204, "{body}");
+    let st = child.wait().unwrap();
+    let out = lines.rest();
+    assert!(st.success(), "{out}");
+    assert!(out.contains("PASS blk_write_tick"), "{out}");
+    // Early ticks landed in the first image, the last ones in the second.
+    assert!(tick_sector_ok(&a, 1), "tick 1 not in the first image");
+    assert!(tick_sector_ok(&b, 40), "tick 40 not in the second image");
+    assert!(!tick_sector_ok(&a, 40), "tick 40 reached the old image");
+}

@@ -151,14 +151,14 @@ pub fn attach_virtio(
     Ok(transport)
 }
 
-/// Opens a disk image (locked, format declared or probed) as a virtio-blk device.
-pub fn create_block(d: &DiskConfig) -> Result<Arc<Mutex<Block>>, DeviceError> {
+/// Opens a disk image (locked, format declared or probed).
+pub fn open_backend(d: &DiskConfig) -> Result<Box<dyn devices::disk::DiskBackend>, DeviceError> {
     let format = match d.format.as_deref() {
         Some("qcow2") => Some(ImageFormat::Qcow2),
         Some(_) => Some(ImageFormat::Raw),
         None => None,
     };
-    let disk = open_disk(&DiskOptions {
+    open_disk(&DiskOptions {
         path: d.path.clone(),
         read_only: d.read_only,
         format,
@@ -167,7 +167,12 @@ pub fn create_block(d: &DiskConfig) -> Result<Arc<Mutex<Block>>, DeviceError> {
         id: d.id.clone(),
         path: d.path.display().to_string(),
         source,
-    })?;
+    })
+}
+
+/// Opens a disk image (locked, format declared or probed) as a virtio-blk device.
+pub fn create_block(d: &DiskConfig) -> Result<Arc<Mutex<Block>>, DeviceError> {
+    let disk = open_backend(d)?;
     let blk = Block::new(
         BlockArgs {
             id: d.id.clone(),

@@ -426,10 +426,7 @@ impl Runtime {
                     None => fault(format!("No drive with id '{}'", p.drive_id)),
                 }
             }
-            ApiRequest::PatchDrive(p) => fault(format!(
-                "Cannot update drive '{}' of a running microVM: not supported yet",
-                p.drive_id
-            )),
+            ApiRequest::PatchDrive(p) => self.patch_running_drive(p),
             ApiRequest::PutNetworkInterface(n) if !started => {
                 self.preboot.put_net(n);
                 Ok(None)
@@ -496,6 +493,39 @@ impl Runtime {
             }
             other => fault(format!("Action {other:?} is not supported yet")),
         }
+    }
+
+    /// Swaps the backing file of a running VM's drive, keeping its format and
+    /// read-only setting, and tells the guest its configuration changed.
+    fn patch_running_drive(&mut self, p: api::models::PartialDrive) -> ApiResponse {
+        let Some(vmm) = &mut self.vmm else {
+            return fault("The microVM is not running");
+        };
+        if p.rate_limiter.is_some() {
+            return fault("Rate limiters are not supported by wisp");
+        }
+        let Some(path) = p.path_on_host else {
+            return Ok(None);
+        };
+        let Some(idx) = vmm.config.disks.iter().position(|d| d.id == p.drive_id) else {
+            return fault(format!("No drive with id '{}'", p.drive_id));
+        };
+        let mut cfg = vmm.config.disks[idx].clone();
+        cfg.path = PathBuf::from(&path);
+        let new = match crate::device_manager::open_backend(&cfg) {
+            Ok(d) => d,
+            Err(e) => return fault(chain(&e)),
+        };
+        let Some(att) = vmm.disks.iter().find(|a| lock(&a.block).id() == p.drive_id) else {
+            return fault(format!("No drive with id '{}'", p.drive_id));
+        };
+        if let Err(e) = lock(&att.block).replace_disk(cfg.path.clone(), new) {
+            return fault(chain(&e));
+        }
+        lock(&att.transport).config_changed();
+        log::info!("drive {} now backed by {}", p.drive_id, path);
+        vmm.config.disks[idx] = cfg;
+        Ok(None)
     }
 
     /// Presses the ACPI power button and stops the VM if the guest has not

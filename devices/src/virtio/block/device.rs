@@ -142,6 +142,14 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
+    /// The backing file could not be swapped.
+    #[error("Cannot swap the disk of block device {id}: {reason}")]
+    Swap {
+        /// Drive ID.
+        id: String,
+        /// Why.
+        reason: String,
+    },
     /// The saved state does not match the disk.
     #[error("Saved state of block device {id} does not match its disk: {reason}")]
     Mismatch {
@@ -228,6 +236,40 @@ impl Block {
     /// Whether the device refuses writes.
     pub fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// Path of the disk image.
+    pub fn path(&self) -> &std::path::Path {
+        &self.args.path
+    }
+
+    /// Swaps the backing image of a live device (`PATCH /drives`): everything
+    /// written so far is flushed to the old image first; the capacity follows
+    /// the new image. A writable device cannot be given a read-only image, as
+    /// the driver already negotiated it writable. The caller raises the
+    /// config-change interrupt.
+    pub fn replace_disk(
+        &mut self,
+        path: std::path::PathBuf,
+        disk: Box<dyn DiskBackend>,
+    ) -> Result<(), BlockError> {
+        let swap_err = |reason: String| BlockError::Swap {
+            id: self.args.id.clone(),
+            reason,
+        };
+        if !self.read_only && disk.read_only() {
+            return Err(swap_err(format!(
+                "{} is read-only but the drive is writable",
+                path.display()
+            )));
+        }
+        self.disk
+            .flush()
+            .map_err(|e| swap_err(format!("flushing the old image failed: {e}")))?;
+        self.disk = disk;
+        self.config.capacity = self.disk.size() / SECTOR_SIZE;
+        self.args.path = path;
+        Ok(())
     }
 
     fn limits(&self) -> Limits {

@@ -870,3 +870,30 @@ fn test_random_rings_never_panic() {
         }
     }
 }
+
+#[test]
+fn test_replace_disk_flushes_old_and_takes_new_capacity() {
+    let old = MemDisk::new(1 << 20);
+    let flushes = old.flushes.clone();
+    let args = BlockArgs {
+        id: "d".into(),
+        path: "/old".into(),
+        read_only: false,
+        serial: None,
+    };
+    let mut blk = Block::new(args, Box::new(old)).unwrap();
+    assert_eq!(blk.config().capacity, 2048);
+    blk.replace_disk("/new".into(), Box::new(MemDisk::new(4 << 20)))
+        .unwrap();
+    assert_eq!(flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(blk.config().capacity, 8192);
+    assert_eq!(blk.path(), std::path::Path::new("/new"));
+    // A writable drive cannot become read-only underneath its driver.
+    let mut ro = MemDisk::new(1 << 20);
+    ro.ro = true;
+    assert!(matches!(
+        blk.replace_disk("/ro".into(), Box::new(ro)),
+        Err(super::device::BlockError::Swap { .. })
+    ));
+    assert_eq!(blk.path(), std::path::Path::new("/new"));
+}
