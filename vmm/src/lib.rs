@@ -5,6 +5,7 @@
 pub mod builder;
 pub mod config;
 pub mod host_quirks;
+pub mod persist;
 pub mod signals;
 pub mod terminal;
 pub mod vmm;
