@@ -550,7 +550,11 @@ mod tests {
         assert_eq!(saved.regs.rax, 0x1111);
         assert_eq!(msr(&saved, 0xc000_0102), Some(0xdead_b000));
         assert!(saved.xsave.len() * 4 >= 4096);
-        eprintln!("saved {} MSRs, {} XSAVE bytes", saved.msrs.len(), saved.xsave.len() * 4);
+        eprintln!(
+            "saved {} MSRs, {} XSAVE bytes",
+            saved.msrs.len(),
+            saved.xsave.len() * 4
+        );
         assert!(saved.msrs.len() >= 40, "{} MSRs", saved.msrs.len());
         // Through the encoding, as a snapshot would.
         let bytes = postcard::to_stdvec(&saved).unwrap();
