@@ -147,4 +147,56 @@ mod tests {
         let mem3 = map_memory_file(&mem_path, &snap.vm.memory).unwrap();
         assert_eq!(mem3.read_obj::<u64>(GuestAddress(DATA)).unwrap(), 2);
     }
+
+    /// Re-frames `payload` with a valid header, so mutations reach postcard.
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut img = format::encode_state(&()).unwrap();
+        img.truncate(format::HEADER_LEN);
+        img[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        img[28..32].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        img.extend_from_slice(payload);
+        img
+    }
+
+    #[test]
+    fn test_decode_never_panics_on_mutated_payloads() {
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: /dev/kvm is missing");
+            return;
+        }
+        let kvm = Kvm::new().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let (vm, vcpu) = new_vm(&kvm, &mem);
+        let ctx = vcpu_state::VcpuStateContext::new(&kvm, &vm).unwrap();
+        let snap = Snapshot {
+            vm: vm_state::save(&vm, &mem).unwrap(),
+            vcpu: vcpu_state::save(&vcpu, &ctx).unwrap(),
+        };
+        let img = format::encode_state(&snap).unwrap();
+        let payload = &img[format::HEADER_LEN..];
+        let p = Path::new("m.state");
+        assert!(format::decode_state::<Snapshot>(&framed(payload), p).is_ok());
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let mut m = payload.to_vec();
+            match next() % 3 {
+                0 => {
+                    let i = (next() as usize) % m.len();
+                    m[i] = next() as u8;
+                }
+                1 => m.truncate((next() as usize) % m.len()),
+                _ => {
+                    let i = (next() as usize) % m.len();
+                    m.splice(i..i, [0xff; 9]);
+                }
+            }
+            let _ = format::decode_state::<Snapshot>(&framed(&m), p);
+        }
+    }
 }
