@@ -126,6 +126,8 @@ mod tests {
         // Restore into a brand-new VM from the files.
         let snap: Snapshot = read_state_file(&state_path).unwrap();
         let mem2 = map_memory_file(&mem_path, &snap.vm.memory).unwrap();
+        // The guest's own write (not the VMM's) made it into the file.
+        assert_eq!(mem2.read_obj::<u64>(GuestAddress(DATA)).unwrap(), 1);
         let (vm2, mut vcpu2) = new_vm(&kvm, &mem2);
         vm_state::restore(&vm2, &snap.vm).unwrap();
         let ctx2 = vcpu_state::VcpuStateContext::new(&kvm, &vm2).unwrap();
