@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod preboot;
 pub mod registry;
 pub mod runtime;
+pub mod persist;
 pub mod signals;
 pub mod terminal;
 pub mod vmm;

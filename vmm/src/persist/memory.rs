@@ -1,0 +1,833 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The guest memory file: all RAM regions back to back in one sparse file,
+//! full dumps written atomically, diff dumps of dirty pages, dirty-page
+//! tracking through KVM, and restore by mapping the file `MAP_PRIVATE`.
+//!
+//! Every function that reads guest memory expects the VM to be paused (no
+//! vCPU running, no device thread writing); otherwise the dump is not a
+//! consistent image.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::GuestMemoryMmap;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use super::format::{parent_dir, sync_dir, temp_path, write_file_atomic_with, FormatError};
+
+/// Page size of the memory file and of the dirty bitmaps.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Largest run of pages written with one `pwrite`.
+const MAX_RUN_PAGES: u64 = 256;
+
+/// Where one guest RAM region lives in the memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegionLayout {
+    /// Guest-physical start address.
+    pub guest_addr: u64,
+    /// Length in bytes (a multiple of [`PAGE_SIZE`]).
+    pub size: u64,
+    /// Offset of the region's first byte in the memory file.
+    pub file_offset: u64,
+}
+
+/// The guest-visible RAM layout and its placement in the memory file. Regions
+/// are sorted by guest address and stored back to back in the file: region
+/// `i` starts at the sum of the sizes of regions `0..i`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLayout {
+    /// The regions, in guest-address (and file) order.
+    pub regions: Vec<MemoryRegionLayout>,
+}
+
+/// Why a memory file operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    /// A file-system operation failed.
+    #[error("Cannot {what} memory file {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Atomic replacement failed.
+    #[error(transparent)]
+    Atomic(#[from] FormatError),
+    /// The layout is not one this module writes (unsorted, misaligned, gaps).
+    #[error("Invalid memory layout: {0}")]
+    BadLayout(String),
+    /// The file's size does not match the layout.
+    #[error("Memory file {path} is {found} bytes, the snapshot's memory layout needs {expected}")]
+    WrongSize {
+        /// The file.
+        path: PathBuf,
+        /// Size from the layout.
+        expected: u64,
+        /// Size on disk.
+        found: u64,
+    },
+    /// The dirty bitmaps do not match the memory.
+    #[error("Dirty bitmap for region {region} has {found} words, {expected} needed")]
+    BitmapSize {
+        /// Region index.
+        region: usize,
+        /// Words needed.
+        expected: usize,
+        /// Words given.
+        found: usize,
+    },
+    /// Mapping the file failed.
+    #[error("Cannot map region {region} of memory file {path}: {detail}")]
+    Map {
+        /// Region index.
+        region: usize,
+        /// The file.
+        path: PathBuf,
+        /// What vm-memory said.
+        detail: String,
+    },
+    /// A KVM ioctl failed.
+    #[error("KVM {what} on memory slot {slot} failed: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// The slot.
+        slot: u32,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Result of this module.
+pub type Result<T> = std::result::Result<T, MemoryFileError>;
+
+/// What a dump did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DumpStats {
+    /// Bytes written to the file (data only, not holes).
+    pub bytes_written: u64,
+    /// Pages written.
+    pub pages_written: u64,
+    /// Pages skipped: all-zero (left as holes) or, for diffs, not dirty.
+    pub pages_skipped: u64,
+    /// Wall time of the whole dump, including fsync.
+    pub elapsed: Duration,
+}
+
+impl DumpStats {
+    /// Guest memory covered per second, in MB (10^6 bytes), counting skipped
+    /// pages too: how fast a VM of this size is dumped.
+    pub fn memory_mb_per_s(&self) -> f64 {
+        let bytes = (self.pages_written + self.pages_skipped) * PAGE_SIZE;
+        bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Data written per second, in MB (10^6 bytes).
+    pub fn write_mb_per_s(&self) -> f64 {
+        self.bytes_written as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+fn io_err<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> MemoryFileError + 'a {
+    move |source| MemoryFileError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl MemoryLayout {
+    /// The layout of `mem`, with regions packed back to back in file order.
+    pub fn of(mem: &GuestMemoryMmap) -> Self {
+        let mut offset = 0;
+        let regions = mem
+            .iter()
+            .map(|r| {
+                let l = MemoryRegionLayout {
+                    guest_addr: r.start_addr().0,
+                    size: r.len(),
+                    file_offset: offset,
+                };
+                offset += r.len();
+                l
+            })
+            .collect();
+        Self { regions }
+    }
+
+    /// Total guest RAM, which is also the memory file's size.
+    pub fn file_size(&self) -> u64 {
+        self.regions
+            .iter()
+            .fold(0u64, |a, r| a.saturating_add(r.size))
+    }
+
+    /// Checks the layout is what [`MemoryLayout::of`] produces: non-empty,
+    /// page-aligned, sorted, non-overlapping, packed in file order.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(MemoryFileError::BadLayout(m));
+        if self.regions.is_empty() {
+            return bad("no regions".into());
+        }
+        let mut offset = 0u64;
+        let mut next_addr = 0u64;
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.size == 0 || r.size % PAGE_SIZE != 0 || r.guest_addr % PAGE_SIZE != 0 {
+                return bad(format!(
+                    "region {i} at {:#x} size {:#x} is not page-aligned and non-empty",
+                    r.guest_addr, r.size
+                ));
+            }
+            if r.file_offset != offset {
+                return bad(format!(
+                    "region {i} is at file offset {:#x}, expected {offset:#x}",
+                    r.file_offset
+                ));
+            }
+            if i > 0 && r.guest_addr < next_addr {
+                return bad(format!(
+                    "region {i} at {:#x} overlaps or precedes the previous one",
+                    r.guest_addr
+                ));
+            }
+            let Some(end) = r.guest_addr.checked_add(r.size) else {
+                return bad(format!("region {i} ends beyond 2^64"));
+            };
+            if usize::try_from(r.size).is_err() {
+                return bad(format!("region {i} does not fit the host address space"));
+            }
+            next_addr = end;
+            offset += r.size;
+        }
+        Ok(())
+    }
+}
+
+/// A view of a region's host mapping as bytes.
+fn region_bytes(region: &GuestRegionMmap<AtomicBitmap>) -> &[u8] {
+    // SAFETY: the mapping is `len()` bytes, valid and readable for as long as
+    // the region is borrowed. Other threads may write guest memory through
+    // raw pointers (vCPUs); callers keep the VM paused while dumping, and a
+    // racing write can only make the dump stale, since every byte value is a
+    // valid `u8`.
+    unsafe { std::slice::from_raw_parts(region.as_ptr(), region.len() as usize) }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+}
+
+/// Per-page "may hold data" flags of an anonymous region, from
+/// /proc/self/pagemap: a page neither present nor swapped was never touched
+/// and reads as zero. `None` if pagemap is unavailable.
+fn touched_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<bool>> {
+    if MmapRegion::file_offset(region).is_some() {
+        // Untouched pages of a file mapping read the file, not zeros.
+        return None;
+    }
+    let pages = (region.len() / PAGE_SIZE) as usize;
+    let mut f = File::open("/proc/self/pagemap").ok()?;
+    let first = region.as_ptr() as u64 / PAGE_SIZE;
+    f.seek(SeekFrom::Start(first * 8)).ok()?;
+    let mut raw = vec![0u8; pages * 8];
+    f.read_exact(&mut raw).ok()?;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    Some(
+        raw.chunks_exact(8)
+            .map(|c| {
+                let e = u64::from_ne_bytes(c.try_into().unwrap_or([0xff; 8]));
+                e & (PRESENT | SWAPPED) != 0
+            })
+            .collect(),
+    )
+}
+
+/// Writes the pages of `bytes` (a region at `file_offset`) selected by
+/// `want(page)`, coalescing runs; all-zero pages become holes (if `punch`,
+/// existing data under them is punched out or zeroed).
+fn write_pages(
+    file: &File,
+    path: &Path,
+    bytes: &[u8],
+    file_offset: u64,
+    want: impl Fn(usize) -> bool,
+    punch: bool,
+    stats: &mut DumpStats,
+) -> Result<()> {
+    let page = PAGE_SIZE as usize;
+    let pages = bytes.len() / page;
+    let mut run_start: Option<usize> = None;
+    let flush = |start: usize, end: usize, stats: &mut DumpStats| -> Result<()> {
+        let data = &bytes[start * page..end * page];
+        file.write_all_at(data, file_offset + (start * page) as u64)
+            .map_err(io_err("write", path))?;
+        stats.bytes_written += data.len() as u64;
+        stats.pages_written += (end - start) as u64;
+        Ok(())
+    };
+    for p in 0..pages {
+        let data = want(p) && !is_zero(&bytes[p * page..(p + 1) * page]);
+        if !data {
+            if let Some(s) = run_start.take() {
+                flush(s, p, stats)?;
+            }
+            if punch && want(p) {
+                punch_page(file, path, file_offset + (p * page) as u64)?;
+                stats.pages_written += 1;
+            } else {
+                stats.pages_skipped += 1;
+            }
+            continue;
+        }
+        match run_start {
+            Some(s) if (p - s) as u64 >= MAX_RUN_PAGES => {
+                flush(s, p, stats)?;
+                run_start = Some(p);
+            }
+            None => run_start = Some(p),
+            _ => {}
+        }
+    }
+    if let Some(s) = run_start {
+        flush(s, pages, stats)?;
+    }
+    Ok(())
+}
+
+/// Makes the page at `offset` read as zeros: a hole if the file system can
+/// punch one, else written zeros.
+fn punch_page(file: &File, path: &Path, offset: u64) -> Result<()> {
+    // SAFETY: fallocate on an fd we own, with a range inside the file; it does
+    // not touch our memory.
+    let r = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            PAGE_SIZE as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    file.write_all_at(&[0u8; PAGE_SIZE as usize], offset)
+        .map_err(io_err("write", path))
+}
+
+/// Dumps all of `mem` to `path` (replacing it atomically). All-zero pages are
+/// not written, so the file is sparse; for anonymous memory, pages the guest
+/// never touched are skipped without being read.
+pub fn dump_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<DumpStats> {
+    let start = Instant::now();
+    let layout = MemoryLayout::of(mem);
+    let mut stats = DumpStats::default();
+    write_file_atomic_with(path, |file, tmp| {
+        file.set_len(layout.file_size())
+            .map_err(io_err("size", tmp))?;
+        for (region, l) in mem.iter().zip(&layout.regions) {
+            let touched = touched_pages(region);
+            let want = |p: usize| touched.as_ref().is_none_or(|t| t[p]);
+            write_pages(
+                file,
+                tmp,
+                region_bytes(region),
+                l.file_offset,
+                want,
+                false,
+                &mut stats,
+            )?;
+        }
+        Ok::<(), MemoryFileError>(())
+    })?;
+    stats.elapsed = start.elapsed();
+    Ok(stats)
+}
+
+fn check_bitmaps(mem: &GuestMemoryMmap, dirty: &[Vec<u64>]) -> Result<()> {
+    for (i, region) in mem.iter().enumerate() {
+        let expected = (region.len() / PAGE_SIZE).div_ceil(64) as usize;
+        let found = dirty.get(i).map_or(0, Vec::len);
+        if found < expected {
+            return Err(MemoryFileError::BitmapSize {
+                region: i,
+                expected,
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn bit(words: &[u64], p: usize) -> bool {
+    words.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0)
+}
+
+fn open_sized(path: &Path, layout: &MemoryLayout, write: bool) -> Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(io_err("open", path))?;
+    let found = file.metadata().map_err(io_err("stat", path))?.len();
+    if found != layout.file_size() {
+        return Err(MemoryFileError::WrongSize {
+            path: path.to_path_buf(),
+            expected: layout.file_size(),
+            found,
+        });
+    }
+    Ok(file)
+}
+
+/// Writes the pages marked in `dirty` (one bitmap per region, bit `i` = page
+/// `i`, as [`dirty_bitmaps`] returns) into the existing memory file `path`,
+/// which must have `mem`'s layout. Dirty pages that are now all zero are
+/// punched out (or zeroed).
+///
+/// The file is updated **in place** and fsynced at the end. If the process
+/// or host dies midway, the file holds a mix of old and new pages and is
+/// valid for neither snapshot. Use [`dump_memory_diff_atomic`] when the base
+/// must survive a crash.
+pub fn dump_memory_diff(
+    path: &Path,
+    mem: &GuestMemoryMmap,
+    dirty: &[Vec<u64>],
+) -> Result<DumpStats> {
+    let start = Instant::now();
+    let layout = MemoryLayout::of(mem);
+    check_bitmaps(mem, dirty)?;
+    let file = open_sized(path, &layout, true)?;
+    let mut stats = DumpStats::default();
+    for ((region, l), words) in mem.iter().zip(&layout.regions).zip(dirty) {
+        let want = |p: usize| bit(words, p);
+        write_pages(
+            &file,
+            path,
+            region_bytes(region),
+            l.file_offset,
+            want,
+            true,
+            &mut stats,
+        )?;
+    }
+    file.sync_all().map_err(io_err("fsync", path))?;
+    stats.elapsed = start.elapsed();
+    Ok(stats)
+}
+
+/// Like [`dump_memory_diff`], but leaves `base` untouched: `base` is copied
+/// to a temporary file next to `out` (a reflink where the file system allows,
+/// else a copy that keeps holes), the diff is applied to the copy, and the
+/// copy is fsynced and renamed to `out`. A crash leaves `base` and any
+/// earlier `out` intact. `base` and `out` may be the same path.
+pub fn dump_memory_diff_atomic(
+    base: &Path,
+    out: &Path,
+    mem: &GuestMemoryMmap,
+    dirty: &[Vec<u64>],
+) -> Result<DumpStats> {
+    let start = Instant::now();
+    let layout = MemoryLayout::of(mem);
+    check_bitmaps(mem, dirty)?;
+    let src = open_sized(base, &layout, false)?;
+    let tmp = temp_path(out);
+    let result = (|| {
+        let dst = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        clone_sparse(&src, base, &dst, &tmp, layout.file_size())?;
+        drop(dst);
+        let mut stats = dump_memory_diff(&tmp, mem, dirty)?;
+        std::fs::rename(&tmp, out).map_err(io_err("rename into place", out))?;
+        sync_dir(parent_dir(out))?;
+        stats.elapsed = start.elapsed();
+        Ok(stats)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Copies `src` to the empty `dst`: FICLONE if possible, else the data
+/// extents only (SEEK_DATA/SEEK_HOLE), so holes stay holes.
+fn clone_sparse(src: &File, src_path: &Path, dst: &File, dst_path: &Path, size: u64) -> Result<()> {
+    // SAFETY: FICLONE takes the source fd as its argument and touches no
+    // memory of ours.
+    if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    dst.set_len(size).map_err(io_err("size", dst_path))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos: u64 = 0;
+    while pos < size {
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole remains.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let (data, hole) = (data as u64, if hole < 0 { size } else { hole as u64 });
+        let mut off = data;
+        while off < hole {
+            let n = (hole - off).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], off)
+                .map_err(io_err("read", src_path))?;
+            dst.write_all_at(&buf[..n], off)
+                .map_err(io_err("write", dst_path))?;
+            off += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Maps the memory file at `path` as guest memory with `layout`, each region
+/// `MAP_PRIVATE` at its file offset: pages are read from the file on first
+/// access and guest writes stay private, so restore time does not depend on
+/// memory size and the file is never modified.
+pub fn map_memory_file(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+    layout.validate()?;
+    let file = Arc::new(open_sized(path, layout, false)?);
+    let mut regions = Vec::with_capacity(layout.regions.len());
+    for (i, l) in layout.regions.iter().enumerate() {
+        let map_err = |detail: String| MemoryFileError::Map {
+            region: i,
+            path: path.to_path_buf(),
+            detail,
+        };
+        // validate() checked the size fits usize.
+        let size = usize::try_from(l.size).map_err(|e| map_err(e.to_string()))?;
+        let mapping = MmapRegion::<AtomicBitmap>::build(
+            Some(FileOffset::from_arc(Arc::clone(&file), l.file_offset)),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| map_err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(l.guest_addr))
+            .ok_or_else(|| map_err("region wraps the address space".into()))?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryFileError::BadLayout(e.to_string()))
+}
+
+fn slot_region(
+    slot: u32,
+    region: &GuestRegionMmap<AtomicBitmap>,
+    flags: u32,
+) -> kvm_userspace_memory_region {
+    kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: region.start_addr().0,
+        memory_size: region.len(),
+        userspace_addr: region.as_ptr() as u64,
+    }
+}
+
+/// Turns KVM dirty-page logging on or off for every RAM slot. Slots are
+/// numbered as `Vm::register_memory` does: slot `i` is region `i` of `mem`.
+/// Turning it on also clears wisp's own (device-write) bitmaps, so both
+/// sources start from the same moment.
+pub fn set_dirty_logging(vm_fd: &VmFd, mem: &GuestMemoryMmap, enable: bool) -> Result<()> {
+    let flags = if enable { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+    for (i, region) in mem.iter().enumerate() {
+        let slot = i as u32;
+        // SAFETY: the same host mapping `mem` already registered for this
+        // slot; only the flags change, and the mapping outlives the VM.
+        unsafe { vm_fd.set_user_memory_region(slot_region(slot, region, flags)) }.map_err(
+            |source| MemoryFileError::Kvm {
+                what: "KVM_SET_USER_MEMORY_REGION",
+                slot,
+                source,
+            },
+        )?;
+        if enable {
+            MmapRegion::bitmap(region).reset();
+        }
+    }
+    Ok(())
+}
+
+/// Pages written since the last call (or since logging was enabled), per
+/// region: KVM's dirty log (guest writes) OR'd with vm-memory's bitmap (VMM
+/// and device writes). Both sources are cleared. Dirty logging must be on.
+pub fn dirty_bitmaps(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>>> {
+    mem.iter()
+        .enumerate()
+        .map(|(i, region)| {
+            let slot = i as u32;
+            let mut words = vm_fd
+                .get_dirty_log(slot, region.len() as usize)
+                .map_err(|source| MemoryFileError::Kvm {
+                    what: "KVM_GET_DIRTY_LOG",
+                    slot,
+                    source,
+                })?;
+            let ours = MmapRegion::bitmap(region).get_and_reset();
+            for (w, o) in words.iter_mut().zip(ours) {
+                *w |= o;
+            }
+            Ok(words)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use vm_memory::Bytes;
+
+    const MIB: usize = 1 << 20;
+
+    fn test_memory() -> GuestMemoryMmap {
+        // Two regions with a gap, like RAM split around the MMIO hole.
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 8 * MIB),
+            (GuestAddress(0x1000_0000), 24 * MIB),
+        ])
+        .unwrap()
+    }
+
+    fn fill(mem: &GuestMemoryMmap, addrs: &[u64], byte: u8) {
+        for &a in addrs {
+            mem.write_slice(&[byte; 4096], GuestAddress(a)).unwrap();
+        }
+    }
+
+    fn assert_same(file_mem: &GuestMemoryMmap, mem: &GuestMemoryMmap) {
+        for (a, b) in file_mem.iter().zip(mem.iter()) {
+            assert_eq!(a.start_addr(), b.start_addr());
+            assert!(
+                region_bytes(a) == region_bytes(b),
+                "region {:?}",
+                a.start_addr()
+            );
+        }
+    }
+
+    const TOUCHED: &[u64] = &[0, 0x5000, 0x7f_f000, 0x1000_0000, 0x1000_3000, 0x117f_f000];
+
+    #[test]
+    fn test_memory_layout_is_packed_and_validated() {
+        let layout = MemoryLayout::of(&test_memory());
+        assert_eq!(layout.regions[1].file_offset, 8 * MIB as u64);
+        assert_eq!(layout.file_size(), 32 * MIB as u64);
+        layout.validate().unwrap();
+        let mut bad = layout.clone();
+        bad.regions[1].file_offset += 4096;
+        assert!(matches!(bad.validate(), Err(MemoryFileError::BadLayout(_))));
+        let mut bad = layout.clone();
+        bad.regions[1].guest_addr = 0x1000;
+        assert!(bad.validate().is_err());
+        let mut bad = layout;
+        bad.regions[0].size = 100;
+        assert!(bad.validate().is_err());
+        assert!(MemoryLayout { regions: vec![] }.validate().is_err());
+    }
+
+    #[test]
+    fn test_memory_dump_is_sparse_and_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let mem = test_memory();
+        fill(&mem, TOUCHED, 0xa5);
+        // A touched page that is zero again: must be skipped, not written.
+        fill(&mem, &[0x9000], 0);
+        let stats = dump_memory(&path, &mem).unwrap();
+        assert_eq!(stats.pages_written, TOUCHED.len() as u64);
+        assert_eq!(stats.bytes_written, TOUCHED.len() as u64 * PAGE_SIZE);
+        assert_eq!(stats.pages_written + stats.pages_skipped, 32 * 256);
+        let md = std::fs::metadata(&path).unwrap();
+        assert_eq!(md.len(), 32 * MIB as u64);
+        // 6 data pages; allow file-system slack but far below 32 MiB.
+        assert!(md.blocks() * 512 < MIB as u64, "{} blocks", md.blocks());
+        let restored = map_memory_file(&path, &MemoryLayout::of(&mem)).unwrap();
+        assert_same(&restored, &mem);
+        // Guest writes to the restored memory stay private.
+        fill(&restored, &[0x5000], 0x11);
+        let again = map_memory_file(&path, &MemoryLayout::of(&mem)).unwrap();
+        assert_same(&again, &mem);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn test_memory_dump_of_file_backed_memory_reads_the_file() {
+        // A restored VM's memory is a file mapping: untouched pages are not
+        // zero, so the pagemap shortcut must not skip them.
+        let dir = tempfile::tempdir().unwrap();
+        let (p1, p2) = (dir.path().join("m1"), dir.path().join("m2"));
+        let mem = test_memory();
+        fill(&mem, TOUCHED, 0x5a);
+        dump_memory(&p1, &mem).unwrap();
+        let restored = map_memory_file(&p1, &MemoryLayout::of(&mem)).unwrap();
+        let stats = dump_memory(&p2, &restored).unwrap();
+        assert_eq!(stats.pages_written, TOUCHED.len() as u64);
+        assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
+    }
+
+    fn bitmaps_for(mem: &GuestMemoryMmap, addrs: &[u64]) -> Vec<Vec<u64>> {
+        let mut maps: Vec<Vec<u64>> = mem
+            .iter()
+            .map(|r| vec![0; (r.len() / PAGE_SIZE).div_ceil(64) as usize])
+            .collect();
+        for &a in addrs {
+            let (i, r) = mem
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.start_addr().0 <= a && a < r.start_addr().0 + r.len())
+                .unwrap();
+            let p = ((a - r.start_addr().0) / PAGE_SIZE) as usize;
+            maps[i][p / 64] |= 1 << (p % 64);
+        }
+        maps
+    }
+
+    #[test]
+    fn test_memory_diff_writes_only_dirty_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let mem = test_memory();
+        fill(&mem, TOUCHED, 0xa5);
+        dump_memory(&path, &mem).unwrap();
+        // Change pages: new data, changed data, and data zeroed again.
+        let dirty = [0x2000, 0x5000, 0x1000_0000, 0x1100_0000];
+        fill(&mem, &dirty[..2], 0x77);
+        fill(&mem, &[0x1000_0000], 0);
+        fill(&mem, &[0x1100_0000], 0x33);
+        // A page changed but not marked dirty must not be written.
+        let before = std::fs::read(&path).unwrap();
+        let stats = dump_memory_diff(&path, &mem, &bitmaps_for(&mem, &dirty)).unwrap();
+        assert_eq!(stats.pages_written, 4);
+        assert_eq!(stats.bytes_written, 3 * PAGE_SIZE);
+        let after = std::fs::read(&path).unwrap();
+        let changed: Vec<usize> = (0..after.len() / 4096)
+            .filter(|p| before[p * 4096..(p + 1) * 4096] != after[p * 4096..(p + 1) * 4096])
+            .collect();
+        let expect: Vec<usize> = vec![2, 5, 8 * 256, 8 * 256 + 16 * 256];
+        assert_eq!(changed, expect);
+        let restored = map_memory_file(&path, &MemoryLayout::of(&mem)).unwrap();
+        assert_same(&restored, &mem);
+    }
+
+    #[test]
+    fn test_memory_diff_atomic_keeps_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, out) = (dir.path().join("base"), dir.path().join("out"));
+        let mem = test_memory();
+        fill(&mem, TOUCHED, 0xa5);
+        dump_memory(&base, &mem).unwrap();
+        let base_bytes = std::fs::read(&base).unwrap();
+        fill(&mem, &[0x3000, 0x1000_3000], 0x42);
+        let dirty = bitmaps_for(&mem, &[0x3000, 0x1000_3000]);
+        dump_memory_diff_atomic(&base, &out, &mem, &dirty).unwrap();
+        assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
+        let restored = map_memory_file(&out, &MemoryLayout::of(&mem)).unwrap();
+        assert_same(&restored, &mem);
+        // The copy keeps holes (or shares extents).
+        let md = std::fs::metadata(&out).unwrap();
+        assert!(md.blocks() * 512 < MIB as u64, "{} blocks", md.blocks());
+        // Short bitmaps are refused before anything is touched.
+        let err = dump_memory_diff(&base, &mem, &dirty[..1]).unwrap_err();
+        assert!(matches!(err, MemoryFileError::BitmapSize { region: 1, .. }));
+    }
+
+    #[test]
+    fn test_memory_file_of_wrong_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let mem = test_memory();
+        dump_memory(&path, &mem).unwrap();
+        let mut layout = MemoryLayout::of(&mem);
+        layout.regions[1].size += 4096;
+        let err = map_memory_file(&path, &layout).unwrap_err();
+        assert!(matches!(err, MemoryFileError::WrongSize { .. }), "{err}");
+        assert!(err.to_string().contains("needs"), "{err}");
+        let err = dump_memory_diff(&path, &mem, &bitmaps_for(&mem, &[])).map(|_| ());
+        assert!(err.is_ok());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        assert!(matches!(
+            map_memory_file(&path, &MemoryLayout::of(&mem)),
+            Err(MemoryFileError::WrongSize { found: 4096, .. })
+        ));
+    }
+
+    #[test]
+    fn test_memory_failed_dump_keeps_previous_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let mem = test_memory();
+        fill(&mem, TOUCHED, 0xa5);
+        dump_memory(&path, &mem).unwrap();
+        let before = std::fs::read(&path).unwrap();
+        // Block the temporary file's name so the new dump cannot be written.
+        std::fs::create_dir(temp_path(&path)).unwrap();
+        fill(&mem, &[0x3000], 0x99);
+        let err = dump_memory(&path, &mem).unwrap_err();
+        assert!(err.to_string().contains("Cannot create"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    fn kvm_vm() -> Option<(kvm_ioctls::Kvm, VmFd)> {
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("skipped: /dev/kvm is missing");
+            return None;
+        }
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        Some((kvm, vm))
+    }
+
+    #[test]
+    fn test_memory_dirty_bitmaps_include_device_writes() {
+        let Some((_kvm, vm)) = kvm_vm() else { return };
+        let mem = test_memory();
+        for (i, r) in mem.iter().enumerate() {
+            // SAFETY: `mem` outlives `vm` in this test.
+            unsafe { vm.set_user_memory_region(slot_region(i as u32, r, 0)) }.unwrap();
+        }
+        fill(&mem, &[0x4000], 1); // before logging: not reported
+        set_dirty_logging(&vm, &mem, true).unwrap();
+        fill(&mem, &[0x1000, 0x1000_2000], 2); // "device" writes via vm-memory
+        let maps = dirty_bitmaps(&vm, &mem).unwrap();
+        assert_eq!(maps, bitmaps_for(&mem, &[0x1000, 0x1000_2000]));
+        // Each call reports what happened since the previous one.
+        let maps = dirty_bitmaps(&vm, &mem).unwrap();
+        assert_eq!(maps, bitmaps_for(&mem, &[]));
+        set_dirty_logging(&vm, &mem, false).unwrap();
+        assert!(dirty_bitmaps(&vm, &mem).is_err());
+    }
+}
