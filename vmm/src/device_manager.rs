@@ -238,9 +238,9 @@ mod tests {
                 "virtio_mmio.device=4K@0xd0001000:6".to_string()
             ]
         );
-        for _ in 2..19 {
+        for _ in 2..18 {
             a.allocate().unwrap();
         }
-        assert!(matches!(a.allocate(), Err(DeviceError::TooMany(19))));
+        assert!(matches!(a.allocate(), Err(DeviceError::TooMany(18))));
     }
 }
