@@ -265,6 +265,9 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// Network interfaces, in order.
     pub nets: Vec<NetConfig>,
+    /// Log dirty pages from boot (for Diff snapshots).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// The default command line when none is given: the console on COM1.

@@ -10,7 +10,9 @@ use boot::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_START};
 use devices::bus::Bus;
 use devices::disk::{open_disk, DiskOptions, ImageFormat};
 use devices::virtio::block::{Block, BlockArgs};
-use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET};
+use devices::virtio::mmio::{
+    MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
+};
 use devices::virtio::{IrqTrigger, VirtioDevice};
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -126,6 +128,7 @@ pub fn attach_virtio(
     mmio: &mut Bus,
     alloc: &mut MmioAllocator,
     device: Arc<Mutex<dyn VirtioDevice>>,
+    saved: Option<&MmioTransportState>,
 ) -> Result<Arc<Mutex<MmioTransport>>, DeviceError> {
     let info = alloc.allocate()?;
     let index = info.gsi - IRQ_BASE;
@@ -134,8 +137,11 @@ pub fn attach_virtio(
         .register_irqfd(&evt, info.gsi)
         .map_err(|e| wire_err(index, "KVM_IRQFD")(kvm_err(e)))?;
     let irq = Arc::new(IrqTrigger::new(evt));
-    let transport = MmioTransport::new(vm.memory.clone(), irq, device)
-        .map_err(|e| wire_err(index, "transport")(std::io::Error::other(e.to_string())))?;
+    let transport = match saved {
+        Some(state) => MmioTransport::restore(vm.memory.clone(), irq, device, state),
+        None => MmioTransport::new(vm.memory.clone(), irq, device),
+    }
+    .map_err(|e| wire_err(index, "transport")(std::io::Error::other(e.to_string())))?;
     for (q, evt) in transport.queue_evts().iter().enumerate() {
         vm.fd
             .register_ioevent(
@@ -170,6 +176,20 @@ pub fn open_backend(d: &DiskConfig) -> Result<Box<dyn devices::disk::DiskBackend
     })
 }
 
+/// Opens a disk image (locked, format declared or probed) as a virtio-blk
+/// device, restored from `saved` when given.
+pub fn restore_block(
+    d: &DiskConfig,
+    saved: &devices::virtio::block::BlockState,
+) -> Result<Arc<Mutex<Block>>, DeviceError> {
+    let disk = open_backend(d)?;
+    let blk = Block::restore(saved, disk).map_err(|e| DeviceError::Block {
+        id: d.id.clone(),
+        detail: e.to_string(),
+    })?;
+    Ok(Arc::new(Mutex::new(blk)))
+}
+
 /// Opens a disk image (locked, format declared or probed) as a virtio-blk device.
 pub fn create_block(d: &DiskConfig) -> Result<Arc<Mutex<Block>>, DeviceError> {
     let disk = open_backend(d)?;
@@ -196,8 +216,12 @@ pub type NetDevice = (
 );
 
 /// Opens (or creates) the TAP, attaches it to its bridge, and creates the
-/// virtio-net device with the configured or a generated stable MAC.
-pub fn create_net(n: &NetConfig) -> Result<NetDevice, DeviceError> {
+/// virtio-net device with the configured or a generated stable MAC (or from
+/// `saved`, keeping its MAC and negotiated state).
+pub fn create_net(
+    n: &NetConfig,
+    saved: Option<&devices::virtio::net::NetState>,
+) -> Result<NetDevice, DeviceError> {
     let err = |detail: String| DeviceError::Net {
         id: n.id.clone(),
         tap: n.tap.clone(),
@@ -215,7 +239,11 @@ pub fn create_net(n: &NetConfig) -> Result<NetDevice, DeviceError> {
     if let Some(mtu) = n.mtu {
         cfg.mtu = mtu;
     }
-    let net = devices::virtio::net::Net::new(tap, cfg).map_err(|e| err(e.to_string()))?;
+    let net = match saved {
+        Some(state) => devices::virtio::net::Net::restore(tap, state),
+        None => devices::virtio::net::Net::new(tap, cfg),
+    }
+    .map_err(|e| err(e.to_string()))?;
     Ok((Arc::new(Mutex::new(net)), port))
 }
 

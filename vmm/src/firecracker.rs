@@ -174,6 +174,7 @@ pub fn main(argv: &[String]) -> ExitCode {
         register: Some((name, PathBuf::from(vmm::registry::DEFAULT_RUNTIME_DIR))),
         register_required: false,
         metrics_path: a.metrics_path,
+        restore: None,
     })
 }
 

@@ -89,6 +89,15 @@ struct RunArgs {
     /// Write metrics (JSON lines) to this file or FIFO.
     #[arg(long)]
     metrics_path: Option<PathBuf>,
+    /// Restore this snapshot (state file) instead of booting.
+    #[arg(long, conflicts_with_all = ["kernel", "config_file"])]
+    restore: Option<PathBuf>,
+    /// The snapshot's memory file (default: the state file's path + ".mem").
+    #[arg(long, requires = "restore")]
+    mem: Option<PathBuf>,
+    /// Keep the restored VM paused (resume it through the API).
+    #[arg(long, requires = "restore")]
+    paused: bool,
 }
 
 #[derive(Debug, Args)]
@@ -294,8 +303,9 @@ fn run(a: RunArgs) -> ExitCode {
         eprintln!("wisp: {e}");
         return ExitCode::from(2);
     }
-    if a.kernel.is_none() && a.config_file.is_none() && a.api_sock.is_none() {
-        eprintln!("wisp: --kernel is required (or --api-sock to be configured through the API, or --config-file)");
+    if a.kernel.is_none() && a.config_file.is_none() && a.api_sock.is_none() && a.restore.is_none()
+    {
+        eprintln!("wisp: --kernel is required (or --restore SNAPSHOT, --config-file, or --api-sock to be configured through the API)");
         return ExitCode::from(2);
     }
     let preboot = match preboot_from_args(&a) {
@@ -318,6 +328,14 @@ fn run(a: RunArgs) -> ExitCode {
             .map(|n| a.runtime_dir.join(format!("{n}.sock")))
     });
     let register_required = a.name.is_some();
+    let restore = a.restore.map(|snap| {
+        let mem = a.mem.unwrap_or_else(|| {
+            let mut m = snap.clone().into_os_string();
+            m.push(".mem");
+            PathBuf::from(m)
+        });
+        (snap, mem, !a.paused)
+    });
     let name = a
         .name
         .unwrap_or_else(|| format!("wisp-{}", std::process::id()));
@@ -329,6 +347,7 @@ fn run(a: RunArgs) -> ExitCode {
         register: Some((name, a.runtime_dir)),
         register_required,
         metrics_path: a.metrics_path,
+        restore,
     })
 }
 

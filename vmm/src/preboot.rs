@@ -133,6 +133,7 @@ impl Preboot {
                     mtu: n.mtu,
                 })
                 .collect(),
+            track_dirty_pages: self.machine.track_dirty_pages,
         })
     }
 }
@@ -192,7 +193,7 @@ pub fn machine_config(cfg: &VmConfig) -> MachineConfig {
         vcpu_count: cfg.vcpus,
         mem_size_mib: (cfg.mem_size >> 20) as usize,
         smt: false,
-        track_dirty_pages: false,
+        track_dirty_pages: cfg.track_dirty_pages,
         cpu_template: None,
         huge_pages: None,
     }

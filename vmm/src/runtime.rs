@@ -37,6 +37,8 @@ pub struct RuntimeOptions {
     pub register_required: bool,
     /// Metrics file or FIFO from the command line.
     pub metrics_path: Option<PathBuf>,
+    /// Restore this snapshot at start: (state file, memory file, resume).
+    pub restore: Option<(PathBuf, PathBuf, bool)>,
 }
 
 /// Why the runtime could not start.
@@ -227,6 +229,9 @@ impl Runtime {
         };
         if opts.boot_now {
             rt.start_vm().map_err(RuntimeError::Boot)?;
+        } else if let Some((snap, mem, resume)) = &opts.restore {
+            rt.load_snapshot(snap, mem, false, *resume)
+                .map_err(RuntimeError::Boot)?;
         }
         rt.sync_registry();
         Ok(rt)
@@ -263,7 +268,42 @@ impl Runtime {
             return Err("The microVM is already running".into());
         }
         let cfg = self.preboot.to_vm_config().map_err(|e| e.to_string())?;
-        let mut vmm = crate::build_vm(&cfg, false).map_err(|e| chain(&e))?;
+        let vmm = crate::build_vm(&cfg, false).map_err(|e| chain(&e))?;
+        self.adopt(vmm, &cfg)
+    }
+
+    /// Restores a snapshot into this (not yet started) VMM.
+    fn load_snapshot(
+        &mut self,
+        snapshot: &std::path::Path,
+        mem: &std::path::Path,
+        track_dirty: bool,
+        resume: bool,
+    ) -> Result<(), String> {
+        if self.vmm.is_some() {
+            return Err("A snapshot can only be loaded before the microVM starts".into());
+        }
+        let t0 = std::time::Instant::now();
+        let mut state: crate::persist::snapshot::MicrovmState =
+            crate::persist::read_state_file(snapshot).map_err(|e| chain(&e))?;
+        // The console goes where this process says, not where the saved one did.
+        state.config.serial = self.preboot.serial.clone();
+        let cfg = state.config.clone();
+        let vmm =
+            crate::builder::restore_vm(&state, mem, track_dirty, !resume).map_err(|e| chain(&e))?;
+        self.adopt(vmm, &cfg)?;
+        self.paused = !resume;
+        log::info!(
+            "snapshot {} restored in {:.2} ms ({} MiB of memory mapped from {})",
+            snapshot.display(),
+            t0.elapsed().as_secs_f64() * 1e3,
+            cfg.mem_size >> 20,
+            mem.display()
+        );
+        Ok(())
+    }
+
+    fn adopt(&mut self, mut vmm: Vmm, cfg: &crate::config::VmConfig) -> Result<(), String> {
         let console = cfg.serial == SerialConfig::Stdio && stdin_is_tty();
         if console {
             self.raw_mode = RawModeGuard::new();
@@ -466,6 +506,21 @@ impl Runtime {
                 }
             }
             ApiRequest::PatchVm(v) => self.patch_vm(v.state),
+            ApiRequest::CreateSnapshot(p) => self.create_snapshot(p),
+            ApiRequest::LoadSnapshot(p) => {
+                let Some(mem) = p.mem_path() else {
+                    return fault("mem_backend (or mem_file_path) is required");
+                };
+                match self.load_snapshot(
+                    std::path::Path::new(&p.snapshot_path),
+                    std::path::Path::new(mem),
+                    p.track_dirty_pages,
+                    p.resume_vm,
+                ) {
+                    Ok(()) => Ok(None),
+                    Err(e) => fault(format!("Cannot load the snapshot: {e}")),
+                }
+            }
             other => fault(format!("{} is not supported yet", request_name(&other))),
         }
     }
@@ -526,6 +581,39 @@ impl Runtime {
         log::info!("drive {} now backed by {}", p.drive_id, path);
         vmm.config.disks[idx] = cfg;
         Ok(None)
+    }
+
+    fn create_snapshot(&mut self, p: api::models::SnapshotCreateParams) -> ApiResponse {
+        let Some(vmm) = &self.vmm else {
+            return fault("The microVM is not running");
+        };
+        if !self.paused {
+            return fault(
+                "The microVM must be paused before a snapshot: PATCH /vm {\"state\": \"Paused\"}",
+            );
+        }
+        let diff = matches!(p.snapshot_type, api::models::SnapshotType::Diff);
+        match vmm.snapshot(
+            diff,
+            std::path::Path::new(&p.snapshot_path),
+            std::path::Path::new(&p.mem_file_path),
+        ) {
+            Ok(st) => {
+                log::info!(
+                    "{} snapshot written to {} and {}: {} bytes of memory written ({} pages, {} skipped) in {:.1} ms, {:.0} MB/s of guest memory",
+                    if diff { "Diff" } else { "Full" },
+                    p.snapshot_path,
+                    p.mem_file_path,
+                    st.bytes_written,
+                    st.pages_written,
+                    st.pages_skipped,
+                    st.elapsed.as_secs_f64() * 1e3,
+                    st.memory_mb_per_s()
+                );
+                Ok(None)
+            }
+            Err(e) => fault(format!("Cannot create the snapshot: {e}")),
+        }
     }
 
     /// Presses the ACPI power button and stops the VM if the guest has not
@@ -600,8 +688,6 @@ impl Runtime {
 
 fn request_name(r: &ApiRequest) -> &'static str {
     match r {
-        ApiRequest::CreateSnapshot(_) => "PUT /snapshot/create",
-        ApiRequest::LoadSnapshot(_) => "PUT /snapshot/load",
         ApiRequest::MigrationReceive(_) => "PUT /migration/receive",
         ApiRequest::MigrationSend(_) => "PUT /migration/send",
         ApiRequest::GetMigrationStatus => "GET /migration",

@@ -13,6 +13,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
+use crate::persist::snapshot::{DeviceStates, MicrovmState, VirtioState};
 use crate::vstate::vcpu::{VcpuCmd, VcpuError, VcpuHandle, VcpuResp, VmExit};
 use crate::vstate::vm::Vm;
 
@@ -61,12 +62,20 @@ pub struct Vmm {
     pub vm: Vm,
     /// vCPU threads.
     pub vcpus: Vec<VcpuHandle>,
+    /// What saving and restoring vCPU state needs (probed once per VM).
+    pub vcpu_ctx: Arc<crate::vstate::vcpu_state::VcpuStateContext>,
+    /// Whether KVM logs dirty pages (for Diff snapshots and migration).
+    pub dirty_tracking: bool,
+    /// The CPUID this host's KVM supports (recorded in snapshots).
+    pub host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     /// COM1.
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The keyboard controller.
     pub i8042: Arc<Mutex<I8042>>,
     /// The ACPI Generic Event Device (power button).
     pub ged: Arc<Mutex<devices::legacy::Ged>>,
+    /// The ACPI sleep/reset register.
+    pub acpi_pm: Arc<Mutex<devices::legacy::AcpiPm>>,
     /// How vCPUs report the end of the VM.
     pub exit_rx: Receiver<(u8, VmExit)>,
     /// Signalled with `exit_rx`.
@@ -244,6 +253,101 @@ impl Vmm {
             v.wait(VcpuResp::Resumed)?;
         }
         Ok(())
+    }
+
+    /// The whole VM's state except memory; the vCPUs must be paused.
+    pub fn save_state(&self) -> Result<MicrovmState, String> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| v.save())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let vm = crate::vstate::vm_state::save(&self.vm.fd, &self.vm.memory)
+            .map_err(|e| e.to_string())?;
+        let blocks = self
+            .disks
+            .iter()
+            .map(|d| VirtioState {
+                device: lock(&d.block).save(),
+                transport: lock(&d.transport).save(),
+            })
+            .collect();
+        let nets = self
+            .nets
+            .iter()
+            .map(|n| {
+                // Hand RX buffers the device reserved back to the guest's ring,
+                // so the saved queue positions count only consumed buffers.
+                lock(&n.net).release_rx_buffers();
+                VirtioState {
+                    device: lock(&n.net).save(),
+                    transport: lock(&n.transport).save(),
+                }
+            })
+            .collect();
+        Ok(MicrovmState {
+            config: self.config.clone(),
+            vm,
+            vcpus,
+            devices: DeviceStates {
+                serial: lock(&self.serial).state(),
+                i8042: lock(&self.i8042).state(),
+                acpi_pm: lock(&self.acpi_pm).state(),
+                ged: lock(&self.ged).state(),
+                blocks,
+                nets,
+            },
+            host_cpuid: self.host_cpuid.clone(),
+        })
+    }
+
+    /// Writes a snapshot: disks flushed, then the memory file (the whole RAM,
+    /// sparse; or, for a diff, the pages dirtied since the last snapshot applied
+    /// to the existing memory file), then the state file; each written to a
+    /// temporary file and renamed, so an earlier snapshot survives a crash.
+    /// The vCPUs must be paused.
+    pub fn snapshot(
+        &self,
+        diff: bool,
+        snapshot_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> Result<crate::persist::DumpStats, String> {
+        if diff && !self.dirty_tracking {
+            return Err(
+                "Diff snapshots need dirty page tracking (track_dirty_pages in the machine configuration)"
+                    .into(),
+            );
+        }
+        for d in &self.disks {
+            let mut b = lock(&d.block);
+            b.flush()
+                .map_err(|e| format!("Cannot flush disk '{}': {e}", b.id()))?;
+        }
+        let state = self.save_state()?;
+        let mem = &self.vm.memory;
+        let stats = if diff {
+            if !mem_path.exists() {
+                return Err(format!(
+                    "A diff snapshot applies to an existing memory file, and {} does not exist: take a Full snapshot first",
+                    mem_path.display()
+                ));
+            }
+            let dirty =
+                crate::persist::dirty_bitmaps(&self.vm.fd, mem).map_err(|e| e.to_string())?;
+            crate::persist::dump_memory_diff_atomic(mem_path, mem_path, mem, &dirty)
+        } else {
+            let stats = crate::persist::dump_memory(mem_path, mem);
+            if self.dirty_tracking {
+                // Start the next diff from this point.
+                crate::persist::dirty_bitmaps(&self.vm.fd, mem).map_err(|e| e.to_string())?;
+            }
+            stats
+        }
+        .map_err(|e| format!("Cannot write the memory file: {e}"))?;
+        crate::persist::write_state_file(snapshot_path, &state)
+            .map_err(|e| format!("Cannot write the snapshot file: {e}"))?;
+        Ok(stats)
     }
 
     /// Stops the vCPUs, detaches the TAPs from their bridges and flushes the

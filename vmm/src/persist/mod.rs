@@ -3,6 +3,7 @@
 
 pub mod format;
 pub mod memory;
+pub mod snapshot;
 
 pub use format::{read_state_file, write_state_file, FormatError};
 pub use memory::{

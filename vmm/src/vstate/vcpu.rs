@@ -18,6 +18,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::vcpu_state::{self, VcpuState, VcpuStateContext};
 use super::vm::Vm;
 use crate::metrics;
 
@@ -80,15 +81,19 @@ pub enum VcpuCmd {
     Resume,
     /// Leave the thread.
     Stop,
+    /// Report the vCPU's KVM state (only while paused).
+    Save,
 }
 
 /// Answers from a vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VcpuResp {
     /// Now paused.
     Paused,
     /// Now running.
     Resumed,
+    /// The state asked for with [`VcpuCmd::Save`].
+    Saved(Box<Result<VcpuState, String>>),
 }
 
 thread_local! {
@@ -202,6 +207,15 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Loads a saved state (a restored VM's vCPU, before its thread starts).
+    pub fn restore_state(
+        &self,
+        state: &VcpuState,
+        ctx: &VcpuStateContext,
+    ) -> Result<(), vcpu_state::VcpuStateError> {
+        vcpu_state::restore(&self.fd, state, ctx)
+    }
+
     /// Starts the vCPU thread. `exit_tx`/`exit_evt` report how the VM ended.
     pub fn start(
         self,
@@ -210,6 +224,7 @@ impl Vcpu {
         exit_tx: Sender<(u8, VmExit)>,
         exit_evt: EventFd,
         start_paused: bool,
+        ctx: Arc<VcpuStateContext>,
     ) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let (cmd_tx, cmd_rx) = channel();
@@ -222,6 +237,7 @@ impl Vcpu {
             resp_tx,
             exit_tx,
             exit_evt,
+            ctx,
         };
         let thread = std::thread::Builder::new()
             .name(format!("wisp-vcpu{id}"))
@@ -282,11 +298,33 @@ impl VcpuHandle {
     pub fn wait(&self, want: VcpuResp) -> Result<(), VcpuError> {
         loop {
             match self.resp_rx.recv_timeout(CMD_TIMEOUT) {
-                Ok(r) if r == want => return Ok(()),
+                Ok(r) if std::mem::discriminant(&r) == std::mem::discriminant(&want) => {
+                    return Ok(())
+                }
                 Ok(_) => continue,
                 Err(RecvTimeoutError::Timeout) => return Err(VcpuError::Unresponsive(self.id)),
                 // The thread exited (the VM is ending): treat as done.
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        }
+    }
+
+    /// The vCPU's state; the vCPU must be paused.
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        if self.cmd_tx.send(VcpuCmd::Save).is_err() {
+            return Err(VcpuError::Unresponsive(self.id));
+        }
+        loop {
+            match self.resp_rx.recv_timeout(CMD_TIMEOUT) {
+                Ok(VcpuResp::Saved(r)) => {
+                    return (*r).map_err(|e| VcpuError::Thread {
+                        id: self.id,
+                        what: "cannot save state",
+                        source: std::io::Error::other(e),
+                    })
+                }
+                Ok(_) => continue,
+                Err(_) => return Err(VcpuError::Unresponsive(self.id)),
             }
         }
     }
@@ -314,6 +352,7 @@ struct Runner {
     resp_tx: Sender<VcpuResp>,
     exit_tx: Sender<(u8, VmExit)>,
     exit_evt: EventFd,
+    ctx: Arc<VcpuStateContext>,
 }
 
 enum Step {
@@ -340,6 +379,11 @@ impl Runner {
                     Ok(VcpuCmd::Pause) => {
                         let _ = self.resp_tx.send(VcpuResp::Paused);
                     }
+                    Ok(VcpuCmd::Save) => {
+                        let r =
+                            vcpu_state::save(&self.vcpu.fd, &self.ctx).map_err(|e| e.to_string());
+                        let _ = self.resp_tx.send(VcpuResp::Saved(Box::new(r)));
+                    }
                     Ok(VcpuCmd::Stop) | Err(_) => break None,
                 }
                 continue;
@@ -360,6 +404,11 @@ impl Runner {
                                 let _ = self.resp_tx.send(VcpuResp::Resumed);
                             }
                             VcpuCmd::Stop => stop = true,
+                            VcpuCmd::Save => {
+                                let r: Result<VcpuState, String> =
+                                    Err("the vCPU is running; pause it first".into());
+                                let _ = self.resp_tx.send(VcpuResp::Saved(Box::new(r)));
+                            }
                         }
                     }
                     if stop {

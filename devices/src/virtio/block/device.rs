@@ -238,6 +238,11 @@ impl Block {
         self.read_only
     }
 
+    /// Makes every write completed so far durable (before a snapshot).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.disk.flush()
+    }
+
     /// Path of the disk image.
     pub fn path(&self) -> &std::path::Path {
         &self.args.path

@@ -273,6 +273,10 @@ impl<T: Tap> VirtioDevice for Net<T> {
         VIRTIO_ID_NET
     }
 
+    fn queues(&self) -> &[Queue] {
+        self.active.as_ref().map_or(&[], |a| a.queues.as_slice())
+    }
+
     fn queue_max_sizes(&self) -> &[u16] {
         &self.queue_sizes
     }
