@@ -265,7 +265,6 @@ fn finish(
     virtio: VirtioDevices,
     cfg: &VmConfig,
     ctx: Arc<VcpuStateContext>,
-    host_cpuid: &kvm_bindings::CpuId,
     start_paused: bool,
 ) -> Result<Vmm, BuildError> {
     let pio = Arc::new(legacy.pio);
@@ -299,7 +298,7 @@ fn finish(
         nets: virtio.nets,
         config: cfg.clone(),
         dirty_tracking: false,
-        host_cpuid: host_cpuid.as_slice().to_vec(),
+        host_cpuid: Vec::new(),
     })
 }
 
