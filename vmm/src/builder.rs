@@ -361,17 +361,9 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
         crate::persist::set_dirty_logging(&vm.fd, &vm.memory, true)
             .map_err(|e| BuildError::Snapshot(e.to_string()))?;
     }
-    let mut vmm = finish(
-        vm,
-        vcpus,
-        legacy,
-        virtio,
-        cfg,
-        ctx,
-        &supported_cpuid,
-        start_paused,
-    )?;
+    let mut vmm = finish(vm, vcpus, legacy, virtio, cfg, ctx, start_paused)?;
     vmm.dirty_tracking = cfg.track_dirty_pages;
+    vmm.host_cpuid = supported_cpuid.as_slice().to_vec();
     Ok(vmm)
 }
 
@@ -436,16 +428,8 @@ pub fn restore_vm(
             .map_err(|e| BuildError::Snapshot(format!("vCPU {id}: {e}")))?;
         vcpus.push(v);
     }
-    let mut vmm = finish(
-        vm,
-        vcpus,
-        legacy,
-        virtio,
-        cfg,
-        ctx,
-        &supported_cpuid,
-        start_paused,
-    )?;
+    let mut vmm = finish(vm, vcpus, legacy, virtio, cfg, ctx, start_paused)?;
     vmm.dirty_tracking = track_dirty;
+    vmm.host_cpuid = supported_cpuid.as_slice().to_vec();
     Ok(vmm)
 }
