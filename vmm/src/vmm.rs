@@ -268,9 +268,11 @@ impl Vmm {
         let blocks = self
             .disks
             .iter()
-            .map(|d| VirtioState {
-                device: lock(&d.block).save(),
-                transport: lock(&d.transport).save(),
+            .map(|d| {
+                // One lock at a time: the transport locks the device itself.
+                let device = lock(&d.block).save();
+                let transport = lock(&d.transport).save();
+                VirtioState { device, transport }
             })
             .collect();
         let nets = self
@@ -280,10 +282,9 @@ impl Vmm {
                 // Hand RX buffers the device reserved back to the guest's ring,
                 // so the saved queue positions count only consumed buffers.
                 lock(&n.net).release_rx_buffers();
-                VirtioState {
-                    device: lock(&n.net).save(),
-                    transport: lock(&n.transport).save(),
-                }
+                let device = lock(&n.net).save();
+                let transport = lock(&n.transport).save();
+                VirtioState { device, transport }
             })
             .collect();
         Ok(MicrovmState {

@@ -372,19 +372,12 @@ impl Runner {
         let exit = loop {
             if paused {
                 match self.cmd_rx.recv() {
-                    Ok(VcpuCmd::Resume) => {
-                        paused = false;
-                        let _ = self.resp_tx.send(VcpuResp::Resumed);
+                    Ok(cmd) => {
+                        if self.handle(cmd, &mut paused) {
+                            break None;
+                        }
                     }
-                    Ok(VcpuCmd::Pause) => {
-                        let _ = self.resp_tx.send(VcpuResp::Paused);
-                    }
-                    Ok(VcpuCmd::Save) => {
-                        let r =
-                            vcpu_state::save(&self.vcpu.fd, &self.ctx).map_err(|e| e.to_string());
-                        let _ = self.resp_tx.send(VcpuResp::Saved(Box::new(r)));
-                    }
-                    Ok(VcpuCmd::Stop) | Err(_) => break None,
+                    Err(_) => break None,
                 }
                 continue;
             }
@@ -394,22 +387,7 @@ impl Runner {
                     self.vcpu.fd.set_kvm_immediate_exit(0);
                     let mut stop = false;
                     while let Ok(cmd) = self.cmd_rx.try_recv() {
-                        match cmd {
-                            VcpuCmd::Pause => {
-                                paused = true;
-                                let _ = self.resp_tx.send(VcpuResp::Paused);
-                            }
-                            VcpuCmd::Resume => {
-                                paused = false;
-                                let _ = self.resp_tx.send(VcpuResp::Resumed);
-                            }
-                            VcpuCmd::Stop => stop = true,
-                            VcpuCmd::Save => {
-                                let r: Result<VcpuState, String> =
-                                    Err("the vCPU is running; pause it first".into());
-                                let _ = self.resp_tx.send(VcpuResp::Saved(Box::new(r)));
-                            }
-                        }
+                        stop |= self.handle(cmd, &mut paused);
                     }
                     if stop {
                         break None;
@@ -423,6 +401,30 @@ impl Runner {
             let _ = self.exit_tx.send((self.vcpu.id, e));
             let _ = self.exit_evt.write(1);
         }
+    }
+
+    /// Carries out one command; returns true to leave the thread.
+    fn handle(&mut self, cmd: VcpuCmd, paused: &mut bool) -> bool {
+        match cmd {
+            VcpuCmd::Pause => {
+                *paused = true;
+                let _ = self.resp_tx.send(VcpuResp::Paused);
+            }
+            VcpuCmd::Resume => {
+                *paused = false;
+                let _ = self.resp_tx.send(VcpuResp::Resumed);
+            }
+            VcpuCmd::Save => {
+                let r = if *paused {
+                    vcpu_state::save(&self.vcpu.fd, &self.ctx).map_err(|e| e.to_string())
+                } else {
+                    Err("the vCPU is running; pause it first".to_string())
+                };
+                let _ = self.resp_tx.send(VcpuResp::Saved(Box::new(r)));
+            }
+            VcpuCmd::Stop => return true,
+        }
+        false
     }
 
     fn step(&mut self) -> Step {

@@ -1,0 +1,480 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Snapshot save and restore with the real `wisp` binary: the test guest keeps
+//! a counter and a memory pattern (verified by the guest itself) and writes to
+//! its disk; after pause, snapshot, kill and restore in a new process it goes on
+//! where it was. Also: both copies running, repeated cycles, Diff on top of
+//! Full, 1 and 2 vCPUs, 128 MiB and 2 GiB, and every kind of bad snapshot.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::Duration;
+
+use harness::{guest, http, spawn, wait, wait_for_api, wait_for_text, TempDir};
+
+/// The counter of a `tick N ok` line; a snapshot may split a line between the
+/// two processes' logs, so only the tail of the line is required.
+fn tick_of(line: &str) -> Option<u64> {
+    line.strip_suffix(" ok")?.rsplit(' ').next()?.parse().ok()
+}
+
+/// Whether the restored log continues with tick `n` (whole or split line).
+fn continues_with(text: &str, n: u64) -> bool {
+    text.lines().find_map(tick_of) == Some(n)
+}
+
+/// The last `tick N ok` counter in a console log.
+fn last_tick(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick ")?.strip_suffix(" ok")?.parse().ok())
+        .last()
+        .unwrap_or(0)
+}
+
+fn wait_tick(log: &Path, n: u64) {
+    let start = std::time::Instant::now();
+    while last_tick(log) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "tick {n} never came:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Vm {
+    sock: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+fn boot(dir: &TempDir, tag: &str, cpus: u32, mem_mib: u64, cmdline: &str, extra: &[&str]) -> Vm {
+    let sock = dir.path(&format!("{tag}.sock"));
+    let log = dir.path(&format!("{tag}.log"));
+    let g = guest();
+    let mut args = vec![
+        "run".to_string(),
+        "--api-sock".into(),
+        sock.display().to_string(),
+        "--serial".into(),
+        format!("file={}", log.display()),
+        "--kernel".into(),
+        g.display().to_string(),
+        "--cpus".into(),
+        cpus.to_string(),
+        "--memory".into(),
+        format!("{mem_mib}M"),
+        "--cmdline".into(),
+        cmdline.to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let child = spawn(&a);
+    wait_for_api(&sock);
+    Vm { sock, log, child }
+}
+
+fn restore(dir: &TempDir, tag: &str, snap: &Path, mem: &Path) -> Vm {
+    let sock = dir.path(&format!("{tag}.sock"));
+    let log = dir.path(&format!("{tag}.log"));
+    let child = spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log.display()),
+        "--restore",
+        snap.to_str().unwrap(),
+        "--mem",
+        mem.to_str().unwrap(),
+    ]);
+    wait_for_api(&sock);
+    Vm { sock, log, child }
+}
+
+fn pause(sock: &Path) {
+    let (c, b) = http(sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(c, 204, "{b}");
+}
+
+fn snapshot(sock: &Path, kind: &str, snap: &Path, mem: &Path) {
+    let (c, b) = http(
+        sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            snap.display(),
+            mem.display()
+        )),
+    );
+    assert_eq!(c, 204, "{b}");
+}
+
+fn kill(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+const TICK: &str = "tests=tick tick_ms=20 tick_count=150 verify_every=5 pattern_mib=16";
+
+fn round_trip(cpus: u32, mem_mib: u64) {
+    let dir = TempDir::new(&format!("snap-{cpus}-{mem_mib}"));
+    let a = boot(&dir, "a", cpus, mem_mib, TICK, &[]);
+    wait_tick(&a.log, 20);
+    pause(&a.sock);
+    let at = last_tick(&a.log);
+    let (snap, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    snapshot(&a.sock, "Full", &snap, &mem);
+    kill(a.child);
+    // The memory file is sparse: far less allocated than the guest's RAM.
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(&mem).unwrap();
+    assert_eq!(m.len(), mem_mib << 20);
+    assert!(
+        m.blocks() * 512 < (64 << 20),
+        "memory file not sparse: {} bytes allocated",
+        m.blocks() * 512
+    );
+
+    let b = restore(&dir, "b", &snap, &mem);
+    let r = wait(b.child, Duration::from_secs(120));
+    r.assert_no_panic();
+    r.assert_code(0);
+    let text = std::fs::read_to_string(&b.log).unwrap();
+    assert!(
+        continues_with(&text, at + 1),
+        "restored guest did not continue from tick {at}:\n{text}"
+    );
+    assert!(text.contains("PASS tick"), "{text}");
+}
+
+#[test]
+fn test_snapshot_restore_1_vcpu_128m() {
+    require_kvm!();
+    round_trip(1, 128);
+}
+
+#[test]
+fn test_snapshot_restore_2_vcpus_2g() {
+    require_kvm!();
+    round_trip(2, 2048);
+}
+
+#[test]
+fn test_both_copies_run_and_repeated_cycles() {
+    require_kvm!();
+    let dir = TempDir::new("snap-both");
+    let a = boot(
+        &dir,
+        "a",
+        1,
+        128,
+        "tests=tick tick_ms=20 verify_every=5",
+        &[],
+    );
+    wait_tick(&a.log, 10);
+    let mut current = a;
+    let mut prev: Vec<Vm> = Vec::new();
+    for cycle in 0..3 {
+        pause(&current.sock);
+        let at = last_tick(&current.log);
+        let snap = dir.path(&format!("c{cycle}.snap"));
+        let mem = dir.path(&format!("c{cycle}.mem"));
+        snapshot(&current.sock, "Full", &snap, &mem);
+        // The original resumes too: both copies run.
+        let (c, b) = http(
+            &current.sock,
+            "PATCH",
+            "/vm",
+            Some(r#"{"state": "Resumed"}"#),
+        );
+        assert_eq!(c, 204, "{b}");
+        let next = restore(&dir, &format!("r{cycle}"), &snap, &mem);
+        wait_tick(&next.log, at + 5);
+        wait_tick(&current.log, at + 5);
+        let text = std::fs::read_to_string(&next.log).unwrap();
+        assert!(continues_with(&text, at + 1), "cycle {cycle}:\n{text}");
+        assert!(!text.contains("FAIL"), "{text}");
+        prev.push(std::mem::replace(&mut current, next));
+    }
+    for v in prev.into_iter().chain(std::iter::once(current)) {
+        let text = std::fs::read_to_string(&v.log).unwrap();
+        assert!(!text.contains("FAIL"), "{text}");
+        kill(v.child);
+    }
+}
+
+#[test]
+fn test_diff_snapshot_on_top_of_full() {
+    require_kvm!();
+    let dir = TempDir::new("snap-diff");
+    let sock = dir.path("a.sock");
+    let log = dir.path("a.log");
+    let child = spawn(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log.display()),
+    ]);
+    wait_for_api(&sock);
+    let g = guest();
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "tests=tick tick_ms=20 tick_count=200 verify_every=5 dirty_pages_per_tick=8"}}"#,
+            g.display()
+        )),
+    );
+    assert_eq!(c, 204, "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    wait_tick(&log, 10);
+    let (snap, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    pause(&sock);
+    snapshot(&sock, "Full", &snap, &mem);
+    let (c, _) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(c, 204);
+    wait_tick(&log, last_tick(&log) + 20);
+    pause(&sock);
+    let at = last_tick(&log);
+    let full_size = std::fs::metadata(&mem).unwrap().len();
+    snapshot(&sock, "Diff", &snap, &mem);
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), full_size);
+    kill(child);
+    let b = restore(&dir, "b", &snap, &mem);
+    let r = wait(b.child, Duration::from_secs(120));
+    r.assert_code(0);
+    let text = std::fs::read_to_string(&b.log).unwrap();
+    assert!(
+        continues_with(&text, at + 1),
+        "did not continue from {at}:\n{text}"
+    );
+    assert!(text.contains("PASS tick"), "{text}");
+}
+
+#[test]
+fn test_disk_writes_after_restore_land() {
+    require_kvm!();
+    let dir = TempDir::new("snap-disk");
+    let img = dir.path("disk.img");
+    harness::make_pattern_image(&img, 8 << 20, harness::PATTERN_DISK1);
+    let a = boot(
+        &dir,
+        "a",
+        1,
+        128,
+        "tests=blk_write_tick tick_ms=20 tick_count=60 pattern_mib=0",
+        &["--disk", &format!("path={}", img.display())],
+    );
+    wait_tick(&a.log, 10);
+    pause(&a.sock);
+    let (snap, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    snapshot(&a.sock, "Full", &snap, &mem);
+    kill(a.child);
+    let b = restore(&dir, "b", &snap, &mem);
+    let r = wait(b.child, Duration::from_secs(120));
+    r.assert_code(0);
+    let text = std::fs::read_to_string(&b.log).unwrap();
+    assert!(text.contains("PASS blk_write_tick"), "{text}");
+    // The last tick's sector, written after the restore, is in the image.
+    let off = (2048 + 60 % 64) * 512u64;
+    let mut buf = vec![0u8; 512];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut buf, off)
+        .unwrap();
+    assert!(harness::has_pattern(&buf, off, 0x7469_636b_0000_0000 ^ 60));
+}
+
+#[test]
+fn test_snapshot_rules_and_bad_files() {
+    require_kvm!();
+    let dir = TempDir::new("snap-bad");
+    let a = boot(
+        &dir,
+        "a",
+        1,
+        128,
+        "tests=tick tick_ms=20 verify_every=5",
+        &[],
+    );
+    let (snap, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    // Not paused: refused.
+    let (c, b) = http(
+        &a.sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            snap.display(),
+            mem.display()
+        )),
+    );
+    assert_eq!(c, 400);
+    assert!(b.contains("paused"), "{b}");
+    wait_tick(&a.log, 5);
+    pause(&a.sock);
+    // Diff without dirty tracking: refused.
+    let (c, b) = http(
+        &a.sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_type": "Diff", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            snap.display(),
+            mem.display()
+        )),
+    );
+    assert_eq!(c, 400);
+    assert!(b.contains("dirty page tracking"), "{b}");
+    snapshot(&a.sock, "Full", &snap, &mem);
+    // Loading into a running VMM: refused.
+    let (c, _) = http(
+        &a.sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
+            snap.display(),
+            mem.display()
+        )),
+    );
+    assert_eq!(c, 400);
+    kill(a.child);
+
+    let good = std::fs::read(&snap).unwrap();
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated", good[..good.len() / 2].to_vec(), "runcated"),
+        (
+            "corrupt",
+            {
+                let mut v = good.clone();
+                let n = v.len();
+                v[n - 10] ^= 0xff;
+                v
+            },
+            "CRC-32",
+        ),
+        (
+            "version",
+            {
+                let mut v = good.clone();
+                v[8] = 0x7f;
+                v
+            },
+            "version",
+        ),
+        (
+            "notsnap",
+            b"this is not a snapshot at all, just some text".to_vec(),
+            "not a wisp snapshot",
+        ),
+    ];
+    let sock = dir.path("load.sock");
+    let child = spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for_api(&sock);
+    for (name, bytes, needle) in cases {
+        let p = dir.path(&format!("{name}.snap"));
+        std::fs::write(&p, bytes).unwrap();
+        let (c, b) = http(
+            &sock,
+            "PUT",
+            "/snapshot/load",
+            Some(&format!(
+                r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
+                p.display(),
+                mem.display()
+            )),
+        );
+        assert_eq!(c, 400, "{name}: {b}");
+        assert!(
+            b.to_lowercase().contains(&needle.to_lowercase()),
+            "{name}: fault lacks '{needle}': {b}"
+        );
+        // Still usable.
+        let (c, b) = http(&sock, "GET", "/", None);
+        assert_eq!(c, 200);
+        assert!(b.contains("Not started"), "{b}");
+    }
+    // A memory file of the wrong size.
+    let short = dir.path("short.mem");
+    std::fs::File::create(&short)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
+            snap.display(),
+            short.display()
+        )),
+    );
+    assert_eq!(c, 400, "{b}");
+    assert!(
+        b.contains("is 67108864 bytes") && b.contains("needs 134217728"),
+        "{b}"
+    );
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait(child, Duration::from_secs(20));
+
+    // A missing disk is a clear error from the command line too.
+    let img = dir.path("gone.img");
+    harness::make_pattern_image(&img, 1 << 20, harness::PATTERN_DISK1);
+    let a = boot(
+        &dir,
+        "d",
+        1,
+        128,
+        "tests=tick tick_ms=20",
+        &["--disk", &format!("path={}", img.display())],
+    );
+    wait_tick(&a.log, 3);
+    pause(&a.sock);
+    let (s2, m2) = (dir.path("d.snap"), dir.path("d.mem"));
+    snapshot(&a.sock, "Full", &s2, &m2);
+    kill(a.child);
+    std::fs::remove_file(&img).unwrap();
+    let r = harness::run(
+        &[
+            "run",
+            "--restore",
+            s2.to_str().unwrap(),
+            "--mem",
+            m2.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("gone.img") && r.stderr.contains("does not exist"),
+        "{}",
+        r.stderr
+    );
+    let _ = wait_for_text;
+}
