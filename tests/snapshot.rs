@@ -29,8 +29,8 @@ fn last_tick(log: &Path) -> u64 {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.strip_prefix("tick ")?.strip_suffix(" ok")?.parse().ok())
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("tick ")?.strip_suffix(" ok")?.parse().ok())
         .unwrap_or(0)
 }
 
@@ -297,7 +297,8 @@ fn test_disk_writes_after_restore_land() {
     let text = std::fs::read_to_string(&b.log).unwrap();
     assert!(text.contains("PASS blk_write_tick"), "{text}");
     // The last tick's sector, written after the restore, is in the image.
-    let off = (2048 + 60 % 64) * 512u64;
+    // Tick 60 writes sector 2048 + 60 % 64.
+    let off = (2048 + 60) * 512u64;
     let mut buf = vec![0u8; 512];
     use std::os::unix::fs::FileExt;
     std::fs::File::open(&img)
