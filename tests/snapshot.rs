@@ -479,3 +479,57 @@ fn test_snapshot_rules_and_bad_files() {
     );
     let _ = wait_for_text;
 }
+
+#[test]
+fn test_network_works_after_restore_in_new_process() {
+    require_net!();
+    let dir = TempDir::new("snap-net");
+    let ns = harness::NetNs::new("snap");
+    let g = guest();
+    let (sock, log) = (dir.path("a.sock"), dir.path("a.log"));
+    let a = ns.spawn_wisp(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log.display()),
+        "--kernel",
+        g.to_str().unwrap(),
+        "--net",
+        "tap=wsnap0,mac=52:54:00:77:00:0c,bridge=br0",
+        "--cmdline",
+        "tests=tick tick_ms=20 tick_net=1 ip=10.77.0.2 pattern_mib=4",
+    ]);
+    wait_for_api(&sock);
+    wait_tick(&log, 5);
+    let ping = ns.output("ping", &["-c", "2", "-W", "5", "10.77.0.2"]);
+    assert!(ping.contains("2 received"), "before: {ping}");
+    pause(&sock);
+    let at = last_tick(&log);
+    let (snap, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    snapshot(&sock, "Full", &snap, &mem);
+    kill(a);
+    assert!(!ns.has_link("wsnap0"), "TAP outlived the killed VMM");
+    let (sock2, log2) = (dir.path("b.sock"), dir.path("b.log"));
+    let b = ns.spawn_wisp(&[
+        "run",
+        "--api-sock",
+        sock2.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log2.display()),
+        "--restore",
+        snap.to_str().unwrap(),
+        "--mem",
+        mem.to_str().unwrap(),
+    ]);
+    wait_for_api(&sock2);
+    wait_tick(&log2, at + 3);
+    let master = ns.output("ip", &["link", "show", "master", "br0"]);
+    assert!(master.contains("wsnap0"), "TAP not re-attached: {master}");
+    let ping = ns.output("ping", &["-c", "3", "-W", "5", "10.77.0.2"]);
+    assert!(ping.contains("3 received"), "after restore: {ping}");
+    let text = std::fs::read_to_string(&log2).unwrap();
+    assert!(continues_with(&text, at + 1), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    kill(b);
+}
