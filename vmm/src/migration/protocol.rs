@@ -398,9 +398,10 @@ fn decode_pages(p: &[u8]) -> Result<Pages> {
         .ok_or_else(short)?
         .to_vec();
     // Bits past `count` must be clear so one run has one encoding.
-    if count % 8 != 0 {
+    let tail = count % 8;
+    if tail != 0 {
         if let Some(last) = present.last() {
-            if last >> (count % 8) != 0 {
+            if last >> tail != 0 {
                 return Err(malformed("Pages", "bitmap bits set past the page count"));
             }
         }

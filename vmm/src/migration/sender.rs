@@ -186,9 +186,10 @@ fn count_dirty(bitmaps: &[Vec<u64>], mem: &GuestMemoryMmap) -> u64 {
             let pages = r.len() / PAGE_SIZE as u64;
             let full = (pages / 64) as usize;
             let mut n: u64 = bm.iter().take(full).map(|w| w.count_ones() as u64).sum();
-            if pages % 64 != 0 {
+            let tail = pages % 64;
+            if tail != 0 {
                 if let Some(w) = bm.get(full) {
-                    n += (w & ((1u64 << (pages % 64)) - 1)).count_ones() as u64;
+                    n += (w & ((1u64 << tail) - 1)).count_ones() as u64;
                 }
             }
             n
