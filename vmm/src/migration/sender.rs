@@ -425,6 +425,12 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
             .write_all(&self.frame.buf)
             .map_err(ProtocolError::from_io)?;
         self.tx.bytes += self.frame.buf.len() as u64;
+        let tx = self.tx;
+        self.status.update(|s| {
+            s.bytes_sent = tx.bytes;
+            s.pages_sent = tx.pages;
+            s.zero_pages = tx.zero_pages;
+        });
         Ok(())
     }
 
@@ -460,12 +466,6 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
                 self.send_run(r as u32, start, (p - start) as u32)?;
             }
         }
-        let tx = self.tx;
-        self.status.update(|s| {
-            s.bytes_sent = tx.bytes;
-            s.pages_sent = tx.pages;
-            s.zero_pages = tx.zero_pages;
-        });
         Ok(())
     }
 
