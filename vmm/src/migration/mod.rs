@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use config::{CpuFeatures, DeviceSummary, MigrationConfig, RegionSpec};
 pub use protocol::{ProtocolError, PROTOCOL_VERSION};
-pub use receiver::{receive, MigrationTarget, ReceiveReport};
+pub use receiver::{receive, MigrationTarget, ReceiveReport, WrittenPages};
 pub use sender::{send, MigrationSource, SendOptions, SendReport};
 pub use status::{MigrationState, MigrationStatus, StatusSnapshot};
 pub use transport::{connect, listen, Connection, Listener, Stream, TransportError};

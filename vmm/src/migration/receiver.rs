@@ -105,10 +105,11 @@ fn receive_inner<S: Read + Write + ?Sized>(
 
     let mut state: Vec<u8> = Vec::new();
     let mut in_state = false;
+    let mut written = WrittenPages::new(target.memory());
     loop {
         match next(stream)? {
             Message::Pages(p) if !in_state => {
-                write_pages(target.memory(), &p)?;
+                write_pages(target.memory(), &mut written, &p)?;
                 report.pages += p.count as u64;
                 report.zero_pages += (p.count as usize - p.data.len() / PAGE_SIZE) as u64;
             }
@@ -150,9 +151,49 @@ fn unexpected(expected: &'static str, m: Message) -> MigrationError {
     }
 }
 
+/// Which pages the receiver has written non-zero data to. Guest memory
+/// starts zeroed, so a zero page only needs writing if it is set here; other
+/// pages stay untouched (and unallocated).
+#[derive(Debug, Clone)]
+pub struct WrittenPages {
+    regions: Vec<Vec<u64>>,
+}
+
+impl WrittenPages {
+    /// Nothing written yet, for the regions of `mem`.
+    pub fn new(mem: &GuestMemoryMmap) -> Self {
+        let regions = mem
+            .iter()
+            .map(|r| vec![0; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])
+            .collect();
+        Self { regions }
+    }
+
+    /// Records whether `page` of `region` now holds data; returns whether it
+    /// held data before. Out-of-range pages report `true` (write to be safe).
+    fn set(&mut self, region: usize, page: u64, data: bool) -> bool {
+        let Some(word) = self
+            .regions
+            .get_mut(region)
+            .and_then(|r| r.get_mut((page / 64) as usize))
+        else {
+            return true;
+        };
+        let bit = 1u64 << (page % 64);
+        let was = *word & bit != 0;
+        if data {
+            *word |= bit;
+        } else {
+            *word &= !bit;
+        }
+        was
+    }
+}
+
 /// Writes one run of pages. The run must lie inside region `p.region`;
-/// vm-memory checks every access again.
-pub fn write_pages(mem: &GuestMemoryMmap, p: &Pages) -> Result<()> {
+/// vm-memory checks every access again. `written` tracks which pages hold
+/// data so zero pages are only written over data.
+pub fn write_pages(mem: &GuestMemoryMmap, written: &mut WrittenPages, p: &Pages) -> Result<()> {
     let out_of_range = || MigrationError::PageOutOfRange {
         region: p.region,
         first_page: p.first_page,
@@ -168,9 +209,9 @@ pub fn write_pages(mem: &GuestMemoryMmap, p: &Pages) -> Result<()> {
         return Err(out_of_range());
     }
     let mut data = p.data.chunks_exact(PAGE_SIZE);
-    let mut scratch = [0u8; PAGE_SIZE];
     for i in 0..p.count {
-        let offset = (p.first_page + i as u64) * PAGE_SIZE as u64;
+        let page = p.first_page + i as u64;
+        let offset = page * PAGE_SIZE as u64;
         let addr = MemoryRegionAddress(offset);
         let mem_err = |e: vm_memory::GuestMemoryError| MigrationError::Memory {
             region: p.region,
@@ -178,17 +219,13 @@ pub fn write_pages(mem: &GuestMemoryMmap, p: &Pages) -> Result<()> {
             reason: e.to_string(),
         };
         if p.is_present(i) {
-            let page = data.next().ok_or_else(out_of_range)?;
-            region.write_slice(page, addr).map_err(mem_err)?;
-        } else {
-            // Only write zeros over a page that is not already zero, so
-            // untouched memory stays unallocated.
-            region.read_slice(&mut scratch, addr).map_err(mem_err)?;
-            if scratch.iter().any(|&b| b != 0) {
-                region
-                    .write_slice(&[0u8; PAGE_SIZE], addr)
-                    .map_err(mem_err)?;
-            }
+            let bytes = data.next().ok_or_else(out_of_range)?;
+            region.write_slice(bytes, addr).map_err(mem_err)?;
+            written.set(p.region as usize, page, true);
+        } else if written.set(p.region as usize, page, false) {
+            region
+                .write_slice(&[0u8; PAGE_SIZE], addr)
+                .map_err(mem_err)?;
         }
     }
     Ok(())
