@@ -987,3 +987,102 @@ fn bench_migration_throughput() {
         }
     }
 }
+
+#[test]
+fn test_migration_cancel_from_another_thread_during_precopy() {
+    let ranges = layout(32, 32);
+    let mem = new_memory(&ranges);
+    fill_random(&mem, 8);
+    let mut source = FakeSource::new(mem);
+    let status = MigrationStatus::new();
+    let watcher = {
+        let status = status.clone();
+        thread::spawn(move || {
+            let t0 = Instant::now();
+            while status.snapshot().bytes_sent < 4 * MIB as u64 && t0.elapsed().as_secs() < 10 {
+                thread::sleep(Duration::from_micros(200));
+            }
+            status.cancel();
+        })
+    };
+    let (sent, received, target) =
+        migrate(&mut source, FakeTarget::new(&ranges), &fast_opts(), &status);
+    watcher.join().unwrap();
+    let e = sent.unwrap_err();
+    assert!(matches!(e, MigrationError::Cancelled(_)), "{e}");
+    let st = status.snapshot();
+    assert_eq!(st.state, MigrationState::Cancelled);
+    assert!(st.pages_sent < (64 * MIB / PAGE_SIZE) as u64, "{st:?}");
+    assert!(st.error.unwrap().contains("cancelled"));
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+    assert!(matches!(received, Err(MigrationError::Cancelled(_))));
+    assert!(target.restored.is_none());
+}
+
+/// Runs the sender against a receiver that answers `Hello` with `reply`.
+fn send_against_hello_reply(reply: Message) -> (MigrationError, FakeSource, Vec<Message>) {
+    let (mut a, mut b) = Stream::pair().unwrap();
+    let rx = thread::spawn(move || {
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        protocol::read_message(&mut b).unwrap();
+        protocol::write_message(&mut b, &reply).unwrap();
+        let mut got = Vec::new();
+        while let Ok(m) = protocol::read_message(&mut b) {
+            got.push(m);
+        }
+        got
+    });
+    let mut source = FakeSource::new(new_memory(&layout(1, 1)));
+    let status = MigrationStatus::new();
+    let e = send(&mut a, &mut source, &fast_opts(), &status).unwrap_err();
+    drop(a);
+    assert_eq!(status.snapshot().state, MigrationState::Failed);
+    assert_eq!(status.snapshot().pages_sent, 0);
+    (e, source, rx.join().unwrap())
+}
+
+#[test]
+fn test_migration_sender_rejects_receiver_with_other_version() {
+    let mut h = Hello::ours();
+    h.protocol_version = 7;
+    let (e, source, got) = send_against_hello_reply(Message::Hello(h));
+    assert!(
+        matches!(
+            e,
+            MigrationError::Protocol(ProtocolError::UnsupportedVersion { theirs: 7, .. })
+        ),
+        "{e}"
+    );
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+    assert!(matches!(&got[..], [Message::Error { message }] if message.contains("version 7")));
+}
+
+#[test]
+fn test_migration_sender_reports_receiver_error() {
+    let (e, _, got) = send_against_hello_reply(Message::Error {
+        message: "Unsupported migration protocol version 1".into(),
+    });
+    assert!(
+        matches!(&e, MigrationError::Peer(m) if m.contains("version 1")),
+        "{e}"
+    );
+    assert!(got.is_empty(), "no reply to a peer's error: {got:?}");
+}
+
+#[test]
+fn test_receiver_state_over_limit_rejected() {
+    let t = small_target();
+    let mut s = Message::Hello(Hello::ours()).encode();
+    s.extend(Message::Config(t.config.clone()).encode());
+    let chunk = Message::State(vec![0xab; protocol::MAX_STATE_CHUNK]).encode();
+    for _ in 0..=(receiver::MAX_STATE_LEN / protocol::MAX_STATE_CHUNK) {
+        s.extend_from_slice(&chunk);
+    }
+    s.extend(Message::Complete.encode());
+    let (r, t, _) = run_script(s);
+    assert!(
+        matches!(r, Err(MigrationError::StateTooLarge { .. })),
+        "{r:?}"
+    );
+    assert!(t.restored.is_none());
+}
