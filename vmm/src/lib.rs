@@ -8,6 +8,7 @@ pub mod device_manager;
 pub mod host_quirks;
 pub mod logger;
 pub mod metrics;
+pub mod migration;
 pub mod persist;
 pub mod preboot;
 pub mod registry;

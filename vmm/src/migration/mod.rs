@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Live migration: transports, the versioned wire protocol, the pre-copy
+//! sender and the receiver. VMM-agnostic: the VMM plugs in through the
+//! [`MigrationSource`] and [`MigrationTarget`] traits and watches progress
+//! through a shared [`MigrationStatus`]. See `docs/migration.md`.
+
+pub mod config;
+pub mod protocol;
+pub mod receiver;
+pub mod sender;
+pub mod status;
+pub mod transport;
+pub mod uri;
+
+use std::time::Duration;
+
+pub use config::{CpuFeatures, DeviceSummary, MigrationConfig, RegionSpec};
+pub use protocol::{ProtocolError, PROTOCOL_VERSION};
+pub use receiver::{receive, MigrationTarget, ReceiveReport, WrittenPages};
+pub use sender::{send, MigrationSource, SendOptions, SendReport};
+pub use status::{MigrationState, MigrationStatus, StatusSnapshot};
+pub use transport::{connect, listen, Connection, Listener, Stream, TransportError};
+pub use uri::{MigrationUri, UriError};
+
+/// The error a VMM hook ([`MigrationSource`], [`MigrationTarget`]) returns.
+pub type HookError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The URI is invalid.
+    #[error(transparent)]
+    Uri(#[from] UriError),
+    /// Listening, accepting or connecting failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The stream broke or carried something undecodable.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// A valid message arrived out of order.
+    #[error("Unexpected {got} message while waiting for {expected}")]
+    Unexpected {
+        /// What the protocol allows here.
+        expected: &'static str,
+        /// What arrived.
+        got: &'static str,
+    },
+    /// The receiver's configuration or host does not fit the VM.
+    #[error("Receiver refused the migration: {0}")]
+    Refused(String),
+    /// The peer sent `Error`.
+    #[error("Migration peer reported an error: {0}")]
+    Peer(String),
+    /// Cancelled locally or by the peer.
+    #[error("Migration cancelled: {0}")]
+    Cancelled(String),
+    /// The guest dirties memory faster than it can be sent.
+    #[error(
+        "Migration did not converge after {iterations} iterations: dirty rate \
+         {dirty_mib_s:.1} MiB/s vs bandwidth {bandwidth_mib_s:.1} MiB/s"
+    )]
+    NotConverged {
+        /// Pre-copy iterations done.
+        iterations: u32,
+        /// Last measured dirty rate.
+        dirty_mib_s: f64,
+        /// Last measured bandwidth.
+        bandwidth_mib_s: f64,
+    },
+    /// A source hook failed.
+    #[error("Migration source failed to {what}: {source}")]
+    Source {
+        /// The hook.
+        what: &'static str,
+        /// Its error.
+        source: HookError,
+    },
+    /// A target hook failed.
+    #[error("Migration target failed to {what}: {source}")]
+    Target {
+        /// The hook.
+        what: &'static str,
+        /// Its error.
+        source: HookError,
+    },
+    /// A `Pages` run lies outside the guest memory layout.
+    #[error("Pages {first_page}..+{count} of region {region} lie outside guest memory")]
+    PageOutOfRange {
+        /// Region index.
+        region: u32,
+        /// First page of the run.
+        first_page: u64,
+        /// Pages in the run.
+        count: u32,
+    },
+    /// Guest memory could not be read or written.
+    #[error("Guest memory access at region {region} offset {offset:#x} failed: {reason}")]
+    Memory {
+        /// Region index.
+        region: u32,
+        /// Byte offset in the region.
+        offset: u64,
+        /// The vm-memory error.
+        reason: String,
+    },
+    /// The device state exceeds the receiver's limit.
+    #[error("Device state exceeds the {max}-byte limit")]
+    StateTooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// The peer did not answer in time.
+    #[error("Timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    /// Setting socket options failed.
+    #[error("Cannot configure the migration stream: {0}")]
+    Socket(#[source] std::io::Error),
+}
+
+/// Result of migration operations.
+pub type Result<T> = std::result::Result<T, MigrationError>;
+
+#[cfg(test)]
+mod tests;

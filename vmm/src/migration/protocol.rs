@@ -1,0 +1,698 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The migration wire protocol: CRC-checked frames carrying typed messages.
+//!
+//! A frame is `tag: u32 LE | len: u32 LE | payload[len] | crc: u32 LE`, the
+//! CRC-32 covering tag, length and payload. `Hello` and `Pages` have fixed
+//! binary layouts; the other messages are postcard. Decoding never panics:
+//! every malformed input becomes a [`ProtocolError`].
+
+use std::io::{self, Read, Write};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::config::MigrationConfig;
+
+/// First bytes of every `Hello`.
+pub const MAGIC: [u8; 8] = *b"WISPMIGR";
+/// The protocol version this build speaks. Independent of the snapshot
+/// state format version (`persist::format::FORMAT_VERSION`).
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol versions this build accepts from a peer.
+pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+/// Page size of `Pages` frames.
+pub const PAGE_SIZE: usize = 4096;
+/// Most pages in one `Pages` frame.
+pub const MAX_PAGES_PER_FRAME: u32 = 256;
+/// Most bytes of state in one `State` frame.
+pub const MAX_STATE_CHUNK: usize = 1 << 20;
+/// Largest payload a decoder accepts.
+pub const MAX_FRAME_PAYLOAD: u32 = 2 << 20;
+/// Frame header length (tag + len).
+pub const HEADER_LEN: usize = 8;
+/// Longest version string in `Hello`.
+const MAX_VERSION_STRING: usize = 256;
+/// `Pages` header: region u32, first_page u64, count u32.
+const PAGES_HEADER: usize = 16;
+
+/// Why a frame or message could not be read or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The stream ended inside a frame, or before one.
+    #[error("Migration stream ended unexpectedly")]
+    Truncated,
+    /// A read or write failed.
+    #[error("Migration stream I/O failed: {0}")]
+    Io(#[source] io::Error),
+    /// A read or write timed out.
+    #[error("Migration stream timed out")]
+    Timeout,
+    /// The CRC does not match the frame.
+    #[error("Migration frame CRC mismatch: frame says {stored:#010x}, data has {computed:#010x}")]
+    BadCrc {
+        /// CRC stored in the frame.
+        stored: u32,
+        /// CRC of the received bytes.
+        computed: u32,
+    },
+    /// The frame is longer than [`MAX_FRAME_PAYLOAD`].
+    #[error("Migration frame of {len} bytes exceeds the {max}-byte limit")]
+    Oversize {
+        /// Declared payload length.
+        len: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// The tag names no known message.
+    #[error("Unknown migration message tag {0}")]
+    UnknownTag(u32),
+    /// `Hello` does not start with [`MAGIC`].
+    #[error("Not a wisp migration stream (bad magic {0:02x?})")]
+    BadMagic([u8; 8]),
+    /// The peer speaks a protocol version this build does not.
+    #[error("Unsupported migration protocol version {theirs} (this build speaks {ours:?})")]
+    UnsupportedVersion {
+        /// The peer's version.
+        theirs: u32,
+        /// Versions we accept.
+        ours: &'static [u32],
+    },
+    /// A payload does not match its message's layout.
+    #[error("Malformed {message} message: {reason}")]
+    Malformed {
+        /// The message kind.
+        message: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl ProtocolError {
+    /// Classifies an I/O error: EOF is truncation, timeouts are timeouts.
+    pub fn from_io(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::UnexpectedEof => Self::Truncated,
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Self::Timeout,
+            _ => Self::Io(e),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ProtocolError>;
+
+fn malformed(message: &'static str, reason: impl Into<String>) -> ProtocolError {
+    ProtocolError::Malformed {
+        message,
+        reason: reason.into(),
+    }
+}
+
+/// The opening message of each side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Must be [`MAGIC`].
+    pub magic: [u8; 8],
+    /// The sender's protocol version.
+    pub protocol_version: u32,
+    /// The wisp release that produced it (informational).
+    pub wisp_version: String,
+}
+
+impl Hello {
+    /// This build's `Hello`.
+    pub fn ours() -> Self {
+        Self {
+            magic: MAGIC,
+            protocol_version: PROTOCOL_VERSION,
+            wisp_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// Checks magic and version.
+    pub fn check(&self) -> Result<()> {
+        if self.magic != MAGIC {
+            return Err(ProtocolError::BadMagic(self.magic));
+        }
+        if !SUPPORTED_VERSIONS.contains(&self.protocol_version) {
+            return Err(ProtocolError::UnsupportedVersion {
+                theirs: self.protocol_version,
+                ours: SUPPORTED_VERSIONS,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A run of pages of one region. Page `i` of the run (guest page
+/// `first_page + i` of region `region`) is in `data` when bit `i` of
+/// `present` is set, and is all zeros otherwise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pages {
+    /// Region index, in guest-address order.
+    pub region: u32,
+    /// First page, counted from the region's start.
+    pub first_page: u64,
+    /// Number of pages (1..=[`MAX_PAGES_PER_FRAME`]).
+    pub count: u32,
+    /// Bitmap of `count` bits (LSB first): which pages carry data.
+    pub present: Vec<u8>,
+    /// The non-zero pages, in order, [`PAGE_SIZE`] bytes each.
+    pub data: Vec<u8>,
+}
+
+impl Pages {
+    /// Whether page `i` of the run carries data.
+    pub fn is_present(&self, i: u32) -> bool {
+        self.present
+            .get((i / 8) as usize)
+            .is_some_and(|b| b & (1 << (i % 8)) != 0)
+    }
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Both sides, first: magic and version.
+    Hello(Hello),
+    /// Sender: what is being migrated.
+    Config(MigrationConfig),
+    /// Receiver: the configuration fits; send memory.
+    Accept,
+    /// Receiver: the configuration does not fit, and why.
+    Refuse {
+        /// Every difference found.
+        reason: String,
+    },
+    /// Sender: guest memory.
+    Pages(Pages),
+    /// Sender: a chunk of the opaque device and vCPU state; chunks are
+    /// concatenated in order.
+    State(Vec<u8>),
+    /// Sender: everything has been sent.
+    Complete,
+    /// Receiver: the guest is restored and running here.
+    Running,
+    /// Sender: the migration is abandoned.
+    Cancel {
+        /// Why.
+        reason: String,
+    },
+    /// Either side: a failure ends the migration.
+    Error {
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Message tags on the wire.
+pub mod tag {
+    /// [`super::Message::Hello`].
+    pub const HELLO: u32 = 1;
+    /// [`super::Message::Config`].
+    pub const CONFIG: u32 = 2;
+    /// [`super::Message::Accept`].
+    pub const ACCEPT: u32 = 3;
+    /// [`super::Message::Refuse`].
+    pub const REFUSE: u32 = 4;
+    /// [`super::Message::Pages`].
+    pub const PAGES: u32 = 5;
+    /// [`super::Message::State`].
+    pub const STATE: u32 = 6;
+    /// [`super::Message::Complete`].
+    pub const COMPLETE: u32 = 7;
+    /// [`super::Message::Running`].
+    pub const RUNNING: u32 = 8;
+    /// [`super::Message::Cancel`].
+    pub const CANCEL: u32 = 9;
+    /// [`super::Message::Error`].
+    pub const ERROR: u32 = 10;
+}
+
+#[derive(Serialize, Deserialize)]
+struct Reason {
+    text: String,
+}
+
+impl Message {
+    /// The message's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Config(_) => "Config",
+            Message::Accept => "Accept",
+            Message::Refuse { .. } => "Refuse",
+            Message::Pages(_) => "Pages",
+            Message::State(_) => "State",
+            Message::Complete => "Complete",
+            Message::Running => "Running",
+            Message::Cancel { .. } => "Cancel",
+            Message::Error { .. } => "Error",
+        }
+    }
+
+    /// Encodes the message as one complete frame.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut f = FrameBuf::default();
+        match self {
+            Message::Hello(h) => {
+                f.begin(tag::HELLO);
+                f.put(&h.magic);
+                f.put(&h.protocol_version.to_le_bytes());
+                let v = h.wisp_version.as_bytes();
+                let v = &v[..v.len().min(MAX_VERSION_STRING)];
+                f.put(&(v.len() as u16).to_le_bytes());
+                f.put(v);
+            }
+            Message::Config(c) => {
+                f.begin(tag::CONFIG);
+                f.put_postcard(c);
+            }
+            Message::Accept => f.begin(tag::ACCEPT),
+            Message::Refuse { reason } => {
+                f.begin(tag::REFUSE);
+                f.put_postcard(&Reason {
+                    text: reason.clone(),
+                });
+            }
+            Message::Pages(p) => {
+                f.begin(tag::PAGES);
+                f.put(&p.region.to_le_bytes());
+                f.put(&p.first_page.to_le_bytes());
+                f.put(&p.count.to_le_bytes());
+                f.put(&p.present);
+                f.put(&p.data);
+            }
+            Message::State(b) => {
+                f.begin(tag::STATE);
+                f.put(b);
+            }
+            Message::Complete => f.begin(tag::COMPLETE),
+            Message::Running => f.begin(tag::RUNNING),
+            Message::Cancel { reason } => {
+                f.begin(tag::CANCEL);
+                f.put_postcard(&Reason {
+                    text: reason.clone(),
+                });
+            }
+            Message::Error { message } => {
+                f.begin(tag::ERROR);
+                f.put_postcard(&Reason {
+                    text: message.clone(),
+                });
+            }
+        }
+        f.finish();
+        f.buf
+    }
+
+    /// Decodes a frame's payload.
+    pub fn decode(tag: u32, payload: &[u8]) -> Result<Message> {
+        let empty = |m: Message| {
+            if payload.is_empty() {
+                Ok(m)
+            } else {
+                Err(malformed(m.name(), "unexpected payload"))
+            }
+        };
+        match tag {
+            tag::HELLO => decode_hello(payload).map(Message::Hello),
+            tag::CONFIG => postcard_exact("Config", payload).map(Message::Config),
+            tag::ACCEPT => empty(Message::Accept),
+            tag::REFUSE => postcard_exact::<Reason>("Refuse", payload)
+                .map(|r| Message::Refuse { reason: r.text }),
+            tag::PAGES => decode_pages(payload).map(Message::Pages),
+            tag::STATE => {
+                if payload.len() > MAX_STATE_CHUNK {
+                    return Err(malformed("State", "chunk too large"));
+                }
+                Ok(Message::State(payload.to_vec()))
+            }
+            tag::COMPLETE => empty(Message::Complete),
+            tag::RUNNING => empty(Message::Running),
+            tag::CANCEL => postcard_exact::<Reason>("Cancel", payload)
+                .map(|r| Message::Cancel { reason: r.text }),
+            tag::ERROR => postcard_exact::<Reason>("Error", payload)
+                .map(|r| Message::Error { message: r.text }),
+            t => Err(ProtocolError::UnknownTag(t)),
+        }
+    }
+}
+
+fn postcard_exact<T: DeserializeOwned>(message: &'static str, payload: &[u8]) -> Result<T> {
+    match postcard::take_from_bytes(payload) {
+        Ok((v, [])) => Ok(v),
+        Ok((_, rest)) => Err(malformed(message, format!("{} trailing bytes", rest.len()))),
+        Err(e) => Err(malformed(message, e.to_string())),
+    }
+}
+
+fn decode_hello(p: &[u8]) -> Result<Hello> {
+    let short = || malformed("Hello", "too short");
+    let magic: [u8; 8] = p
+        .get(..8)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(short)?;
+    if magic != MAGIC {
+        return Err(ProtocolError::BadMagic(magic));
+    }
+    let version = le_u32(p, 8).ok_or_else(short)?;
+    let vlen = p
+        .get(12..14)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+        .ok_or_else(short)?;
+    let v = p.get(14..14 + vlen).ok_or_else(short)?;
+    if p.len() != 14 + vlen {
+        return Err(malformed("Hello", "trailing bytes"));
+    }
+    Ok(Hello {
+        magic,
+        protocol_version: version,
+        wisp_version: String::from_utf8_lossy(v).into_owned(),
+    })
+}
+
+fn le_u32(p: &[u8], at: usize) -> Option<u32> {
+    p.get(at..at + 4)
+        .and_then(|s| s.try_into().ok())
+        .map(u32::from_le_bytes)
+}
+
+fn decode_pages(p: &[u8]) -> Result<Pages> {
+    let short = || malformed("Pages", "too short");
+    let region = le_u32(p, 0).ok_or_else(short)?;
+    let first_page = p
+        .get(4..12)
+        .and_then(|s| s.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(short)?;
+    let count = le_u32(p, 12).ok_or_else(short)?;
+    if count == 0 || count > MAX_PAGES_PER_FRAME {
+        return Err(malformed(
+            "Pages",
+            format!("page count {count} not in 1..={MAX_PAGES_PER_FRAME}"),
+        ));
+    }
+    let map_len = count.div_ceil(8) as usize;
+    let present = p
+        .get(PAGES_HEADER..PAGES_HEADER + map_len)
+        .ok_or_else(short)?
+        .to_vec();
+    // Bits past `count` must be clear so one run has one encoding.
+    let tail = count % 8;
+    if tail != 0 {
+        if let Some(last) = present.last() {
+            if last >> tail != 0 {
+                return Err(malformed("Pages", "bitmap bits set past the page count"));
+            }
+        }
+    }
+    let n: usize = present.iter().map(|b| b.count_ones() as usize).sum();
+    let data = &p[PAGES_HEADER + map_len..];
+    if data.len() != n * PAGE_SIZE {
+        return Err(malformed(
+            "Pages",
+            format!("{} data bytes for {n} present pages", data.len()),
+        ));
+    }
+    Ok(Pages {
+        region,
+        first_page,
+        count,
+        present,
+        data: data.to_vec(),
+    })
+}
+
+/// A frame under construction; also used by the sender to build `Pages`
+/// frames straight from guest memory without an intermediate copy.
+#[derive(Debug, Default)]
+pub struct FrameBuf {
+    /// The frame bytes so far.
+    pub buf: Vec<u8>,
+}
+
+impl FrameBuf {
+    /// Starts a frame with `tag`, discarding any previous contents.
+    pub fn begin(&mut self, tag: u32) {
+        self.buf.clear();
+        self.buf.extend_from_slice(&tag.to_le_bytes());
+        self.buf.extend_from_slice(&0u32.to_le_bytes());
+    }
+
+    /// Appends payload bytes.
+    pub fn put(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+
+    fn put_postcard<T: Serialize>(&mut self, v: &T) {
+        // Serialising plain structs of strings and integers into a Vec
+        // cannot fail; fall back to an empty payload that the peer rejects.
+        if let Ok(b) = postcard::to_stdvec(v) {
+            self.put(&b);
+        }
+    }
+
+    /// Payload length so far.
+    pub fn payload_len(&self) -> usize {
+        self.buf.len().saturating_sub(HEADER_LEN)
+    }
+
+    /// Fills in the length and appends the CRC.
+    pub fn finish(&mut self) {
+        let len = self.payload_len() as u32;
+        self.buf[4..8].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32fast::hash(&self.buf);
+        self.buf.extend_from_slice(&crc.to_le_bytes());
+    }
+}
+
+/// Writes one message.
+pub fn write_message<W: Write + ?Sized>(w: &mut W, m: &Message) -> Result<()> {
+    w.write_all(&m.encode()).map_err(ProtocolError::from_io)
+}
+
+/// Reads one frame: its tag and verified payload.
+pub fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<(u32, Vec<u8>)> {
+    let mut head = [0u8; HEADER_LEN];
+    r.read_exact(&mut head).map_err(ProtocolError::from_io)?;
+    let tag = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if len > MAX_FRAME_PAYLOAD {
+        return Err(ProtocolError::Oversize {
+            len,
+            max: MAX_FRAME_PAYLOAD,
+        });
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).map_err(ProtocolError::from_io)?;
+    let mut crc = [0u8; 4];
+    r.read_exact(&mut crc).map_err(ProtocolError::from_io)?;
+    let stored = u32::from_le_bytes(crc);
+    let mut h = crc32fast::Hasher::new();
+    h.update(&head);
+    h.update(&payload);
+    let computed = h.finalize();
+    if stored != computed {
+        return Err(ProtocolError::BadCrc { stored, computed });
+    }
+    Ok((tag, payload))
+}
+
+/// Reads and decodes one message.
+pub fn read_message<R: Read + ?Sized>(r: &mut R) -> Result<Message> {
+    let (tag, payload) = read_frame(r)?;
+    Message::decode(tag, &payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::config::{CpuFeatures, DeviceSummary, RegionSpec};
+
+    fn all_messages() -> Vec<Message> {
+        vec![
+            Message::Hello(Hello::ours()),
+            Message::Config(MigrationConfig {
+                memory: vec![RegionSpec {
+                    guest_addr: 0x1000_0000,
+                    size: 1 << 30,
+                }],
+                vcpus: 4,
+                devices: vec![DeviceSummary {
+                    kind: "net".into(),
+                    id: "eth0".into(),
+                }],
+                cpu: CpuFeatures {
+                    vendor: "AuthenticAMD".into(),
+                    leaf1_ecx: 1,
+                    leaf1_edx: 2,
+                    leaf7_ebx: 3,
+                    leaf7_ecx: 4,
+                    leaf7_edx: 5,
+                },
+            }),
+            Message::Accept,
+            Message::Refuse {
+                reason: "vCPU count differs".into(),
+            },
+            Message::Pages(Pages {
+                region: 1,
+                first_page: 77,
+                count: 10,
+                present: vec![0b0000_0101, 0b10],
+                data: (0..3 * PAGE_SIZE).map(|i| i as u8).collect(),
+            }),
+            Message::State(vec![9; 1000]),
+            Message::State(vec![]),
+            Message::Complete,
+            Message::Running,
+            Message::Cancel {
+                reason: "user".into(),
+            },
+            Message::Error {
+                message: "restore failed".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn test_protocol_every_message_round_trips() {
+        let mut stream = Vec::new();
+        for m in all_messages() {
+            write_message(&mut stream, &m).unwrap();
+        }
+        let mut r = stream.as_slice();
+        for m in all_messages() {
+            assert_eq!(read_message(&mut r).unwrap(), m);
+        }
+        assert!(matches!(
+            read_message(&mut r),
+            Err(ProtocolError::Truncated)
+        ));
+    }
+
+    #[test]
+    fn test_protocol_every_truncation_is_an_error() {
+        for m in all_messages() {
+            let f = m.encode();
+            for cut in 0..f.len() {
+                let e = read_message(&mut &f[..cut]).unwrap_err();
+                assert!(
+                    matches!(e, ProtocolError::Truncated),
+                    "{} cut {cut}: {e}",
+                    m.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn test_protocol_every_bit_flip_is_an_error() {
+        for m in all_messages() {
+            let f = m.encode();
+            // Flip one bit per byte (every byte for small frames).
+            let step = (f.len() / 512).max(1);
+            for i in (0..f.len()).step_by(step) {
+                let mut g = f.clone();
+                g[i] ^= 1 << (i % 8);
+                assert!(
+                    read_message(&mut g.as_slice()).is_err(),
+                    "{} byte {i}",
+                    m.name()
+                );
+            }
+        }
+    }
+
+    fn frame(tag: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = FrameBuf::default();
+        f.begin(tag);
+        f.put(payload);
+        f.finish();
+        f.buf
+    }
+
+    #[test]
+    fn test_protocol_hostile_frames_rejected() {
+        let e = |b: Vec<u8>| read_message(&mut b.as_slice()).unwrap_err();
+        assert!(matches!(e(frame(99, b"")), ProtocolError::UnknownTag(99)));
+        let mut big = 5u32.to_le_bytes().to_vec();
+        big.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(e(big), ProtocolError::Oversize { .. }));
+        assert!(matches!(
+            e(frame(tag::ACCEPT, b"x")),
+            ProtocolError::Malformed { .. }
+        ));
+        let mut hello = frame(tag::HELLO, b"");
+        hello.truncate(0);
+        hello.extend(frame(tag::HELLO, b"NOTWISP!\x01\0\0\0\0\0"));
+        assert!(matches!(e(hello), ProtocolError::BadMagic(_)));
+        assert!(matches!(
+            e(frame(tag::HELLO, b"WISPMIGR\x01")),
+            ProtocolError::Malformed { .. }
+        ));
+        assert!(matches!(
+            e(frame(tag::CONFIG, &[0xff; 7])),
+            ProtocolError::Malformed { .. }
+        ));
+        assert!(matches!(
+            e(frame(tag::ERROR, &[5, b'a'])),
+            ProtocolError::Malformed { .. }
+        ));
+        // Pages: zero count, too many, data length mismatch, stray bitmap bits.
+        let pages = |count: u32, map: &[u8], data: usize| {
+            let mut p = 0u32.to_le_bytes().to_vec();
+            p.extend_from_slice(&0u64.to_le_bytes());
+            p.extend_from_slice(&count.to_le_bytes());
+            p.extend_from_slice(map);
+            p.extend(std::iter::repeat_n(1u8, data));
+            frame(tag::PAGES, &p)
+        };
+        assert!(matches!(
+            e(pages(0, &[], 0)),
+            ProtocolError::Malformed { .. }
+        ));
+        assert!(matches!(
+            e(pages(257, &[0; 33], 0)),
+            ProtocolError::Malformed { .. }
+        ));
+        assert!(matches!(
+            e(pages(8, &[1], 0)),
+            ProtocolError::Malformed { .. }
+        ));
+        assert!(matches!(
+            e(pages(8, &[1], PAGE_SIZE + 1)),
+            ProtocolError::Malformed { .. }
+        ));
+        assert!(matches!(
+            e(pages(3, &[0b1000], 0)),
+            ProtocolError::Malformed { .. }
+        ));
+        assert!(read_message(&mut pages(3, &[0b100], PAGE_SIZE).as_slice()).is_ok());
+        let mut over = vec![0u8; MAX_STATE_CHUNK + 1];
+        over[0] = 1;
+        assert!(matches!(
+            e(frame(tag::STATE, &over)),
+            ProtocolError::Malformed { .. }
+        ));
+    }
+
+    #[test]
+    fn test_protocol_hello_version_check() {
+        let mut h = Hello::ours();
+        h.check().unwrap();
+        h.protocol_version = 2;
+        let m = Message::Hello(h.clone());
+        let Message::Hello(back) = read_message(&mut m.encode().as_slice()).unwrap() else {
+            panic!()
+        };
+        let e = back.check().unwrap_err();
+        assert!(
+            matches!(e, ProtocolError::UnsupportedVersion { theirs: 2, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("version 2"));
+        h.magic = *b"XXXXXXXX";
+        assert!(matches!(h.check(), Err(ProtocolError::BadMagic(_))));
+    }
+}

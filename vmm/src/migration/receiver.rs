@@ -1,0 +1,232 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The receiver: checks the incoming VM against the local configuration,
+//! writes pages into guest memory (bounds-checked), restores the state and
+//! reports `Running` once the guest runs here.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use devices::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+use super::config::{CpuFeatures, MigrationConfig};
+use super::protocol::{self, Hello, Message, Pages, PAGE_SIZE};
+use super::{HookError, MigrationError, Result};
+
+/// Largest device state accepted (the snapshot format's own limit).
+pub const MAX_STATE_LEN: usize = 64 << 20;
+
+/// What the receiver needs from the VM being built. Implemented by the VMM.
+pub trait MigrationTarget {
+    /// The local VM's configuration, compared with the source's.
+    fn config(&self) -> MigrationConfig;
+    /// CPU features this host supports (`KVM_GET_SUPPORTED_CPUID`).
+    fn host_cpu(&self) -> CpuFeatures;
+    /// Guest RAM to write pages into. It must start out zeroed (fresh
+    /// anonymous memory): pages the source never sends stay zero.
+    fn memory(&self) -> &GuestMemoryMmap;
+    /// Restores devices and vCPUs from the state blob and starts the guest.
+    fn restore_and_run(&mut self, state: Vec<u8>) -> std::result::Result<(), HookError>;
+}
+
+/// What a successful receive did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReceiveReport {
+    /// Pages received (data and zero markers).
+    pub pages: u64,
+    /// Of those, zero markers.
+    pub zero_pages: u64,
+    /// Bytes of device state.
+    pub state_bytes: usize,
+    /// Handshake to `Running`.
+    pub total: Duration,
+}
+
+/// Receives a VM over `stream` into `target`. Returns once the guest runs
+/// here and `Running` was sent. On any failure sends `Error` (best effort)
+/// and returns the error; the caller should then exit without running the
+/// guest. Set the stream's read timeout first to bound waits for the sender.
+pub fn receive<S: Read + Write + ?Sized>(
+    stream: &mut S,
+    target: &mut dyn MigrationTarget,
+) -> Result<ReceiveReport> {
+    let mut report = ReceiveReport::default();
+    let started = Instant::now();
+    match receive_inner(stream, target, &mut report) {
+        Ok(()) => {
+            report.total = started.elapsed();
+            Ok(report)
+        }
+        Err(e) => {
+            let silent = matches!(
+                e,
+                MigrationError::Cancelled(_) | MigrationError::Peer(_) | MigrationError::Refused(_)
+            );
+            if !silent {
+                let _ = protocol::write_message(
+                    stream,
+                    &Message::Error {
+                        message: e.to_string(),
+                    },
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+fn receive_inner<S: Read + Write + ?Sized>(
+    stream: &mut S,
+    target: &mut dyn MigrationTarget,
+    report: &mut ReceiveReport,
+) -> Result<()> {
+    match next(stream)? {
+        Message::Hello(h) => h.check()?,
+        m => return Err(unexpected("Hello", m)),
+    }
+    protocol::write_message(stream, &Message::Hello(Hello::ours()))?;
+
+    let theirs = match next(stream)? {
+        Message::Config(c) => c,
+        m => return Err(unexpected("Config", m)),
+    };
+    let differences = theirs.differences(&target.config(), &target.host_cpu());
+    if !differences.is_empty() {
+        let reason = differences.join("; ");
+        protocol::write_message(
+            stream,
+            &Message::Refuse {
+                reason: reason.clone(),
+            },
+        )?;
+        return Err(MigrationError::Refused(reason));
+    }
+    protocol::write_message(stream, &Message::Accept)?;
+
+    let mut state: Vec<u8> = Vec::new();
+    let mut in_state = false;
+    let mut written = WrittenPages::new(target.memory());
+    loop {
+        match next(stream)? {
+            Message::Pages(p) if !in_state => {
+                write_pages(target.memory(), &mut written, &p)?;
+                report.pages += p.count as u64;
+                report.zero_pages += (p.count as usize - p.data.len() / PAGE_SIZE) as u64;
+            }
+            Message::State(chunk) => {
+                in_state = true;
+                if state.len().saturating_add(chunk.len()) > MAX_STATE_LEN {
+                    return Err(MigrationError::StateTooLarge { max: MAX_STATE_LEN });
+                }
+                state.extend_from_slice(&chunk);
+            }
+            Message::Complete => break,
+            Message::Cancel { reason } => return Err(MigrationError::Cancelled(reason)),
+            m => return Err(unexpected("Pages, State or Complete", m)),
+        }
+    }
+    report.state_bytes = state.len();
+    target
+        .restore_and_run(state)
+        .map_err(|source| MigrationError::Target {
+            what: "restore and run the VM",
+            source,
+        })?;
+    protocol::write_message(stream, &Message::Running)?;
+    Ok(())
+}
+
+fn next<S: Read + ?Sized>(stream: &mut S) -> Result<Message> {
+    Ok(protocol::read_message(stream)?)
+}
+
+fn unexpected(expected: &'static str, m: Message) -> MigrationError {
+    match m {
+        Message::Error { message } => MigrationError::Peer(message),
+        Message::Cancel { reason } => MigrationError::Cancelled(reason),
+        m => MigrationError::Unexpected {
+            expected,
+            got: m.name(),
+        },
+    }
+}
+
+/// Which pages the receiver has written non-zero data to. Guest memory
+/// starts zeroed, so a zero page only needs writing if it is set here; other
+/// pages stay untouched (and unallocated).
+#[derive(Debug, Clone)]
+pub struct WrittenPages {
+    regions: Vec<Vec<u64>>,
+}
+
+impl WrittenPages {
+    /// Nothing written yet, for the regions of `mem`.
+    pub fn new(mem: &GuestMemoryMmap) -> Self {
+        let regions = mem
+            .iter()
+            .map(|r| vec![0; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])
+            .collect();
+        Self { regions }
+    }
+
+    /// Records whether `page` of `region` now holds data; returns whether it
+    /// held data before. Out-of-range pages report `true` (write to be safe).
+    fn set(&mut self, region: usize, page: u64, data: bool) -> bool {
+        let Some(word) = self
+            .regions
+            .get_mut(region)
+            .and_then(|r| r.get_mut((page / 64) as usize))
+        else {
+            return true;
+        };
+        let bit = 1u64 << (page % 64);
+        let was = *word & bit != 0;
+        if data {
+            *word |= bit;
+        } else {
+            *word &= !bit;
+        }
+        was
+    }
+}
+
+/// Writes one run of pages. The run must lie inside region `p.region`;
+/// vm-memory checks every access again. `written` tracks which pages hold
+/// data so zero pages are only written over data.
+pub fn write_pages(mem: &GuestMemoryMmap, written: &mut WrittenPages, p: &Pages) -> Result<()> {
+    let out_of_range = || MigrationError::PageOutOfRange {
+        region: p.region,
+        first_page: p.first_page,
+        count: p.count,
+    };
+    let region = mem.iter().nth(p.region as usize).ok_or_else(out_of_range)?;
+    let region_pages = region.len() / PAGE_SIZE as u64;
+    let end = p
+        .first_page
+        .checked_add(p.count as u64)
+        .ok_or_else(out_of_range)?;
+    if end > region_pages {
+        return Err(out_of_range());
+    }
+    let mut data = p.data.chunks_exact(PAGE_SIZE);
+    for i in 0..p.count {
+        let page = p.first_page + i as u64;
+        let offset = page * PAGE_SIZE as u64;
+        let addr = MemoryRegionAddress(offset);
+        let mem_err = |e: vm_memory::GuestMemoryError| MigrationError::Memory {
+            region: p.region,
+            offset,
+            reason: e.to_string(),
+        };
+        if p.is_present(i) {
+            let bytes = data.next().ok_or_else(out_of_range)?;
+            region.write_slice(bytes, addr).map_err(mem_err)?;
+            written.set(p.region as usize, page, true);
+        } else if written.set(p.region as usize, page, false) {
+            region
+                .write_slice(&[0u8; PAGE_SIZE], addr)
+                .map_err(mem_err)?;
+        }
+    }
+    Ok(())
+}
