@@ -376,6 +376,40 @@ pub fn restore_vm(
     track_dirty: bool,
     start_paused: bool,
 ) -> Result<Vmm, BuildError> {
+    let mem = crate::persist::map_memory_file(mem_path, &state.vm.memory)
+        .map_err(|e| BuildError::Snapshot(e.to_string()))?;
+    restore_vm_with_memory(state, mem, track_dirty, start_paused)
+}
+
+/// Checks a state's memory layout against its configuration.
+fn check_restorable(state: &MicrovmState) -> Result<(), BuildError> {
+    let cfg = &state.config;
+    let expected: Vec<(u64, u64)> = boot::layout::ram_ranges(cfg.mem_size);
+    let found: Vec<(u64, u64)> = state
+        .vm
+        .memory
+        .regions
+        .iter()
+        .map(|r| (r.guest_addr, r.size))
+        .collect();
+    if expected != found {
+        return Err(BuildError::Snapshot(format!(
+            "its memory layout {found:x?} does not match {} MiB",
+            cfg.mem_size >> 20
+        )));
+    }
+    Ok(())
+}
+
+/// Rebuilds a VM from a state and guest memory already filled (from a
+/// snapshot file or a migration stream).
+pub fn restore_vm_with_memory(
+    state: &MicrovmState,
+    mem: devices::GuestMemoryMmap,
+    track_dirty: bool,
+    start_paused: bool,
+) -> Result<Vmm, BuildError> {
+    check_restorable(state)?;
     let cfg = &state.config;
     let (kvm, supported_cpuid) = open_checked_kvm(cfg)?;
     if state.vcpus.len() != usize::from(cfg.vcpus) {
@@ -394,21 +428,6 @@ pub fn restore_vm(
             )));
         }
     }
-    let layout = &state.vm.memory;
-    let expected: Vec<(u64, u64)> = boot::layout::ram_ranges(cfg.mem_size);
-    let found: Vec<(u64, u64)> = layout
-        .regions
-        .iter()
-        .map(|r| (r.guest_addr, r.size))
-        .collect();
-    if expected != found {
-        return Err(BuildError::Snapshot(format!(
-            "its memory layout {found:x?} does not match {} MiB",
-            cfg.mem_size >> 20
-        )));
-    }
-    let mem = crate::persist::map_memory_file(mem_path, layout)
-        .map_err(|e| BuildError::Snapshot(e.to_string()))?;
     let vm = Vm::new(kvm, mem)?;
     if track_dirty {
         crate::persist::set_dirty_logging(&vm.fd, &vm.memory, true)

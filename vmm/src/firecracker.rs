@@ -175,6 +175,7 @@ pub fn main(argv: &[String]) -> ExitCode {
         register_required: false,
         metrics_path: a.metrics_path,
         restore: None,
+        incoming: None,
     })
 }
 

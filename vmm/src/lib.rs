@@ -6,6 +6,7 @@ pub mod builder;
 pub mod config;
 pub mod device_manager;
 pub mod host_quirks;
+pub mod live_migration;
 pub mod logger;
 pub mod metrics;
 pub mod migration;

@@ -98,6 +98,10 @@ struct RunArgs {
     /// Keep the restored VM paused (resume it through the API).
     #[arg(long, requires = "restore")]
     paused: bool,
+    /// Wait for a live migration on this URI (unix:PATH or tcp:HOST:PORT); the
+    /// machine configuration given must match the sender's.
+    #[arg(long, conflicts_with_all = ["kernel", "config_file", "restore"])]
+    incoming: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -263,6 +267,10 @@ pub fn run_vmm(opts: RuntimeOptions) -> ExitCode {
             eprintln!("wisp: stopped through the API");
             ExitCode::SUCCESS
         }
+        Outcome::Migrated(uri) => {
+            eprintln!("wisp: the VM was migrated to {uri} and runs there; exiting");
+            ExitCode::SUCCESS
+        }
         Outcome::ShutdownTimeout(s) => {
             eprintln!(
                 "wisp: the guest did not power off within {s} s of the ACPI power button; stopped"
@@ -303,9 +311,13 @@ fn run(a: RunArgs) -> ExitCode {
         eprintln!("wisp: {e}");
         return ExitCode::from(2);
     }
-    if a.kernel.is_none() && a.config_file.is_none() && a.api_sock.is_none() && a.restore.is_none()
+    if a.kernel.is_none()
+        && a.config_file.is_none()
+        && a.api_sock.is_none()
+        && a.restore.is_none()
+        && a.incoming.is_none()
     {
-        eprintln!("wisp: --kernel is required (or --restore SNAPSHOT, --config-file, or --api-sock to be configured through the API)");
+        eprintln!("wisp: --kernel is required (or --restore SNAPSHOT, --incoming URI, --config-file, or --api-sock to be configured through the API)");
         return ExitCode::from(2);
     }
     let preboot = match preboot_from_args(&a) {
@@ -348,6 +360,7 @@ fn run(a: RunArgs) -> ExitCode {
         register_required,
         metrics_path: a.metrics_path,
         restore,
+        incoming: a.incoming,
     })
 }
 

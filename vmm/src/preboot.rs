@@ -84,6 +84,31 @@ impl Preboot {
         }
     }
 
+    /// The configuration an incoming migration is checked against: no boot
+    /// source is needed (the guest's state arrives with it).
+    pub fn to_vm_config_for_incoming(&self) -> VmConfig {
+        let mut p = self.clone();
+        if p.boot_source.is_none() {
+            p.boot_source = Some(BootSource {
+                kernel_image_path: String::new(),
+                initrd_path: None,
+                boot_args: None,
+            });
+        }
+        // Only a missing boot source or two roots fail; two roots fail later.
+        p.to_vm_config().unwrap_or_else(|_| VmConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: String::new(),
+            vcpus: p.machine.vcpu_count,
+            mem_size: (p.machine.mem_size_mib as u64) << 20,
+            serial: p.serial.clone(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            track_dirty_pages: false,
+        })
+    }
+
     /// The VM configuration to boot.
     pub fn to_vm_config(&self) -> Result<VmConfig, PrebootError> {
         let bs = self

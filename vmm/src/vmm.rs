@@ -28,6 +28,8 @@ pub enum Outcome {
     Signal(i32),
     /// The VMM was told to stop through its API.
     Stopped,
+    /// The VM was migrated to this URI and runs there now.
+    Migrated(String),
     /// An orderly shutdown was asked for, and the guest did not power off
     /// within the deadline (seconds), so the VM was stopped.
     ShutdownTimeout(u64),

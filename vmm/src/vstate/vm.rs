@@ -39,8 +39,8 @@ fn ioctl(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     /// The KVM system fd.
     pub kvm: Kvm,
-    /// The VM fd.
-    pub fd: VmFd,
+    /// The VM fd (shared with a migration thread reading the dirty log).
+    pub fd: std::sync::Arc<VmFd>,
     /// Guest RAM.
     pub memory: GuestMemoryMmap,
     /// The host's KVM flavour.
@@ -80,7 +80,7 @@ impl Vm {
             .map_err(ioctl("KVM_SET_IDENTITY_MAP_ADDR"))?;
         let vm = Self {
             kvm,
-            fd,
+            fd: std::sync::Arc::new(fd),
             memory,
             host: crate::host_quirks::detect(),
         };

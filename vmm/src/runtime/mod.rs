@@ -20,6 +20,8 @@ use crate::preboot::{self, Preboot};
 use crate::terminal::{stdin_is_tty, RawModeGuard};
 use crate::vmm::{Outcome, Subscriber, Vmm};
 
+mod migration;
+
 /// How the process was started.
 #[derive(Debug)]
 pub struct RuntimeOptions {
@@ -39,6 +41,8 @@ pub struct RuntimeOptions {
     pub metrics_path: Option<PathBuf>,
     /// Restore this snapshot at start: (state file, memory file, resume).
     pub restore: Option<(PathBuf, PathBuf, bool)>,
+    /// Wait for an incoming live migration on this URI.
+    pub incoming: Option<String>,
 }
 
 /// Why the runtime could not start.
@@ -69,13 +73,16 @@ pub enum RuntimeError {
 
 const EV_SIGNAL: u32 = 0;
 const EV_API: u32 = 1;
+const EV_MIGRATION: u32 = 2;
 
 /// Signals and API wake-ups.
 struct Wakeups {
     signal_fd: i32,
     api_fd: Option<i32>,
+    migration_fd: i32,
     signal: Arc<Mutex<Option<Outcome>>>,
     api_pending: Arc<Mutex<bool>>,
+    migration_pending: Arc<Mutex<bool>>,
 }
 
 impl MutEventSubscriber for Wakeups {
@@ -88,6 +95,11 @@ impl MutEventSubscriber for Wakeups {
         if let Some(fd) = self.api_fd {
             let _ = ops.add(Events::with_data_raw(fd, EV_API, EventSet::IN));
         }
+        let _ = ops.add(Events::with_data_raw(
+            self.migration_fd,
+            EV_MIGRATION,
+            EventSet::IN,
+        ));
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -99,6 +111,7 @@ impl MutEventSubscriber for Wakeups {
                 lock(&self.signal).get_or_insert(Outcome::Signal(crate::signals::last_signal()));
             }
             EV_API => *lock(&self.api_pending) = true,
+            EV_MIGRATION => *lock(&self.migration_pending) = true,
             _ => {}
         }
     }
@@ -120,6 +133,21 @@ pub struct Runtime {
     metrics: Option<crate::metrics::MetricsSink>,
     last_metrics: std::time::Instant,
     shutdown_deadline: Option<(std::time::Instant, u64)>,
+    migration: MigrationCtl,
+}
+
+/// Live-migration bookkeeping of the runtime.
+struct MigrationCtl {
+    link: crate::live_migration::MainLink,
+    rx: Receiver<crate::live_migration::MainRequest>,
+    evt: Arc<EventFd>,
+    pending: Arc<Mutex<bool>>,
+    status: crate::migration::MigrationStatus,
+    /// "Sending" or "Receiving" while one runs.
+    role: Option<&'static str>,
+    uri: Option<String>,
+    /// The migration paused the VM (and must resume it on failure).
+    paused_vm: bool,
 }
 
 /// How often metrics are written without being asked.
@@ -205,11 +233,27 @@ impl Runtime {
             }
             None => (None, None),
         };
+        let mig_evt = Arc::new(
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| RuntimeError::EventLoop(e.to_string()))?,
+        );
+        let (link, mig_rx) = crate::live_migration::MainLink::new(mig_evt.clone());
+        let migration = MigrationCtl {
+            link,
+            rx: mig_rx,
+            evt: mig_evt,
+            pending: Arc::new(Mutex::new(false)),
+            status: crate::migration::MigrationStatus::new(),
+            role: None,
+            uri: None,
+            paused_vm: false,
+        };
         em.add_subscriber(Arc::new(Mutex::new(Wakeups {
             signal_fd: signal_evt.as_raw_fd(),
             api_fd: api_evt.as_ref().map(|e| e.as_raw_fd()),
+            migration_fd: migration.evt.as_raw_fd(),
             signal: outcome.clone(),
             api_pending: api_pending.clone(),
+            migration_pending: migration.pending.clone(),
         })));
         let mut rt = Self {
             em,
@@ -226,12 +270,15 @@ impl Runtime {
             metrics,
             last_metrics: std::time::Instant::now(),
             shutdown_deadline: None,
+            migration,
         };
         if opts.boot_now {
             rt.start_vm().map_err(RuntimeError::Boot)?;
         } else if let Some((snap, mem, resume)) = &opts.restore {
             rt.load_snapshot(snap, mem, false, *resume)
                 .map_err(RuntimeError::Boot)?;
+        } else if let Some(uri) = &opts.incoming {
+            rt.start_receive(uri).map_err(RuntimeError::Boot)?;
         }
         rt.sync_registry();
         Ok(rt)
@@ -347,6 +394,10 @@ impl Runtime {
             let pending = std::mem::take(&mut *lock(&self.api_pending));
             if pending {
                 self.handle_api();
+            }
+            let pending = std::mem::take(&mut *lock(&self.migration.pending));
+            if pending {
+                self.handle_migration();
             }
         };
         log::info!("microVM ending: {outcome:?}");
@@ -507,6 +558,19 @@ impl Runtime {
             }
             ApiRequest::PatchVm(v) => self.patch_vm(v.state),
             ApiRequest::CreateSnapshot(p) => self.create_snapshot(p),
+            ApiRequest::MigrationReceive(m) => match self.start_receive(&m.uri) {
+                Ok(()) => Ok(None),
+                Err(e) => fault(e),
+            },
+            ApiRequest::MigrationSend(m) => self.start_send(m),
+            ApiRequest::GetMigrationStatus => api::json_response(&self.migration_status()),
+            ApiRequest::MigrationCancel => {
+                if self.migration.role.is_none() {
+                    return fault("No migration is in progress");
+                }
+                self.migration.status.cancel();
+                Ok(None)
+            }
             ApiRequest::LoadSnapshot(p) => {
                 let Some(mem) = p.mem_path() else {
                     return fault("mem_backend (or mem_file_path) is required");
@@ -521,7 +585,6 @@ impl Runtime {
                     Err(e) => fault(format!("Cannot load the snapshot: {e}")),
                 }
             }
-            other => fault(format!("{} is not supported yet", request_name(&other))),
         }
     }
 
@@ -683,14 +746,5 @@ impl Runtime {
                 Err(e) => Err(ApiFault::internal(format!("Cannot resume: {e}"))),
             },
         }
-    }
-}
-
-fn request_name(r: &ApiRequest) -> &'static str {
-    match r {
-        ApiRequest::MigrationReceive(_) => "PUT /migration/receive",
-        ApiRequest::MigrationSend(_) => "PUT /migration/send",
-        ApiRequest::GetMigrationStatus => "GET /migration",
-        _ => "This request",
     }
 }

@@ -1,0 +1,270 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The runtime's side of live migration: starting a sender or receiver thread,
+//! answering its requests on the main thread (pause and save, resume,
+//! restore), and reporting status.
+
+use std::time::Duration;
+
+use api::models::ApiFault;
+use api::ApiResponse;
+use devices::bus::lock;
+
+use super::{chain, fault, Runtime};
+use crate::live_migration::{self, MainRequest, Source, Target};
+use crate::migration::{self, MigrationUri, SendOptions};
+use crate::vmm::Outcome;
+
+/// Longest the main thread waits for the sender's outcome once it has handed
+/// over the VM's state (the sender has its own, shorter, timeouts).
+const FINAL_PHASE_LIMIT: Duration = Duration::from_secs(180);
+
+impl Runtime {
+    /// Listens on `uri` and receives a migration on a thread; the VM starts
+    /// when the state arrives.
+    pub(super) fn start_receive(&mut self, uri: &str) -> Result<(), String> {
+        if self.vmm.is_some() {
+            return Err("A migration can only be received before the microVM starts".into());
+        }
+        if self.migration.role.is_some() {
+            return Err("A migration is already in progress".into());
+        }
+        let parsed: MigrationUri = uri.parse().map_err(|e| chain(&e))?;
+        let cfg = self.preboot.to_vm_config_for_incoming();
+        let (kvm_cpuid, _) = host_cpuid()?;
+        let memory =
+            crate::vstate::memory::create_guest_memory(cfg.mem_size).map_err(|e| chain(&e))?;
+        let listener = migration::listen(&parsed).map_err(|e| chain(&e))?;
+        let target = Target {
+            config: live_migration::migration_config(&cfg, &kvm_cpuid),
+            host: live_migration::host_features(&kvm_cpuid),
+            memory,
+            link: self.migration.link.clone(),
+        };
+        live_migration::spawn_receiver(listener, target)
+            .map_err(|e| format!("Cannot start the migration thread: {e}"))?;
+        self.migration.status = migration::MigrationStatus::new();
+        self.migration.role = Some("Receiving");
+        self.migration.uri = Some(uri.to_string());
+        log::info!("waiting for an incoming migration on {uri}");
+        Ok(())
+    }
+
+    /// Starts sending the running VM to `m.uri`.
+    pub(super) fn start_send(&mut self, m: api::models::MigrationSend) -> ApiResponse {
+        let Some(vmm) = &self.vmm else {
+            return fault("The microVM is not running");
+        };
+        if self.migration.role.is_some() {
+            return fault("A migration is already in progress");
+        }
+        if m.auto_converge == Some(true) {
+            return fault("auto_converge is not supported yet: a migration that does not converge fails and the VM keeps running");
+        }
+        let uri: MigrationUri = match m.uri.parse() {
+            Ok(u) => u,
+            Err(e) => return fault(chain(&e)),
+        };
+        let mut opts = SendOptions::default();
+        if let Some(ms) = m.max_downtime_ms {
+            opts.max_downtime = Duration::from_millis(ms);
+        }
+        let source = Source {
+            config: live_migration::migration_config(&vmm.config, &vmm.host_cpuid),
+            memory: vmm.vm.memory.clone(),
+            vm_fd: vmm.vm.fd.clone(),
+            tracking_before: vmm.dirty_tracking,
+            link: self.migration.link.clone(),
+        };
+        let status = migration::MigrationStatus::new();
+        if let Err(e) = live_migration::spawn_sender(uri, source, opts, status.clone()) {
+            return Err(ApiFault::internal(format!(
+                "Cannot start the migration thread: {e}"
+            )));
+        }
+        self.migration.status = status;
+        self.migration.role = Some("Sending");
+        self.migration.uri = Some(m.uri.clone());
+        log::info!("migrating to {}", m.uri);
+        Ok(None)
+    }
+
+    /// `GET /migration`: the API's status fields plus wisp's progress details.
+    pub(super) fn migration_status(&self) -> serde_json::Value {
+        let s = self.migration.status.snapshot();
+        let state = match (self.migration.role, s.state) {
+            (_, migration::MigrationState::Completed) => "Completed",
+            (_, migration::MigrationState::Failed) => "Failed",
+            (_, migration::MigrationState::Cancelled) => "Cancelled",
+            (Some(r), _) => r,
+            (None, _) => "None",
+        };
+        let total = self.vmm.as_ref().map(|v| v.config.mem_size).unwrap_or(0);
+        serde_json::json!({
+            "state": state,
+            "uri": self.migration.uri,
+            "transferred_bytes": s.bytes_sent,
+            "total_bytes": total,
+            "iteration": s.iteration,
+            "remaining_dirty_pages": s.dirty_pages,
+            "downtime_ms": s.downtime_ms,
+            "error": s.error,
+            "phase": format!("{:?}", s.state),
+            "pages_sent": s.pages_sent,
+            "zero_pages": s.zero_pages,
+            "dirty_pages_per_s": s.dirty_pages_per_s,
+            "dirty_mib_per_s": s.dirty_mib_per_s,
+            "bandwidth_mib_per_s": s.bandwidth_mib_per_s,
+            "expected_downtime_ms": s.expected_downtime_ms,
+        })
+    }
+
+    pub(super) fn handle_migration(&mut self) {
+        while let Ok(req) = self.migration.rx.try_recv() {
+            self.on_migration_request(req);
+        }
+    }
+
+    fn on_migration_request(&mut self, req: MainRequest) {
+        match req {
+            MainRequest::PauseAndSave(reply) => {
+                let saved = self.pause_and_save();
+                let ok = saved.is_ok();
+                let _ = reply.send(saved);
+                if ok {
+                    self.await_final_phase();
+                }
+            }
+            MainRequest::Resume(reply) => {
+                self.resume_after_migration();
+                let _ = reply.send(());
+            }
+            MainRequest::SenderDone(result) => self.sender_done(result),
+            MainRequest::Restore(state, memory, reply) => {
+                let r = self.restore_incoming(&state, memory);
+                let _ = reply.send(r);
+            }
+            MainRequest::ReceiverDone(result) => {
+                self.migration.role = None;
+                match result {
+                    Ok(r) => log::info!(
+                        "migration received: {} pages in {:.1} ms",
+                        r.pages,
+                        r.total.as_secs_f64() * 1e3
+                    ),
+                    Err(e) => {
+                        // Never two running copies: a receiver that failed after
+                        // restoring (e.g. could not confirm) stops its copy.
+                        lock(&self.outcome).get_or_insert(Outcome::Error(format!(
+                            "Incoming migration failed: {e}"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    fn pause_and_save(&mut self) -> Result<Vec<u8>, String> {
+        let vmm = self.vmm.as_ref().ok_or("The microVM is not running")?;
+        if !self.paused {
+            vmm.pause().map_err(|e| e.to_string())?;
+            self.migration.paused_vm = true;
+            self.paused = true;
+        }
+        for d in &vmm.disks {
+            let mut b = lock(&d.block);
+            b.flush()
+                .map_err(|e| format!("Cannot flush disk '{}': {e}", b.id()))?;
+        }
+        let state = vmm.save_state()?;
+        crate::persist::format::encode_state(&state).map_err(|e| e.to_string())
+    }
+
+    /// After handing over the state, waits (not serving devices, so nothing
+    /// changes the saved VM) for the sender to finish or to ask for a resume.
+    fn await_final_phase(&mut self) {
+        loop {
+            match self.migration.rx.recv_timeout(FINAL_PHASE_LIMIT) {
+                Ok(MainRequest::Resume(reply)) => {
+                    self.resume_after_migration();
+                    let _ = reply.send(());
+                    return;
+                }
+                Ok(MainRequest::SenderDone(result)) => {
+                    let ok = result.is_ok();
+                    self.sender_done(result);
+                    if !ok {
+                        self.resume_after_migration();
+                    }
+                    return;
+                }
+                Ok(other) => self.on_migration_request(other),
+                Err(_) => {
+                    log::error!("migration sender did not finish; resuming the VM");
+                    self.resume_after_migration();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn resume_after_migration(&mut self) {
+        if !self.migration.paused_vm {
+            return;
+        }
+        self.migration.paused_vm = false;
+        if let Some(vmm) = &self.vmm {
+            match vmm.resume() {
+                Ok(()) => self.paused = false,
+                Err(e) => {
+                    lock(&self.outcome).get_or_insert(Outcome::Error(format!(
+                        "Cannot resume the VM after a failed migration: {e}"
+                    )));
+                }
+            }
+        }
+    }
+
+    fn sender_done(&mut self, result: Result<migration::SendReport, String>) {
+        self.migration.role = None;
+        match result {
+            Ok(r) => {
+                log::info!(
+                    "migrated to {}: {} bytes in {:.1} ms, downtime {:.1} ms",
+                    self.migration.uri.as_deref().unwrap_or("?"),
+                    r.bytes_sent,
+                    r.total.as_secs_f64() * 1e3,
+                    r.downtime.as_secs_f64() * 1e3
+                );
+                lock(&self.outcome).get_or_insert(Outcome::Migrated(
+                    self.migration.uri.clone().unwrap_or_default(),
+                ));
+            }
+            Err(e) => log::warn!("migration failed, the VM keeps running: {e}"),
+        }
+    }
+
+    fn restore_incoming(
+        &mut self,
+        state: &[u8],
+        memory: devices::GuestMemoryMmap,
+    ) -> Result<(), String> {
+        let mut state: crate::persist::snapshot::MicrovmState =
+            crate::persist::format::decode_state(state, std::path::Path::new("migration stream"))
+                .map_err(|e| chain(&e))?;
+        state.config.serial = self.preboot.serial.clone();
+        let cfg = state.config.clone();
+        let vmm = crate::builder::restore_vm_with_memory(&state, memory, false, false)
+            .map_err(|e| chain(&e))?;
+        self.adopt(vmm, &cfg)?;
+        self.paused = false;
+        Ok(())
+    }
+}
+
+fn host_cpuid() -> Result<(Vec<kvm_bindings::kvm_cpuid_entry2>, ()), String> {
+    let kvm = crate::vstate::vm::open_kvm().map_err(|e| chain(&e))?;
+    let c = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID failed: {e}"))?;
+    Ok((c.as_slice().to_vec(), ()))
+}
