@@ -324,7 +324,7 @@ fn test_firecracker_command_line_and_config_file() {
     let fc = dir.path("firecracker");
     std::os::unix::fs::symlink(harness::wisp(), &fc).unwrap();
     let sock = dir.path("fc.sock");
-    let child = std::process::Command::new(&fc)
+    let child = harness::die_with_test(&mut std::process::Command::new(&fc))
         .args(["--api-sock", sock.to_str().unwrap(), "--id", "fc-1"])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

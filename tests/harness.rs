@@ -127,9 +127,24 @@ impl Run {
     }
 }
 
+/// Makes `cmd`'s process die (SIGKILL) when the test thread that spawned it
+/// ends, so a failed test never leaves a VMM running.
+pub fn die_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Spawns `wisp` with `args`, stdin closed, output captured.
 pub fn spawn(args: &[&str]) -> Child {
-    Command::new(wisp())
+    die_with_test(&mut Command::new(wisp()))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -385,9 +400,10 @@ impl NetNs {
         ns
     }
 
-    /// A command run inside the namespace.
+    /// A command run inside the namespace (killed when the test ends).
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
+        die_with_test(&mut c);
         c.args(["netns", "exec", &self.name, program]);
         c
     }

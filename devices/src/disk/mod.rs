@@ -29,6 +29,32 @@ pub trait DiskBackend: Send {
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()>;
     /// Zeroes the range; with `unmap` the backend may deallocate it.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+    /// Drops the image's lock (the image stays open), so that another process
+    /// can take the image over: the receiver of a live migration on this host.
+    fn release_lock(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Takes the lock back after [`DiskBackend::release_lock`]; fails if
+    /// another process holds it now.
+    fn reacquire_lock(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Sets (`Some(shared)`) or drops (`None`) the non-blocking `flock` on `file`.
+pub(crate) fn set_flock(file: &std::fs::File, lock: Option<bool>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let op = match lock {
+        None => libc::LOCK_UN,
+        Some(true) => libc::LOCK_SH | libc::LOCK_NB,
+        Some(false) => libc::LOCK_EX | libc::LOCK_NB,
+    };
+    // SAFETY: flock takes no pointers and only acts on the descriptor `file` owns.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.

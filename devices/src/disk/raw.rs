@@ -90,6 +90,14 @@ fn unsupported(err: &io::Error) -> bool {
 }
 
 impl DiskBackend for RawDisk {
+    fn release_lock(&mut self) -> io::Result<()> {
+        super::set_flock(&self.file, None)
+    }
+
+    fn reacquire_lock(&mut self) -> io::Result<()> {
+        super::set_flock(&self.file, Some(self.read_only))
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

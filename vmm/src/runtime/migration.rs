@@ -174,6 +174,9 @@ impl Runtime {
             let mut b = lock(&d.block);
             b.flush()
                 .map_err(|e| format!("Cannot flush disk '{}': {e}", b.id()))?;
+            // The receiver (possibly on this host) opens the same image.
+            b.release_lock()
+                .map_err(|e| format!("Cannot unlock disk '{}': {e}", b.id()))?;
         }
         let state = vmm.save_state()?;
         crate::persist::format::encode_state(&state).map_err(|e| e.to_string())
@@ -213,6 +216,11 @@ impl Runtime {
         }
         self.migration.paused_vm = false;
         if let Some(vmm) = &self.vmm {
+            if let Err(e) = relock_disks(vmm) {
+                // Someone else writes the images now: never two writers.
+                lock(&self.outcome).get_or_insert(Outcome::Error(e));
+                return;
+            }
             match vmm.resume() {
                 Ok(()) => self.paused = false,
                 Err(e) => {
@@ -259,6 +267,26 @@ impl Runtime {
         self.paused = false;
         Ok(())
     }
+}
+
+/// Takes the disk locks back, waiting a little for a receiver that is giving
+/// them up after its own failure.
+fn relock_disks(vmm: &crate::vmm::Vmm) -> Result<(), String> {
+    for d in &vmm.disks {
+        let mut b = lock(&d.block);
+        let mut tries = 0;
+        while let Err(e) = b.reacquire_lock() {
+            tries += 1;
+            if tries > 40 {
+                return Err(format!(
+                    "After a failed migration, disk '{}' is locked by another process ({e}); stopping this VM so two VMs never write it",
+                    b.id()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
 }
 
 fn host_cpuid() -> Result<(Vec<kvm_bindings::kvm_cpuid_entry2>, ()), String> {

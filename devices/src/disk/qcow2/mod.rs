@@ -634,6 +634,15 @@ impl DiskBackend for Qcow2Disk {
         self.header.size
     }
 
+    // Backing files keep their shared locks: another reader may share them.
+    fn release_lock(&mut self) -> io::Result<()> {
+        crate::disk::set_flock(&self.file, None)
+    }
+
+    fn reacquire_lock(&mut self) -> io::Result<()> {
+        crate::disk::set_flock(&self.file, Some(self.read_only))
+    }
+
     fn read_only(&self) -> bool {
         self.read_only
     }

@@ -238,6 +238,16 @@ impl Block {
         self.read_only
     }
 
+    /// Releases the image lock for a same-host migration handover.
+    pub fn release_lock(&mut self) -> std::io::Result<()> {
+        self.disk.release_lock()
+    }
+
+    /// Takes the image lock back after a failed handover.
+    pub fn reacquire_lock(&mut self) -> std::io::Result<()> {
+        self.disk.reacquire_lock()
+    }
+
     /// Makes every write completed so far durable (before a snapshot).
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.disk.flush()
