@@ -1160,3 +1160,37 @@ fn test_migration_send_to_and_receive_from_uri() {
 fn uri_path_exists(uri: &MigrationUri) -> bool {
     matches!(uri, MigrationUri::Unix(p) if p.exists())
 }
+
+#[test]
+fn test_migration_stalled_receiver_write_timeout_resumes_source() {
+    let (mut a, mut b) = Stream::pair().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let rx = thread::spawn(move || {
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        protocol::read_message(&mut b).unwrap();
+        protocol::write_message(&mut b, &Message::Hello(Hello::ours())).unwrap();
+        protocol::read_message(&mut b).unwrap();
+        protocol::write_message(&mut b, &Message::Accept).unwrap();
+        // Stop reading, keep the socket open until the sender gave up.
+        let _ = done_rx.recv_timeout(Duration::from_secs(10));
+    });
+    let mem = new_memory(&layout(16, 16));
+    fill_random(&mem, 10);
+    let mut source = FakeSource::new(mem);
+    let status = MigrationStatus::new();
+    let opts = SendOptions {
+        write_timeout: Duration::from_millis(200),
+        ..fast_opts()
+    };
+    let t0 = Instant::now();
+    let e = send(&mut a, &mut source, &opts, &status).unwrap_err();
+    done_tx.send(()).unwrap();
+    rx.join().unwrap();
+    assert!(
+        matches!(e, MigrationError::Protocol(ProtocolError::Timeout)),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+    assert_eq!(status.snapshot().state, MigrationState::Failed);
+}
