@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Fuzzes the migration receiver: any bytes, as a raw frame stream and
-//! behind a valid `Hello` + `Config` handshake (so inputs reach the page and
-//! state handling), must fail with an error or complete, never panic, write
-//! outside guest memory or allocate without bound.
+//! Fuzzes the migration receiver: any bytes, as a raw frame stream, behind a
+//! valid `Hello` + `Config` handshake, and re-framed with valid CRCs (so
+//! inputs reach the page and state handling), must fail with an error or
+//! complete, never panic, write outside guest memory or allocate without
+//! bound.
 
 #![no_main]
 
@@ -11,7 +12,7 @@ use std::io::{self, Cursor, Read, Write};
 use devices::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestAddress;
-use vmm::migration::protocol::{self, Hello, Message};
+use vmm::migration::protocol::{self, FrameBuf, Hello, Message};
 use vmm::migration::{receive, CpuFeatures, HookError, MigrationConfig, MigrationTarget};
 
 struct Target {
@@ -71,6 +72,29 @@ fn target() -> Target {
     Target { mem, config }
 }
 
+/// Splits `data` into frames `tag: u8 | len: u16 LE | payload` and encodes
+/// each with a correct length and CRC.
+fn reframe(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut f = FrameBuf::default();
+    while data.len() >= 3 {
+        let tag = u32::from(data[0] % 12);
+        let len = (usize::from(u16::from_le_bytes([data[1], data[2]]))).min(data.len() - 3);
+        f.begin(tag);
+        f.put(&data[3..3 + len]);
+        f.finish();
+        out.extend_from_slice(&f.buf);
+        data = &data[3 + len..];
+    }
+    out
+}
+
+fn handshake(t: &Target) -> Vec<u8> {
+    let mut input = Message::Hello(Hello::ours()).encode();
+    input.extend(Message::Config(t.config.clone()).encode());
+    input
+}
+
 fuzz_target!(|data: &[u8]| {
     // Raw frames.
     let mut r = data;
@@ -85,15 +109,16 @@ fuzz_target!(|data: &[u8]| {
         &mut t,
     );
 
-    // The receiver behind a valid handshake.
-    let mut t = target();
-    let mut input = Message::Hello(Hello::ours()).encode();
-    input.extend(Message::Config(t.config.clone()).encode());
-    input.extend_from_slice(data);
-    let _ = receive(
-        &mut Script {
-            input: Cursor::new(input),
-        },
-        &mut t,
-    );
+    // The receiver behind a valid handshake, raw and re-framed.
+    for tail in [data.to_vec(), reframe(data)] {
+        let mut t = target();
+        let mut input = handshake(&t);
+        input.extend_from_slice(&tail);
+        let _ = receive(
+            &mut Script {
+                input: Cursor::new(input),
+            },
+            &mut t,
+        );
+    }
 });

@@ -120,5 +120,48 @@ pub enum MigrationError {
 /// Result of migration operations.
 pub type Result<T> = std::result::Result<T, MigrationError>;
 
+/// Connects to `uri` (retrying for up to `connect_timeout` while nobody
+/// listens) and migrates the VM behind `source` there. See [`send`] for the
+/// outcome; a connection failure also resumes nothing, as nothing started.
+pub fn send_to(
+    uri: &MigrationUri,
+    connect_timeout: Duration,
+    source: &mut dyn MigrationSource,
+    opts: &SendOptions,
+    status: &MigrationStatus,
+) -> Result<SendReport> {
+    let mut stream = match transport::connect(uri, connect_timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = MigrationError::from(e);
+            status.update(|s| {
+                s.state = MigrationState::Failed;
+                s.error = Some(e.to_string());
+            });
+            return Err(e);
+        }
+    };
+    send(&mut stream, source, opts, status)
+}
+
+/// Listens on `uri`, accepts one connection within `accept_timeout` (or
+/// waits forever), and receives a VM into `target`, waiting at most
+/// `io_timeout` for each message. See [`receive`] for the outcome.
+pub fn receive_from(
+    uri: &MigrationUri,
+    accept_timeout: Option<Duration>,
+    io_timeout: Duration,
+    target: &mut dyn MigrationTarget,
+) -> Result<ReceiveReport> {
+    let listener = transport::listen(uri)?;
+    let mut stream = listener.accept(accept_timeout)?;
+    drop(listener);
+    stream
+        .set_read_timeout(Some(io_timeout))
+        .and_then(|()| stream.set_write_timeout(Some(io_timeout)))
+        .map_err(MigrationError::Socket)?;
+    receive(&mut stream, target)
+}
+
 #[cfg(test)]
 mod tests;

@@ -459,6 +459,9 @@ impl FrameBuf {
 
     /// Fills in the length and appends the CRC.
     pub fn finish(&mut self) {
+        if self.buf.len() < HEADER_LEN {
+            self.buf.resize(HEADER_LEN, 0);
+        }
         let len = self.payload_len() as u32;
         self.buf[4..8].copy_from_slice(&len.to_le_bytes());
         let crc = crc32fast::hash(&self.buf);

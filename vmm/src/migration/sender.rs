@@ -262,7 +262,9 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
             let d = count_dirty(&dirty, self.source.memory());
             let dirty_bytes = d * PAGE_SIZE as u64;
             let dirty_mib_s = mib_per_s(dirty_bytes, interval);
-            let expected = Duration::from_secs_f64(dirty_bytes as f64 / MIB / bandwidth.max(1e-3));
+            let expected =
+                Duration::try_from_secs_f64(dirty_bytes as f64 / MIB / bandwidth.max(1e-3))
+                    .unwrap_or(Duration::MAX);
             self.status.update(|s| {
                 s.iteration = iteration;
                 s.dirty_pages = d;

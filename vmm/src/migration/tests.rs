@@ -1086,3 +1086,111 @@ fn test_receiver_state_over_limit_rejected() {
     );
     assert!(t.restored.is_none());
 }
+
+#[test]
+fn test_migration_send_to_and_receive_from_uri() {
+    let dir = tempfile::tempdir().unwrap();
+    let uri = MigrationUri::Unix(dir.path().join("dest.sock"));
+    let ranges = layout(4, 4);
+    let mem = new_memory(&ranges);
+    scatter(&mem, 100, 9);
+    let (u2, r2) = (uri.clone(), ranges.clone());
+    let rx = thread::spawn(move || {
+        let mut t = FakeTarget::new(&r2);
+        let r = receive_from(
+            &u2,
+            Some(Duration::from_secs(10)),
+            Duration::from_secs(10),
+            &mut t,
+        );
+        (r, t)
+    });
+    let mut source = FakeSource::new(mem);
+    let status = MigrationStatus::new();
+    send_to(
+        &uri,
+        Duration::from_secs(10),
+        &mut source,
+        &fast_opts(),
+        &status,
+    )
+    .unwrap();
+    let (r, target) = rx.join().unwrap();
+    r.unwrap();
+    assert_same_memory(&source.mem, &target.mem);
+    assert!(!uri_path_exists(&uri), "receiver removed its socket");
+
+    // Nobody listening: a clear error, status failed.
+    let status = MigrationStatus::new();
+    let e = send_to(
+        &uri,
+        Duration::from_millis(100),
+        &mut source,
+        &fast_opts(),
+        &status,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MigrationError::Transport(TransportError::ConnectTimeout { .. })
+        ),
+        "{e}"
+    );
+    assert_eq!(status.snapshot().state, MigrationState::Failed);
+
+    // No sender: the receiver gives up.
+    let mut t = FakeTarget::new(&ranges);
+    let e = receive_from(
+        &uri,
+        Some(Duration::from_millis(100)),
+        Duration::from_secs(1),
+        &mut t,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MigrationError::Transport(TransportError::AcceptTimeout { .. })
+        ),
+        "{e}"
+    );
+}
+
+fn uri_path_exists(uri: &MigrationUri) -> bool {
+    matches!(uri, MigrationUri::Unix(p) if p.exists())
+}
+
+#[test]
+fn test_migration_stalled_receiver_write_timeout_resumes_source() {
+    let (mut a, mut b) = Stream::pair().unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let rx = thread::spawn(move || {
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        protocol::read_message(&mut b).unwrap();
+        protocol::write_message(&mut b, &Message::Hello(Hello::ours())).unwrap();
+        protocol::read_message(&mut b).unwrap();
+        protocol::write_message(&mut b, &Message::Accept).unwrap();
+        // Stop reading, keep the socket open until the sender gave up.
+        let _ = done_rx.recv_timeout(Duration::from_secs(10));
+    });
+    let mem = new_memory(&layout(16, 16));
+    fill_random(&mem, 10);
+    let mut source = FakeSource::new(mem);
+    let status = MigrationStatus::new();
+    let opts = SendOptions {
+        write_timeout: Duration::from_millis(200),
+        ..fast_opts()
+    };
+    let t0 = Instant::now();
+    let e = send(&mut a, &mut source, &opts, &status).unwrap_err();
+    done_tx.send(()).unwrap();
+    rx.join().unwrap();
+    assert!(
+        matches!(e, MigrationError::Protocol(ProtocolError::Timeout)),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+    assert_eq!(status.snapshot().state, MigrationState::Failed);
+}
