@@ -380,6 +380,8 @@ def run_wisp(a, d, mem, cmdline):
     r["create_log_ms"] = float(m.group(2)) if m else float("nan")
     r["mem_alloc"] = st_alloc(memf)
     r["state_size"] = os.stat(snap).st_size
+    # Disk speed right after the create: write+fsync of as many bytes as wisp wrote.
+    r["disk_mbs"] = disk_speed(d, r["written"] if r["written"] == r["written"] else r["mem_alloc"])
     if a.cold:
         drop_cache(memf)
         drop_cache(snap)
@@ -421,9 +423,6 @@ def run_wisp(a, d, mem, cmdline):
     c.kill()
     r["spawn_tick_ms"] = (t2 - c.t0) * 1e3
 
-    # Disk speed in the same run: write+fsync of as many bytes as wisp wrote.
-    nbytes = r["written"] if r["written"] == r["written"] else r["mem_alloc"]
-    r["disk_mbs"] = disk_speed(d, nbytes)
     for p in (snap, memf):
         os.unlink(p)
     return r
@@ -684,7 +683,7 @@ def report(a, results, fails):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=3, help="rounds per size (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds per size (default 5)")
     p.add_argument("--sizes", type=parse_sizes, default=[128 * MIB, 1024 * MIB, 4096 * MIB],
                    help="guest memory sizes, comma-separated (default 128M,1G,4G)")
     p.add_argument("--touch", default="10%",
