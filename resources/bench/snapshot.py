@@ -381,7 +381,9 @@ def run_wisp(a, d, mem, cmdline):
     r["mem_alloc"] = st_alloc(memf)
     r["state_size"] = os.stat(snap).st_size
     # Disk speed right after the create: write+fsync of as many bytes as wisp wrote.
-    r["disk_mbs"] = disk_speed(d, r["written"] if r["written"] == r["written"] else r["mem_alloc"])
+    nbytes = r["written"] if r["written"] == r["written"] else r["mem_alloc"]
+    r["disk_mbs"] = disk_speed(d, nbytes)
+    r["dd_mbs"] = dd_speed(d, nbytes)
     if a.cold:
         drop_cache(memf)
         drop_cache(snap)
@@ -442,7 +444,24 @@ def disk_speed(d, nbytes):
         os.close(fd)
     dt = time.perf_counter() - t0
     os.unlink(path)
+    os.sync()  # let the unlink's discards (ext4 -o discard) happen now, untimed
     return nbytes / 1e6 / dt
+
+
+def dd_speed(d, nbytes):
+    """dd if=/dev/zero of=F bs=1M count=N oflag=direct: the device without the page cache."""
+    path = os.path.join(d, "dd.bin")
+    n = max(1, -(-int(nbytes) // MIB))
+    t0 = time.perf_counter()
+    p = subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={n}",
+                        "oflag=direct", "status=none"], capture_output=True)
+    dt = time.perf_counter() - t0
+    if os.path.exists(path):
+        os.unlink(path)
+    os.sync()
+    if p.returncode != 0:
+        return float("nan")
+    return n * MIB / 1e6 / dt
 
 
 # ---------------------------------------------------------------------------
@@ -624,6 +643,7 @@ ROWS = [
     ("  file allocated (st_blocks)", "MiB", "alloc_mib", True),
     ("  wisp log: dump time", "ms", "create_log_ms", False),
     ("  disk write+fsync, same size", "MB/s", "disk_mbs", False),
+    ("  disk dd oflag=direct, same size", "MB/s", "dd_mbs", False),
     ("restore: load req -> 204/RESUME", "ms", "load_ms", True),
     ("  wisp log: restored in", "ms", "load_log_ms", False),
     ("restore: load req -> next tick", "ms", "load_tick_ms", True),
@@ -646,7 +666,7 @@ def report(a, results, fails):
         print()
         print(f"== guest {mem // MIB} MiB, pattern {pattern_mib(a, mem)} MiB touched "
               f"({len(res['wisp'])} wisp / {len(res['qemu'])} qemu good rounds) ==")
-        hdr = (f"{'metric':<33} {'unit':<4} | {'wisp median [min-max]':<24} | "
+        hdr = (f"{'metric':<34} {'unit':<4} | {'wisp median [min-max]':<24} | "
                f"{'qemu median [min-max]':<24} | wisp/qemu")
         print(hdr)
         print("-" * len(hdr))
@@ -660,7 +680,7 @@ def report(a, results, fails):
                              if m == m else "-")
             w, q = meds[("wisp", key)], meds[("qemu", key)]
             rs = f"{w / q:.2f}" if ratio and w == w and q == q and q else ""
-            print(f"{label:<33} {unit:<4} | {cells[0]:<24} | {cells[1]:<24} | {rs:>9}")
+            print(f"{label:<34} {unit:<4} | {cells[0]:<24} | {cells[1]:<24} | {rs:>9}")
         load = meds[("wisp", "load_ms")]
         wr, disk = meds[("wisp", "wr_mbs")], meds[("wisp", "disk_mbs")]
         goals.append((mem, load, wr, disk))
@@ -732,6 +752,7 @@ def main():
                         fails.append(msg)
                     finally:
                         shutil.rmtree(d, ignore_errors=True)
+                        os.sync()  # the unlinks' discards before the next timed step
     report(a, results, fails)
     sys.exit(1 if fails else 0)
 
