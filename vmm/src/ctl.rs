@@ -67,6 +67,9 @@ pub enum CtlCommand {
         /// Throttle vCPUs if pre-copy does not converge.
         #[arg(long = "auto-converge")]
         auto_converge: bool,
+        /// Cap the migration stream's bandwidth, MiB/s.
+        #[arg(long = "max-bandwidth", value_name = "MIB_S")]
+        max_bandwidth: Option<u64>,
     },
     /// Inspect or control a migration.
     Migration {
@@ -222,12 +225,14 @@ pub fn build_call(command: &CtlCommand) -> anyhow::Result<Call> {
             to,
             max_downtime,
             auto_converge,
+            max_bandwidth,
         } => put(
             "/migration/send",
             &MigrationSend {
                 uri: to.clone(),
                 max_downtime_ms: *max_downtime,
                 auto_converge: auto_converge.then_some(true),
+                max_bandwidth_mib_s: *max_bandwidth,
             },
         ),
         CtlCommand::Migration {

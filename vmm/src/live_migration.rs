@@ -155,20 +155,72 @@ impl MigrationSource for Source {
     }
 }
 
-/// Runs the sender on its own thread.
+/// A connection whose writes are paced to a byte rate.
+struct Paced {
+    inner: migration::Stream,
+    bytes_per_s: Option<u64>,
+    start: std::time::Instant,
+    written: u64,
+}
+
+impl std::io::Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(rate) = self.bytes_per_s {
+            self.written += n as u64;
+            let due = std::time::Duration::from_secs_f64(self.written as f64 / rate as f64);
+            let elapsed = self.start.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl migration::Connection for Paced {
+    fn set_read_timeout(&mut self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.inner.set_read_timeout(t)
+    }
+
+    fn set_write_timeout(&mut self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+}
+
+/// Runs the sender on its own thread, writing at most `max_mib_s` MiB/s.
 pub fn spawn_sender(
     uri: migration::MigrationUri,
     mut source: Source,
     opts: SendOptions,
     status: MigrationStatus,
+    max_mib_s: Option<u64>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("wisp-migrate-send".into())
         .spawn(move || {
             let link = source.link.clone();
             let result = match migration::connect(&uri, opts.handshake_timeout) {
-                Ok(mut conn) => migration::send(&mut conn, &mut source, &opts, &status)
-                    .map_err(|e| e.to_string()),
+                Ok(inner) => {
+                    let mut conn = Paced {
+                        inner,
+                        bytes_per_s: max_mib_s.map(|m| m.saturating_mul(1 << 20)),
+                        start: std::time::Instant::now(),
+                        written: 0,
+                    };
+                    migration::send(&mut conn, &mut source, &opts, &status)
+                        .map_err(|e| e.to_string())
+                }
                 Err(e) => Err(format!("Cannot connect to {uri}: {e}")),
             };
             let _ = link.send(MainRequest::SenderDone(result));

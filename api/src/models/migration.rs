@@ -65,6 +65,9 @@ pub struct MigrationSend {
     /// Throttle vCPUs when pre-copy does not converge.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_converge: Option<bool>,
+    /// Cap on the migration stream's bandwidth, MiB/s (unlimited if absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib_s: Option<u64>,
 }
 
 impl MigrationSend {
@@ -79,6 +82,14 @@ impl MigrationSend {
                 return Err(ModelError::invalid(
                     "max_downtime_ms",
                     format!("{d} is outside 1..=60000"),
+                ));
+            }
+        }
+        if let Some(b) = self.max_bandwidth_mib_s {
+            if b == 0 || b > 1_000_000 {
+                return Err(ModelError::invalid(
+                    "max_bandwidth_mib_s",
+                    format!("{b} is outside 1..=1000000"),
                 ));
             }
         }

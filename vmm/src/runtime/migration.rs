@@ -76,7 +76,9 @@ impl Runtime {
             link: self.migration.link.clone(),
         };
         let status = migration::MigrationStatus::new();
-        if let Err(e) = live_migration::spawn_sender(uri, source, opts, status.clone()) {
+        if let Err(e) =
+            live_migration::spawn_sender(uri, source, opts, status.clone(), m.max_bandwidth_mib_s)
+        {
             return Err(ApiFault::internal(format!(
                 "Cannot start the migration thread: {e}"
             )));

@@ -1,0 +1,366 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Live migration between two real `wisp` processes: the test guest keeps a
+//! counter and a memory pattern it verifies itself, and writes to a shared
+//! disk; it is moved over `unix:` and `tcp:` (loopback), with 1 and 2 vCPUs,
+//! idle and write-heavy, back and forth; cancelled, interrupted by a killed
+//! receiver, refused by a mismatched receiver, and fed a bad stream.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use harness::{guest, http, spawn, wait, wait_for_api, TempDir};
+
+fn tick_of(line: &str) -> Option<u64> {
+    line.strip_suffix(" ok")?.rsplit(' ').next()?.parse().ok()
+}
+
+fn last_tick(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find_map(tick_of)
+        .unwrap_or(0)
+}
+
+fn wait_tick(log: &Path, n: u64) {
+    let start = Instant::now();
+    while last_tick(log) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "tick {n} never came in {}:\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct Vm {
+    sock: PathBuf,
+    log: PathBuf,
+    child: Child,
+}
+
+fn source(dir: &TempDir, tag: &str, cpus: &str, cmdline: &str, extra: &[String]) -> Vm {
+    let sock = dir.path(&format!("{tag}.sock"));
+    let log = dir.path(&format!("{tag}.log"));
+    let g = guest();
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--api-sock".into(),
+        sock.display().to_string(),
+        "--serial".into(),
+        format!("file={}", log.display()),
+        "--kernel".into(),
+        g.display().to_string(),
+        "--cpus".into(),
+        cpus.into(),
+        "--memory".into(),
+        "256M".into(),
+        "--cmdline".into(),
+        cmdline.into(),
+    ];
+    args.extend(extra.iter().cloned());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let child = spawn(&a);
+    wait_for_api(&sock);
+    Vm { sock, log, child }
+}
+
+fn receiver(dir: &TempDir, tag: &str, uri: &str, cpus: &str, mem: &str, extra: &[String]) -> Vm {
+    let sock = dir.path(&format!("{tag}.sock"));
+    let log = dir.path(&format!("{tag}.log"));
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--api-sock".into(),
+        sock.display().to_string(),
+        "--serial".into(),
+        format!("file={}", log.display()),
+        "--incoming".into(),
+        uri.into(),
+        "--cpus".into(),
+        cpus.into(),
+        "--memory".into(),
+        mem.into(),
+    ];
+    args.extend(extra.iter().cloned());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let child = spawn(&a);
+    wait_for_api(&sock);
+    Vm { sock, log, child }
+}
+
+fn migrate(sock: &Path, uri: &str, max_downtime_ms: u64) {
+    migrate_at(sock, uri, max_downtime_ms, None)
+}
+
+fn migrate_at(sock: &Path, uri: &str, max_downtime_ms: u64, mib_s: Option<u64>) {
+    let bw = mib_s
+        .map(|b| format!(r#", "max_bandwidth_mib_s": {b}"#))
+        .unwrap_or_default();
+    let body = format!(r#"{{"uri": "{uri}", "max_downtime_ms": {max_downtime_ms}{bw}}}"#);
+    let (c, b) = http(sock, "PUT", "/migration/send", Some(&body));
+    assert_eq!(c, 204, "{b}");
+}
+
+fn status(sock: &Path) -> serde_json::Value {
+    let (c, b) = http(sock, "GET", "/migration", None);
+    assert_eq!(c, 200, "{b}");
+    serde_json::from_str(&b).unwrap()
+}
+
+fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Moves a ticking guest from a new source to a new receiver and checks it
+/// goes on there; returns the receiver (still running).
+fn move_guest(dir: &TempDir, uri: &str, cpus: &str, cmdline: &str, max_downtime_ms: u64) -> Vm {
+    let a = source(dir, "src", cpus, cmdline, &[]);
+    let b = receiver(dir, "dst", uri, cpus, "256M", &[]);
+    wait_tick(&a.log, 10);
+    migrate(&a.sock, uri, max_downtime_ms);
+    let r = wait(a.child, Duration::from_secs(120));
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(0), "source: {}", r.stderr);
+    assert!(r.stderr.contains("was migrated to"), "{}", r.stderr);
+    let at = last_tick(&a.log);
+    wait_tick(&b.log, at + 10);
+    let text = std::fs::read_to_string(&b.log).unwrap();
+    assert_eq!(
+        text.lines().find_map(tick_of),
+        Some(at + 1),
+        "receiver did not continue from {at}:\n{text}"
+    );
+    assert!(!text.contains("FAIL"), "{text}");
+    b
+}
+
+#[test]
+fn test_migrate_over_unix_idle_guest() {
+    require_kvm!();
+    let dir = TempDir::new("mig-unix");
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let b = move_guest(&dir, &uri, "1", "tests=tick tick_ms=20 verify_every=5", 100);
+    let (c, body) = http(&b.sock, "GET", "/", None);
+    assert_eq!(c, 200);
+    assert!(body.contains("Running"), "{body}");
+    let _ = b.child;
+}
+
+#[test]
+fn test_migrate_over_tcp_busy_guest_2_vcpus() {
+    require_kvm!();
+    let dir = TempDir::new("mig-tcp");
+    let uri = format!("tcp:127.0.0.1:{}", free_tcp_port());
+    let b = move_guest(
+        &dir,
+        &uri,
+        "2",
+        "tests=tick tick_ms=5 dirty_pages_per_tick=64 verify_every=5 tick_aps=1",
+        500,
+    );
+    let _ = b.child;
+}
+
+#[test]
+fn test_migrate_back_and_forth_with_shared_disk() {
+    require_kvm!();
+    let dir = TempDir::new("mig-disk");
+    let img = dir.path("shared.img");
+    harness::make_pattern_image(&img, 8 << 20, harness::PATTERN_DISK1);
+    let disk = vec![
+        "--disk".to_string(),
+        format!("path={},id=data", img.display()),
+    ];
+    let cmd = "tests=blk_write_tick tick_ms=20 tick_count=400 pattern_mib=8 verify_every=5";
+    let a = source(&dir, "a", "1", cmd, &disk);
+    wait_tick(&a.log, 5);
+    let mut current = a;
+    for hop in 0..2 {
+        let uri = format!("unix:{}", dir.path(&format!("mig{hop}.sock")).display());
+        let next = receiver(&dir, &format!("hop{hop}"), &uri, "1", "256M", &disk);
+        migrate(&current.sock, &uri, 200);
+        let r = wait(current.child, Duration::from_secs(120));
+        assert_eq!(r.code, Some(0), "hop {hop}: {}", r.stderr);
+        let at = last_tick(&current.log);
+        wait_tick(&next.log, at + 5);
+        current = next;
+    }
+    // Writes made after the last hop land in the shared image.
+    let at = last_tick(&current.log);
+    let off = (2048 + at % 64) * 512;
+    let mut buf = vec![0u8; 512];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut buf, off)
+        .unwrap();
+    assert!(
+        harness::has_pattern(&buf, off, 0x7469_636b_0000_0000 ^ at),
+        "tick {at} not on disk"
+    );
+    let text = std::fs::read_to_string(&current.log).unwrap();
+    assert!(!text.contains("FAIL"), "{text}");
+}
+
+/// A guest with 64 MiB of data to copy, migrated at 16 MiB/s: several seconds
+/// of pre-copy, a wide window to cancel or break it.
+const HEAVY: &str = "tests=tick tick_ms=5 dirty_pages_per_tick=64 pattern_mib=64 verify_every=50";
+
+fn wait_progress(sock: &Path, bytes: u64) {
+    let start = Instant::now();
+    while status(sock)["transferred_bytes"].as_u64().unwrap_or(0) < bytes {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            status(sock)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn test_cancel_midway_source_keeps_running() {
+    require_kvm!();
+    let dir = TempDir::new("mig-cancel");
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let a = source(&dir, "src", "1", HEAVY, &[]);
+    let b = receiver(&dir, "dst", &uri, "1", "256M", &[]);
+    wait_tick(&a.log, 20);
+    migrate_at(&a.sock, &uri, 1, Some(16));
+    wait_progress(&a.sock, 8 << 20);
+    let (c, body) = http(&a.sock, "PUT", "/migration/cancel", None);
+    assert_eq!(c, 204, "{body}");
+    let start = Instant::now();
+    while status(&a.sock)["state"] != "Cancelled" {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            status(&a.sock)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = wait(b.child, Duration::from_secs(30));
+    assert!(
+        r.code.is_some_and(|c| c != 0),
+        "receiver: {:?} {}",
+        r.code,
+        r.stderr
+    );
+    let at = last_tick(&a.log);
+    wait_tick(&a.log, at + 20);
+    let (c, body) = http(&a.sock, "GET", "/", None);
+    assert_eq!(c, 200);
+    assert!(body.contains("Running"), "{body}");
+    let _ = a.child;
+}
+
+#[test]
+fn test_receiver_killed_midway_source_keeps_running() {
+    require_kvm!();
+    let dir = TempDir::new("mig-kill");
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let a = source(&dir, "src", "1", HEAVY, &[]);
+    let mut b = receiver(&dir, "dst", &uri, "1", "256M", &[]);
+    wait_tick(&a.log, 20);
+    migrate_at(&a.sock, &uri, 1, Some(16));
+    wait_progress(&a.sock, 8 << 20);
+    b.child.kill().unwrap();
+    let _ = b.child.wait();
+    let start = Instant::now();
+    while status(&a.sock)["state"] != "Failed" {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{}",
+            status(&a.sock)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let at = last_tick(&a.log);
+    wait_tick(&a.log, at + 20);
+    let text = std::fs::read_to_string(&a.log).unwrap();
+    assert!(!text.contains("FAIL"), "{text}");
+    let _ = a.child;
+}
+
+#[test]
+fn test_mismatched_receiver_refuses_before_anything_moves() {
+    require_kvm!();
+    let dir = TempDir::new("mig-mismatch");
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let a = source(
+        &dir,
+        "src",
+        "1",
+        "tests=tick tick_ms=20 verify_every=5",
+        &[],
+    );
+    let b = receiver(&dir, "dst", &uri, "2", "512M", &[]);
+    wait_tick(&a.log, 5);
+    migrate(&a.sock, &uri, 100);
+    let r = wait(b.child, Duration::from_secs(30));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    let start = Instant::now();
+    while status(&a.sock)["state"] != "Failed" {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            status(&a.sock)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = status(&a.sock);
+    let err = s["error"].as_str().unwrap_or("");
+    assert!(err.contains("refused") || err.contains("Refused"), "{s}");
+    assert!(err.contains("vCPU") || err.contains("memory"), "{s}");
+    let at = last_tick(&a.log);
+    wait_tick(&a.log, at + 5);
+    let _ = a.child;
+}
+
+#[test]
+fn test_bad_stream_and_bad_uri() {
+    require_kvm!();
+    let dir = TempDir::new("mig-bad");
+    let path = dir.path("mig.sock");
+    let uri = format!("unix:{}", path.display());
+    let b = receiver(&dir, "dst", &uri, "1", "256M", &[]);
+    {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\nthis is not a migration stream")
+            .unwrap();
+    }
+    let r = wait(b.child, Duration::from_secs(30));
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("Incoming migration failed"),
+        "{}",
+        r.stderr
+    );
+    // Bad URIs are refused up front.
+    let r = harness::run(
+        &["run", "--incoming", "ftp:somewhere"],
+        Duration::from_secs(10),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("ftp:somewhere"), "{}", r.stderr);
+    let a = source(&dir, "src", "1", "tests=tick tick_ms=20", &[]);
+    let (c, body) = http(
+        &a.sock,
+        "PUT",
+        "/migration/send",
+        Some(r#"{"uri": "carrier-pigeon:1"}"#),
+    );
+    assert_eq!(c, 400, "{body}");
+    let (c, body) = http(&a.sock, "PUT", "/migration/cancel", None);
+    assert_eq!(c, 400, "{body}");
+    let _ = a.child;
+}
