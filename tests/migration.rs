@@ -364,3 +364,66 @@ fn test_bad_stream_and_bad_uri() {
     assert_eq!(c, 400, "{body}");
     let _ = a.child;
 }
+
+/// A guest that dirties its 8 MiB pattern faster than 8 MiB/s can carry.
+const DIRTY: &str = "tests=tick tick_ms=2 dirty_pages_per_tick=32 pattern_mib=8 verify_every=20";
+
+fn send_capped(sock: &Path, uri: &str, auto_converge: bool) {
+    let body = format!(
+        r#"{{"uri": "{uri}", "max_downtime_ms": 5, "max_bandwidth_mib_s": 8, "auto_converge": {auto_converge}}}"#
+    );
+    let (c, b) = http(sock, "PUT", "/migration/send", Some(&body));
+    assert_eq!(c, 204, "{b}");
+}
+
+#[test]
+fn test_non_converging_migration_gives_up_and_vm_keeps_running() {
+    require_kvm!();
+    let dir = TempDir::new("mig-noconv");
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let a = source(&dir, "src", "1", DIRTY, &[]);
+    let b = receiver(&dir, "dst", &uri, "1", "256M", &[]);
+    wait_tick(&a.log, 20);
+    send_capped(&a.sock, &uri, false);
+    let start = Instant::now();
+    let s = loop {
+        let s = status(&a.sock);
+        if s["state"] == "Failed" {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "{s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let err = s["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("did not converge") && err.contains("dirty rate"),
+        "{s}"
+    );
+    let r = wait(b.child, Duration::from_secs(30));
+    assert!(r.code.is_some_and(|c| c != 0));
+    let at = last_tick(&a.log);
+    wait_tick(&a.log, at + 20);
+    assert!(!std::fs::read_to_string(&a.log).unwrap().contains("FAIL"));
+    let _ = a.child;
+}
+
+#[test]
+fn test_auto_converge_throttles_and_completes() {
+    require_kvm!();
+    let dir = TempDir::new("mig-autoconv");
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let a = source(&dir, "src", "1", DIRTY, &["--level".into(), "Info".into()]);
+    let b = receiver(&dir, "dst", &uri, "1", "256M", &[]);
+    wait_tick(&a.log, 20);
+    send_capped(&a.sock, &uri, true);
+    let r = wait(a.child, Duration::from_secs(180));
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains("vCPUs throttled"), "{}", r.stderr);
+    assert!(r.stderr.contains("was migrated to"), "{}", r.stderr);
+    let at = last_tick(&a.log);
+    wait_tick(&b.log, at + 20);
+    let text = std::fs::read_to_string(&b.log).unwrap();
+    assert_eq!(text.lines().find_map(tick_of), Some(at + 1), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+    let _ = b.child;
+}

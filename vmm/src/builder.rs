@@ -271,6 +271,7 @@ fn finish(
     let mmio = Arc::new(virtio.mmio);
     let (exit_tx, exit_rx) = channel();
     let exit_evt = eventfd("vCPU exit event")?;
+    let throttle = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         handles.push(v.start(
@@ -280,6 +281,7 @@ fn finish(
             exit_evt.try_clone().map_err(dev_err("vCPU exit event"))?,
             start_paused,
             ctx.clone(),
+            throttle.clone(),
         )?);
     }
     Ok(Vmm {
@@ -299,6 +301,8 @@ fn finish(
         config: cfg.clone(),
         dirty_tracking: false,
         host_cpuid: Vec::new(),
+        throttle,
+        kicker: None,
     })
 }
 

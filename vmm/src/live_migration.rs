@@ -35,6 +35,8 @@ pub enum MainRequest {
     Restore(Vec<u8>, GuestMemoryMmap, Sender<Result<(), String>>),
     /// The receiver finished.
     ReceiverDone(Result<migration::ReceiveReport, String>),
+    /// Throttle the vCPUs to this percentage (auto-converge); 0 lifts it.
+    Throttle(u8),
 }
 
 /// The channel to the main thread and its wake-up eventfd.
@@ -145,6 +147,12 @@ impl MigrationSource for Source {
         rx.recv()
             .map_err(|_| err("the VMM did not answer the pause request"))?
             .map_err(err)
+    }
+
+    fn throttle(&mut self, percent: u8) {
+        if let Err(e) = self.link.send(MainRequest::Throttle(percent)) {
+            log::warn!("Cannot throttle the vCPUs: {e}");
+        }
     }
 
     fn resume(&mut self) -> Result<(), HookError> {

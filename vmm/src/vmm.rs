@@ -70,6 +70,10 @@ pub struct Vmm {
     pub dirty_tracking: bool,
     /// The CPUID this host's KVM supports (recorded in snapshots).
     pub host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// vCPU throttle in percent (auto-converge), read by the vCPU threads.
+    pub throttle: Arc<std::sync::atomic::AtomicU8>,
+    /// Kicks throttled vCPUs once per slice while the throttle is set.
+    pub kicker: Option<std::thread::JoinHandle<()>>,
     /// COM1.
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The keyboard controller.
@@ -353,9 +357,50 @@ impl Vmm {
         Ok(stats)
     }
 
+    /// Limits each vCPU to `100 - percent` percent of the time (0 lifts it).
+    pub fn set_throttle(&mut self, percent: u8) {
+        use std::sync::atomic::Ordering;
+        self.throttle.store(percent.min(99), Ordering::SeqCst);
+        if percent == 0 {
+            if let Some(k) = self.kicker.take() {
+                let _ = k.join();
+            }
+            return;
+        }
+        if self.kicker.is_some() {
+            return;
+        }
+        // Thread ids stay valid until the vCPU threads are joined, which
+        // `stop` does only after joining this kicker.
+        let threads: Vec<usize> = self
+            .vcpus
+            .iter()
+            .filter_map(|v| v.pthread())
+            .map(|t| t as usize)
+            .collect();
+        let throttle = self.throttle.clone();
+        let sig = crate::vstate::vcpu::kick_signal();
+        self.kicker = std::thread::Builder::new()
+            .name("wisp-throttle".into())
+            .spawn(move || {
+                while throttle.load(Ordering::SeqCst) > 0 {
+                    for t in &threads {
+                        // SAFETY: signalling vCPU threads of this process that
+                        // have not been joined (see above); the handler only
+                        // sets a flag.
+                        unsafe { libc::pthread_kill(*t as libc::pthread_t, sig) };
+                    }
+                    std::thread::sleep(crate::vstate::vcpu::THROTTLE_SLICE);
+                }
+            })
+            .ok();
+        log::info!("vCPUs throttled to {}%", 100 - u32::from(percent.min(99)));
+    }
+
     /// Stops the vCPUs, detaches the TAPs from their bridges and flushes the
     /// console.
     pub fn stop(&mut self) {
+        self.set_throttle(0);
         for v in &mut self.vcpus {
             v.stop();
         }

@@ -57,9 +57,6 @@ impl Runtime {
         if self.migration.role.is_some() {
             return fault("A migration is already in progress");
         }
-        if m.auto_converge == Some(true) {
-            return fault("auto_converge is not supported yet: a migration that does not converge fails and the VM keeps running");
-        }
         let uri: MigrationUri = match m.uri.parse() {
             Ok(u) => u,
             Err(e) => return fault(chain(&e)),
@@ -68,6 +65,7 @@ impl Runtime {
         if let Some(ms) = m.max_downtime_ms {
             opts.max_downtime = Duration::from_millis(ms);
         }
+        opts.auto_converge = m.auto_converge.unwrap_or(false);
         let source = Source {
             config: live_migration::migration_config(&vmm.config, &vmm.host_cpuid),
             memory: vmm.vm.memory.clone(),
@@ -141,6 +139,11 @@ impl Runtime {
                 let _ = reply.send(());
             }
             MainRequest::SenderDone(result) => self.sender_done(result),
+            MainRequest::Throttle(p) => {
+                if let Some(vmm) = &mut self.vmm {
+                    vmm.set_throttle(p);
+                }
+            }
             MainRequest::Restore(state, memory, reply) => {
                 let r = self.restore_incoming(&state, memory);
                 let _ = reply.send(r);

@@ -5,6 +5,7 @@
 
 use std::cell::Cell;
 use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -225,6 +226,7 @@ impl Vcpu {
         exit_evt: EventFd,
         start_paused: bool,
         ctx: Arc<VcpuStateContext>,
+        throttle: Arc<AtomicU8>,
     ) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let (cmd_tx, cmd_rx) = channel();
@@ -238,6 +240,7 @@ impl Vcpu {
             exit_tx,
             exit_evt,
             ctx,
+            throttle,
         };
         let thread = std::thread::Builder::new()
             .name(format!("wisp-vcpu{id}"))
@@ -275,6 +278,11 @@ impl VcpuHandle {
             return Ok(());
         }
         self.kick()
+    }
+
+    /// The thread's pthread id, while it has not been joined.
+    pub fn pthread(&self) -> Option<libc::pthread_t> {
+        self.thread.as_ref().map(|t| t.as_pthread_t())
     }
 
     /// Interrupts `KVM_RUN` on this vCPU.
@@ -353,7 +361,12 @@ struct Runner {
     exit_tx: Sender<(u8, VmExit)>,
     exit_evt: EventFd,
     ctx: Arc<VcpuStateContext>,
+    throttle: Arc<AtomicU8>,
 }
+
+/// The period of CPU throttling: a throttled vCPU is kicked once per slice
+/// and then sleeps its throttle percentage of it.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 enum Step {
     Continue,
@@ -391,6 +404,10 @@ impl Runner {
                     }
                     if stop {
                         break None;
+                    }
+                    let p = u32::from(self.throttle.load(Ordering::Relaxed).min(99));
+                    if !paused && p > 0 {
+                        std::thread::sleep(THROTTLE_SLICE * p / 100);
                     }
                 }
                 Step::Exit(e) => break Some(e),
