@@ -275,13 +275,15 @@ fn finish(
     let mut handles = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         handles.push(v.start(
-            pio.clone(),
-            mmio.clone(),
-            exit_tx.clone(),
-            exit_evt.try_clone().map_err(dev_err("vCPU exit event"))?,
+            vcpu::VcpuLinks {
+                pio: pio.clone(),
+                mmio: mmio.clone(),
+                exit_tx: exit_tx.clone(),
+                exit_evt: exit_evt.try_clone().map_err(dev_err("vCPU exit event"))?,
+                ctx: ctx.clone(),
+                throttle: throttle.clone(),
+            },
             start_paused,
-            ctx.clone(),
-            throttle.clone(),
         )?);
     }
     Ok(Vmm {

@@ -124,6 +124,23 @@ pub fn register_kick_handler() -> std::io::Result<()> {
         .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
 }
 
+/// What a vCPU thread shares with the rest of the VMM.
+#[derive(Debug)]
+pub struct VcpuLinks {
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// How the thread reports the end of the VM.
+    pub exit_tx: Sender<(u8, VmExit)>,
+    /// Signalled with `exit_tx`.
+    pub exit_evt: EventFd,
+    /// For saving the vCPU's state.
+    pub ctx: Arc<VcpuStateContext>,
+    /// Throttle percentage (auto-converge).
+    pub throttle: Arc<AtomicU8>,
+}
+
 /// A vCPU before its thread starts.
 #[derive(Debug)]
 pub struct Vcpu {
@@ -218,29 +235,20 @@ impl Vcpu {
     }
 
     /// Starts the vCPU thread. `exit_tx`/`exit_evt` report how the VM ended.
-    pub fn start(
-        self,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-        exit_tx: Sender<(u8, VmExit)>,
-        exit_evt: EventFd,
-        start_paused: bool,
-        ctx: Arc<VcpuStateContext>,
-        throttle: Arc<AtomicU8>,
-    ) -> Result<VcpuHandle, VcpuError> {
+    pub fn start(self, links: VcpuLinks, start_paused: bool) -> Result<VcpuHandle, VcpuError> {
         let id = self.id;
         let (cmd_tx, cmd_rx) = channel();
         let (resp_tx, resp_rx) = channel();
         let runner = Runner {
             vcpu: self,
-            pio,
-            mmio,
+            pio: links.pio,
+            mmio: links.mmio,
             cmd_rx,
             resp_tx,
-            exit_tx,
-            exit_evt,
-            ctx,
-            throttle,
+            exit_tx: links.exit_tx,
+            exit_evt: links.exit_evt,
+            ctx: links.ctx,
+            throttle: links.throttle,
         };
         let thread = std::thread::Builder::new()
             .name(format!("wisp-vcpu{id}"))
