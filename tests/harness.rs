@@ -517,3 +517,39 @@ impl LineReader {
         self.seen.join("\n")
     }
 }
+
+/// The counter of a `tick N ok` line of the test guest; a snapshot or a
+/// migration may split a line between two processes' logs, so only the tail
+/// of the line is required.
+pub fn tick_of(line: &str) -> Option<u64> {
+    line.strip_suffix(" ok")?.rsplit(' ').next()?.parse().ok()
+}
+
+/// Whether a log continues with tick `n` (whole or split line).
+pub fn continues_with(text: &str, n: u64) -> bool {
+    text.lines().find_map(tick_of) == Some(n)
+}
+
+/// The last `tick N ok` counter in a console log (0 if none).
+pub fn last_tick(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find_map(tick_of)
+        .unwrap_or(0)
+}
+
+/// Waits (up to 90 s) until a console log reaches tick `n`.
+pub fn wait_tick(log: &Path, n: u64) {
+    let start = Instant::now();
+    while last_tick(log) < n {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "tick {n} never came in {}:\n{}",
+            log.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -11,33 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use harness::{guest, http, spawn, wait, wait_for_api, TempDir};
-
-fn tick_of(line: &str) -> Option<u64> {
-    line.strip_suffix(" ok")?.rsplit(' ').next()?.parse().ok()
-}
-
-fn last_tick(log: &Path) -> u64 {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .rev()
-        .find_map(tick_of)
-        .unwrap_or(0)
-}
-
-fn wait_tick(log: &Path, n: u64) {
-    let start = Instant::now();
-    while last_tick(log) < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(90),
-            "tick {n} never came in {}:\n{}",
-            log.display(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use harness::{guest, http, last_tick, spawn, tick_of, wait, wait_for_api, wait_tick, TempDir};
 
 struct Vm {
     sock: PathBuf,

@@ -11,40 +11,10 @@ use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::Duration;
 
-use harness::{guest, http, spawn, wait, wait_for_api, wait_for_text, TempDir};
-
-/// The counter of a `tick N ok` line; a snapshot may split a line between the
-/// two processes' logs, so only the tail of the line is required.
-fn tick_of(line: &str) -> Option<u64> {
-    line.strip_suffix(" ok")?.rsplit(' ').next()?.parse().ok()
-}
-
-/// Whether the restored log continues with tick `n` (whole or split line).
-fn continues_with(text: &str, n: u64) -> bool {
-    text.lines().find_map(tick_of) == Some(n)
-}
-
-/// The last `tick N ok` counter in a console log.
-fn last_tick(log: &Path) -> u64 {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("tick ")?.strip_suffix(" ok")?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn wait_tick(log: &Path, n: u64) {
-    let start = std::time::Instant::now();
-    while last_tick(log) < n {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "tick {n} never came:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use harness::{
+    continues_with, guest, http, last_tick, spawn, wait, wait_for_api, wait_for_text, wait_tick,
+    TempDir,
+};
 
 struct Vm {
     sock: PathBuf,

@@ -21,3 +21,19 @@ pub mod vstate;
 
 pub use builder::{build_vm, BuildError};
 pub use vmm::{Outcome, Vmm};
+
+/// An error and its sources on one line, without repeating a source the
+/// message already contains.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
+        src = s.source();
+    }
+    msg
+}

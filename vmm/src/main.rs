@@ -160,20 +160,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
     config::parse_size(s).map_err(|e| e.to_string())
 }
 
-/// The error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let s_msg = s.to_string();
-        if !msg.contains(&s_msg) {
-            msg.push_str(": ");
-            msg.push_str(&s_msg);
-        }
-        src = s.source();
-    }
-    msg
-}
+use vmm::error_chain;
 
 fn preboot_from_args(a: &RunArgs) -> Result<Preboot, String> {
     if let Some(path) = &a.config_file {

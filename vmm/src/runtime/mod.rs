@@ -165,19 +165,7 @@ fn fault(msg: impl Into<String>) -> ApiResponse {
     Err(ApiFault::bad_request(msg))
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let m = s.to_string();
-        if !msg.contains(&m) {
-            msg.push_str(": ");
-            msg.push_str(&m);
-        }
-        src = s.source();
-    }
-    msg
-}
+use crate::error_chain as chain;
 
 impl Runtime {
     /// Starts serving (the API socket if asked) and boots at once if asked.
