@@ -266,6 +266,9 @@ fn touched_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<bool>> {
 /// Writes the pages of `bytes` (a region at `file_offset`) selected by
 /// `want(page)`, coalescing runs; all-zero pages become holes (if `punch`,
 /// existing data under them is punched out or zeroed).
+/// How often (in pages: 1 GiB) a long dump logs its progress.
+const PROGRESS_PAGES: usize = 1 << 18;
+
 fn write_pages(
     file: &File,
     path: &Path,
@@ -286,7 +289,18 @@ fn write_pages(
         stats.pages_written += (end - start) as u64;
         Ok(())
     };
+    let started = Instant::now();
     for p in 0..pages {
+        if p > 0 && p % PROGRESS_PAGES == 0 {
+            let done = (p * page) as f64;
+            log::info!(
+                "memory file {}: {} MiB of this region scanned, {} MiB written so far, {:.0} MB/s",
+                path.display(),
+                (p * page) >> 20,
+                stats.bytes_written >> 20,
+                done / started.elapsed().as_secs_f64().max(1e-9) / 1e6
+            );
+        }
         let data = want(p) && !is_zero(&bytes[p * page..(p + 1) * page]);
         if !data {
             if let Some(s) = run_start.take() {
