@@ -525,9 +525,19 @@ pub fn tick_of(line: &str) -> Option<u64> {
     line.strip_suffix(" ok")?.rsplit(' ').next()?.parse().ok()
 }
 
-/// Whether a log continues with tick `n` (whole or split line).
-pub fn continues_with(text: &str, n: u64) -> bool {
-    text.lines().find_map(tick_of) == Some(n)
+/// The unfinished last line of a console log (what follows its last newline).
+pub fn partial_line(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.rsplit_once('\n')
+        .map(|(_, tail)| tail.to_string())
+        .unwrap_or(text)
+}
+
+/// Whether `text` (a new process's log) continues with tick `n`, once joined
+/// to `prefix`, the old process's unfinished line (a pause can split a line,
+/// even inside the number).
+pub fn continues_with(prefix: &str, text: &str, n: u64) -> bool {
+    format!("{prefix}{text}").lines().find_map(tick_of) == Some(n)
 }
 
 /// The last `tick N ok` counter in a console log (0 if none).
