@@ -95,6 +95,12 @@ def last_tick_arrival(child):
     return int(m.group(1)), child.arrival(m.end())
 
 
+def minflt(pid):
+    """Minor page faults of a process so far (/proc/PID/stat field 10)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])
+
+
 def wait_ticks(child, n, deadline):
     child.wait_for(lambda b: True if (last_tick(b) or 0) >= n else None, deadline, f"tick {n}")
 
@@ -147,6 +153,7 @@ def run_wisp(a, d, scen, transport):
         body = {"uri": uri, "max_downtime_ms": a.max_downtime}
         if a.auto_converge:
             body["auto_converge"] = True
+        flt0 = minflt(src.pid)
         st, out, t0, _ = api.call("PUT", "/migration/send", body)
         if st != 204:
             raise RunError(f"wisp source: PUT /migration/send -> {st} {out!r}")
@@ -154,10 +161,11 @@ def run_wisp(a, d, scen, transport):
         deadline = dl()
         t1 = None
         while t1 is None:
-            pid, status = os.waitpid(src.pid, os.WNOHANG)
+            pid, status, ru = os.wait4(src.pid, os.WNOHANG)
             if pid:
                 t1 = time.perf_counter()
                 src.status = status
+                r["src_minflt"] = ru.ru_minflt - flt0
                 break
             try:
                 api.request("GET", "/migration")
@@ -251,6 +259,7 @@ def run_qemu(a, d, scen, transport):
             qs.cmd("migrate-set-capabilities",
                    capabilities=[{"capability": "auto-converge", "state": True}])
         wait_ticks(src, warm, dl())
+        flt0 = minflt(src.pid)
         t0 = time.perf_counter()
         qs.cmd("migrate", uri=uri)
         last = {}
@@ -275,6 +284,7 @@ def run_qemu(a, d, scen, transport):
                 return r
             time.sleep(a.poll_ms / 1e3)
         ram = st.get("ram", {})
+        r["src_minflt"] = minflt(src.pid) - flt0
         time.sleep(0.1)  # console bytes in flight from the (now paused) source
         n, t_last = last_tick_arrival(src)
         frag = tail_fragment(src.snapshot())
@@ -419,6 +429,7 @@ ROWS = [
     ("bytes on the wire", "MiB", "wire_mib", True),
     ("  wire rate (bytes / total)", "MiB/s", "wire_rate", True),
     ("  guest RAM / total", "MiB/s", "mem_rate", True),
+    ("source minor faults (migration)", "", "src_minflt", True),
     ("passes after 1st (wisp) / syncs", "", "iterations", True),
     ("dirty rate seen by the VMM", "MiB/s", "dirty_mibs", True),
     ("bandwidth seen by the VMM", "MiB/s", "bw_mibs", True),
