@@ -216,8 +216,10 @@ def run_wisp(a, d, scen, transport):
         sent = [p for p in polls if p.get("state") == "Sending"]
         r["iterations"] = wisp_passes(sent, a.max_downtime)
         last = sent[-1] if sent else {}
-        r["dirty_mibs"] = last.get("dirty_mib_per_s", float("nan"))
-        r["bw_mibs"] = last.get("bandwidth_mib_per_s", float("nan"))
+        # 0 = not published yet when last polled (an idle guest goes from the
+        # full copy straight into the downtime, where the API does not answer)
+        r["dirty_mibs"] = last.get("dirty_mib_per_s") or float("nan")
+        r["bw_mibs"] = last.get("bandwidth_mib_per_s") or float("nan")
         m = RECEIVED_RE.search(read_log(d, "dst"))
         r["recv_ms"] = float(m.group(2)) if m else float("nan")
         return r
@@ -280,7 +282,7 @@ def run_qemu(a, d, scen, transport):
                 ram = last.get("ram", {})
                 r["converged"] = False
                 r["iterations"] = ram.get("dirty-sync-count", float("nan"))
-                r["dirty_mibs"] = max_rate * 4096 / MIB
+                r["dirty_mibs"] = max_rate * 4096 / MIB if max_rate else float("nan")
                 r["bw_mibs"] = ram.get("mbps", float("nan")) * 1e6 / 8 / MIB
                 r["total_ms"] = (time.perf_counter() - t0) * 1e3
                 return r
@@ -298,7 +300,7 @@ def run_qemu(a, d, scen, transport):
         r["harness_ms"] = (t1 - t0) * 1e3
         r["gap_ms"] = (t_first - t_last) * 1e3
         r["iterations"] = ram.get("dirty-sync-count", float("nan"))
-        r["dirty_mibs"] = max_rate * 4096 / MIB
+        r["dirty_mibs"] = max_rate * 4096 / MIB if max_rate else float("nan")
         r["bw_mibs"] = ram.get("mbps", float("nan")) * 1e6 / 8 / MIB
         return r
     except (RunError, OSError) as e:
@@ -512,6 +514,10 @@ def main():
                    help="migration transport (default both)")
     p.add_argument("--scenario", choices=["idle", "busy", "both"], default="both",
                    help="guest workload (default both)")
+    p.add_argument("--idle", default=None, metavar="ARGS",
+                   help=f"idle guest's tick arguments (default {SCENARIOS['idle'][0]!r})")
+    p.add_argument("--busy", default=None, metavar="ARGS",
+                   help=f"busy guest's tick arguments (default {SCENARIOS['busy'][0]!r})")
     p.add_argument("--max-downtime", type=int, default=100,
                    help="wisp max_downtime_ms = QEMU downtime-limit, ms (default 100)")
     p.add_argument("--auto-converge", action="store_true",
@@ -529,6 +535,10 @@ def main():
     a = p.parse_args()
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
+    if a.busy:
+        SCENARIOS["busy"] = (a.busy,) + SCENARIOS["busy"][1:]
+    if a.idle:
+        SCENARIOS["idle"] = (a.idle,) + SCENARIOS["idle"][1:]
     a.transports = ["unix", "tcp"] if a.transport == "both" else [a.transport]
     a.scenarios = ["idle", "busy"] if a.scenario == "both" else [a.scenario]
     ensure_built(a)
