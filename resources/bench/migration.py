@@ -535,6 +535,8 @@ def main():
     a = p.parse_args()
     if a.rounds < 1:
         p.error("--rounds must be >= 1")
+    if not 1 <= a.max_downtime <= 60000:
+        p.error("--max-downtime must be in 1..60000 (wisp's range)")
     if a.busy:
         SCENARIOS["busy"] = (a.busy,) + SCENARIOS["busy"][1:]
     if a.idle:
