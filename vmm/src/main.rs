@@ -193,34 +193,11 @@ fn preboot_from_args(a: &RunArgs) -> Result<Preboot, String> {
     }
     for (i, s) in a.disks.iter().enumerate() {
         let d = DiskConfig::parse(s, i).map_err(|e| e.to_string())?;
-        p.put_drive(api::models::Drive {
-            drive_id: d.id,
-            path_on_host: d.path.display().to_string(),
-            is_root_device: d.root,
-            is_read_only: d.read_only,
-            partuuid: None,
-            cache_type: None,
-            rate_limiter: None,
-            io_engine: None,
-            format: match d.format.as_deref() {
-                Some("qcow2") => Some(api::models::DriveFormat::Qcow2),
-                Some(_) => Some(api::models::DriveFormat::Raw),
-                None => None,
-            },
-            serial: d.serial,
-        });
+        p.put_drive(vmm::preboot::drive(&d));
     }
     for (i, s) in a.nets.iter().enumerate() {
         let n = NetConfig::parse(s, i).map_err(|e| e.to_string())?;
-        p.put_net(api::models::NetworkInterface {
-            iface_id: n.id,
-            host_dev_name: n.tap,
-            guest_mac: n.mac,
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
-            bridge: n.bridge,
-            mtu: n.mtu,
-        });
+        p.put_net(vmm::preboot::network_interface(&n));
     }
     Ok(p)
 }
@@ -351,6 +328,17 @@ fn run(a: RunArgs) -> ExitCode {
     })
 }
 
+/// A tool command's result as the process exit status.
+fn tool_exit(r: anyhow::Result<i32>) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("wisp: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     vmm::logger::init();
     let argv: Vec<String> = std::env::args().collect();
@@ -361,19 +349,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(a) => run(*a),
         Command::List(a) => list(a),
-        Command::Image(cmd) => match image::run(cmd) {
-            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-            Err(e) => {
-                eprintln!("wisp: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Ctl(args) => match ctl::run(args) {
-            Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
-            Err(e) => {
-                eprintln!("wisp: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Image(cmd) => tool_exit(image::run(cmd)),
+        Command::Ctl(args) => tool_exit(ctl::run(args)),
     }
 }

@@ -132,34 +132,71 @@ impl Preboot {
             vcpus: self.machine.vcpu_count,
             mem_size: (self.machine.mem_size_mib as u64) << 20,
             serial: self.serial.clone(),
-            disks: self
-                .drives
-                .iter()
-                .map(|d| DiskConfig {
-                    path: PathBuf::from(&d.path_on_host),
-                    read_only: d.is_read_only,
-                    id: d.drive_id.clone(),
-                    serial: d.serial.clone(),
-                    format: d.format.map(|f| match f {
-                        DriveFormat::Raw => "raw".to_string(),
-                        DriveFormat::Qcow2 => "qcow2".to_string(),
-                    }),
-                    root: d.is_root_device,
-                })
-                .collect(),
-            nets: self
-                .nets
-                .iter()
-                .map(|n| NetConfig {
-                    id: n.iface_id.clone(),
-                    tap: n.host_dev_name.clone(),
-                    mac: n.guest_mac.clone(),
-                    bridge: n.bridge.clone(),
-                    mtu: n.mtu,
-                })
-                .collect(),
+            disks: self.drives.iter().map(disk_config).collect(),
+            nets: self.nets.iter().map(net_config).collect(),
             track_dirty_pages: self.machine.track_dirty_pages,
         })
+    }
+}
+
+/// A drive from the API as the VMM configures it.
+pub fn disk_config(d: &Drive) -> DiskConfig {
+    DiskConfig {
+        path: PathBuf::from(&d.path_on_host),
+        read_only: d.is_read_only,
+        id: d.drive_id.clone(),
+        serial: d.serial.clone(),
+        format: d.format.map(|f| match f {
+            DriveFormat::Raw => "raw".to_string(),
+            DriveFormat::Qcow2 => "qcow2".to_string(),
+        }),
+        root: d.is_root_device,
+    }
+}
+
+/// A configured disk as the API shows it (the inverse of [`disk_config`]).
+pub fn drive(d: &DiskConfig) -> Drive {
+    Drive {
+        drive_id: d.id.clone(),
+        path_on_host: d.path.display().to_string(),
+        is_root_device: d.root,
+        is_read_only: d.read_only,
+        partuuid: None,
+        cache_type: None,
+        rate_limiter: None,
+        io_engine: None,
+        format: d.format.as_deref().map(|f| {
+            if f == "qcow2" {
+                DriveFormat::Qcow2
+            } else {
+                DriveFormat::Raw
+            }
+        }),
+        serial: d.serial.clone(),
+    }
+}
+
+/// A network interface from the API as the VMM configures it.
+pub fn net_config(n: &NetworkInterface) -> NetConfig {
+    NetConfig {
+        id: n.iface_id.clone(),
+        tap: n.host_dev_name.clone(),
+        mac: n.guest_mac.clone(),
+        bridge: n.bridge.clone(),
+        mtu: n.mtu,
+    }
+}
+
+/// A configured NIC as the API shows it (the inverse of [`net_config`]).
+pub fn network_interface(n: &NetConfig) -> NetworkInterface {
+    NetworkInterface {
+        iface_id: n.id.clone(),
+        host_dev_name: n.tap.clone(),
+        guest_mac: n.mac.clone(),
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
+        bridge: n.bridge.clone(),
+        mtu: n.mtu,
     }
 }
 
@@ -172,41 +209,8 @@ pub fn full_config(cfg: &VmConfig) -> FullVmConfig {
             boot_args: Some(cfg.cmdline.clone()),
         }),
         machine_config: Some(machine_config(cfg)),
-        drives: cfg
-            .disks
-            .iter()
-            .map(|d| Drive {
-                drive_id: d.id.clone(),
-                path_on_host: d.path.display().to_string(),
-                is_root_device: d.root,
-                is_read_only: d.read_only,
-                partuuid: None,
-                cache_type: None,
-                rate_limiter: None,
-                io_engine: None,
-                format: d.format.as_deref().map(|f| {
-                    if f == "qcow2" {
-                        DriveFormat::Qcow2
-                    } else {
-                        DriveFormat::Raw
-                    }
-                }),
-                serial: d.serial.clone(),
-            })
-            .collect(),
-        network_interfaces: cfg
-            .nets
-            .iter()
-            .map(|n| NetworkInterface {
-                iface_id: n.id.clone(),
-                host_dev_name: n.tap.clone(),
-                guest_mac: n.mac.clone(),
-                rx_rate_limiter: None,
-                tx_rate_limiter: None,
-                bridge: n.bridge.clone(),
-                mtu: n.mtu,
-            })
-            .collect(),
+        drives: cfg.disks.iter().map(drive).collect(),
+        network_interfaces: cfg.nets.iter().map(network_interface).collect(),
         logger: None,
         metrics: None,
     }

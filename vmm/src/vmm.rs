@@ -261,6 +261,16 @@ impl Vmm {
         Ok(())
     }
 
+    /// Makes every disk write completed so far durable.
+    pub fn flush_disks(&self) -> Result<(), String> {
+        for d in &self.disks {
+            let mut b = lock(&d.block);
+            b.flush()
+                .map_err(|e| format!("Cannot flush disk '{}': {e}", b.id()))?;
+        }
+        Ok(())
+    }
+
     /// The whole VM's state except memory; the vCPUs must be paused.
     pub fn save_state(&self) -> Result<MicrovmState, String> {
         let vcpus = self
@@ -326,11 +336,7 @@ impl Vmm {
                     .into(),
             );
         }
-        for d in &self.disks {
-            let mut b = lock(&d.block);
-            b.flush()
-                .map_err(|e| format!("Cannot flush disk '{}': {e}", b.id()))?;
-        }
+        self.flush_disks()?;
         let state = self.save_state()?;
         let mem = &self.vm.memory;
         let stats = if diff {

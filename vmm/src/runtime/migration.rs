@@ -30,7 +30,7 @@ impl Runtime {
         }
         let parsed: MigrationUri = uri.parse().map_err(|e| chain(&e))?;
         let cfg = self.preboot.to_vm_config_for_incoming();
-        let (kvm_cpuid, _) = host_cpuid()?;
+        let kvm_cpuid = host_cpuid()?;
         let memory =
             crate::vstate::memory::create_guest_memory(cfg.mem_size).map_err(|e| chain(&e))?;
         let listener = migration::listen(&parsed).map_err(|e| chain(&e))?;
@@ -175,11 +175,10 @@ impl Runtime {
             self.migration.paused_vm = true;
             self.paused = true;
         }
+        vmm.flush_disks()?;
         for d in &vmm.disks {
-            let mut b = lock(&d.block);
-            b.flush()
-                .map_err(|e| format!("Cannot flush disk '{}': {e}", b.id()))?;
             // The receiver (possibly on this host) opens the same image.
+            let mut b = lock(&d.block);
             b.release_lock()
                 .map_err(|e| format!("Cannot unlock disk '{}': {e}", b.id()))?;
         }
@@ -294,10 +293,10 @@ fn relock_disks(vmm: &crate::vmm::Vmm) -> Result<(), String> {
     Ok(())
 }
 
-fn host_cpuid() -> Result<(Vec<kvm_bindings::kvm_cpuid_entry2>, ()), String> {
+fn host_cpuid() -> Result<Vec<kvm_bindings::kvm_cpuid_entry2>, String> {
     let kvm = crate::vstate::vm::open_kvm().map_err(|e| chain(&e))?;
     let c = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| format!("KVM_GET_SUPPORTED_CPUID failed: {e}"))?;
-    Ok((c.as_slice().to_vec(), ()))
+    Ok(c.as_slice().to_vec())
 }

@@ -468,18 +468,7 @@ impl Runtime {
             }
             ApiRequest::PutDrive(d) if !started => {
                 // Open it now (as Firecracker does) so a bad image is refused here.
-                let cfg = crate::config::DiskConfig {
-                    path: PathBuf::from(&d.path_on_host),
-                    read_only: d.is_read_only,
-                    id: d.drive_id.clone(),
-                    serial: d.serial.clone(),
-                    format: d.format.map(|f| match f {
-                        api::models::DriveFormat::Raw => "raw".to_string(),
-                        api::models::DriveFormat::Qcow2 => "qcow2".to_string(),
-                    }),
-                    root: d.is_root_device,
-                };
-                match crate::device_manager::create_block(&cfg) {
+                match crate::device_manager::create_block(&preboot::disk_config(&d)) {
                     Ok(_) => {
                         self.preboot.put_drive(d);
                         Ok(None)
