@@ -98,6 +98,13 @@ pub struct Vmm {
     pub config: VmConfig,
 }
 
+/// Clears a signalled eventfd (non-blocking; an empty one is left as is).
+pub fn drain_eventfd(fd: RawFd) {
+    let mut buf = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into an 8-byte buffer that outlives the call.
+    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), 8) };
+}
+
 /// What the event loop holds.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -123,9 +130,7 @@ impl MutEventSubscriber for Control {
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reading 8 bytes from an eventfd into an 8-byte buffer.
-        unsafe { libc::read(events.fd(), buf.as_mut_ptr().cast(), 8) };
+        drain_eventfd(events.fd());
         let outcome = match events.data() {
             EV_EXIT => match self.exit_rx.try_recv() {
                 Ok((_, VmExit::Poweroff)) => Outcome::Poweroff,

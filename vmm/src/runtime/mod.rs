@@ -103,9 +103,7 @@ impl MutEventSubscriber for Wakeups {
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let mut buf = [0u8; 8];
-        // SAFETY: reading 8 bytes from an eventfd into an 8-byte buffer.
-        unsafe { libc::read(events.fd(), buf.as_mut_ptr().cast(), 8) };
+        crate::vmm::drain_eventfd(events.fd());
         match events.data() {
             EV_SIGNAL => {
                 lock(&self.signal).get_or_insert(Outcome::Signal(crate::signals::last_signal()));
