@@ -414,3 +414,119 @@ fn test_auto_converge_throttles_and_completes() {
     assert!(!text.contains("FAIL"), "{text}");
     let _ = b.child;
 }
+
+const NET_MAC: &str = "52:54:00:77:01:0a";
+
+/// A wisp in `ns` with a NIC on TAP `wmig0` (bridge `br0`): a source booting
+/// `cmdline`, or (with `incoming`) a receiver.
+fn net_vm(ns: &harness::NetNs, dir: &TempDir, tag: &str, boot: Result<&str, &str>) -> Vm {
+    let sock = dir.path(&format!("{tag}.sock"));
+    let log = dir.path(&format!("{tag}.log"));
+    let g = guest();
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--api-sock".into(),
+        sock.display().to_string(),
+        "--serial".into(),
+        format!("file={}", log.display()),
+        "--memory".into(),
+        "256M".into(),
+        "--net".into(),
+        format!("tap=wmig0,mac={NET_MAC},bridge=br0"),
+    ];
+    match boot {
+        Ok(cmdline) => args.extend([
+            "--kernel".into(),
+            g.display().to_string(),
+            "--cmdline".into(),
+            cmdline.into(),
+        ]),
+        Err(uri) => args.extend(["--incoming".into(), uri.into()]),
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let child = ns.spawn_wisp(&a);
+    wait_for_api(&sock);
+    Vm { sock, log, child }
+}
+
+/// Migrates the guest of `a` to `b` over `uri`; the source must exit 0 with
+/// the TAP still on the bridge, now serving the receiver.
+fn migrate_net(ns: &harness::NetNs, a: Vm, b: &Vm, uri: &str) {
+    migrate(&a.sock, uri, 100);
+    let r = wait(a.child, Duration::from_secs(120));
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(0), "source: {}", r.stderr);
+    assert!(r.stderr.contains("was migrated to"), "{}", r.stderr);
+    let (c, body) = http(&b.sock, "GET", "/", None);
+    assert_eq!(c, 200);
+    assert!(body.contains("Running"), "{body}");
+    let master = ns.output("ip", &["link", "show", "master", "br0"]);
+    assert!(
+        master.contains("wmig0"),
+        "the TAP left the bridge with the source: {master}"
+    );
+}
+
+#[test]
+fn test_migrate_with_nic_over_unix_guest_answers_ping_on_the_bridge() {
+    require_net!();
+    let ns = harness::NetNs::new("mignet");
+    let dir = TempDir::new("mig-net-unix");
+    let uri = format!("unix:{}", dir.path("mig.sock").display());
+    let a = net_vm(
+        &ns,
+        &dir,
+        "src",
+        Ok("tests=net_arp_icmp ip=10.77.0.2 net_echo_count=6 net_timeout_s=120"),
+    );
+    harness::wait_for_text(&a.log, "net_arp_icmp: serving", Duration::from_secs(60));
+    let ping = ns.output("ping", &["-c", "3", "-W", "5", "10.77.0.2"]);
+    assert!(ping.contains("3 received"), "before migration: {ping}");
+
+    let b = net_vm(&ns, &dir, "dst", Err(&uri));
+    let b_log = b.log.clone();
+    migrate_net(&ns, a, &b, &uri);
+    // The guest, now on the receiver, answers on the same bridge; its echo
+    // count carries over, so it passes after three more.
+    let ping = ns.output("ping", &["-c", "3", "-W", "5", "10.77.0.2"]);
+    assert!(ping.contains("3 received"), "after migration: {ping}");
+    let r = wait(b.child, Duration::from_secs(60));
+    let text = std::fs::read_to_string(&b_log).unwrap();
+    assert_eq!(r.code, Some(0), "receiver: {}\n{text}", r.stderr);
+    assert!(text.contains("PASS net_arp_icmp"), "{text}");
+    assert!(
+        !ns.has_link("wmig0"),
+        "the TAP outlived the VM that ended last"
+    );
+}
+
+#[test]
+fn test_migrate_with_nic_over_tcp_loses_no_frame() {
+    require_net!();
+    let ns = harness::NetNs::new("mignet");
+    let dir = TempDir::new("mig-net-tcp");
+    // The namespace's own loopback: both wisps run in it.
+    let uri = "tcp:127.0.0.1:47011";
+    let a = net_vm(&ns, &dir, "src", Ok("tests=net_rx rx_count=1000"));
+    harness::wait_for_text(&a.log, "net_rx: ready", Duration::from_secs(60));
+    let b = net_vm(&ns, &dir, "dst", Err(uri));
+    let b_log = b.log.clone();
+    // 1000 frames 2 ms apart from the host, streaming across the migration:
+    // the frames queued while the guest is paused wait in the TAP.
+    let pkt = harness::repo_root().join("tests/net/pkt.py");
+    let sender = ns
+        .cmd("python3")
+        .args([pkt.to_str().unwrap(), "send", "vh", "1000", NET_MAC, "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    migrate_net(&ns, a, &b, uri);
+    let out = sender.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sent 1000"));
+    let r = wait(b.child, Duration::from_secs(60));
+    let text = std::fs::read_to_string(&b_log).unwrap();
+    assert_eq!(r.code, Some(0), "receiver: {}\n{text}", r.stderr);
+    assert!(text.contains("net_rx: 1000 good, 0 bad"), "{text}");
+    assert!(text.contains("PASS net_rx"), "{text}");
+}

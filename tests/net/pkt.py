@@ -3,7 +3,9 @@
 
   pkt.py capture IFACE COUNT TIMEOUT_S   count the guest's 0x88b5 burst frames on IFACE,
                                          verify each payload, print "captured N good M bad sizes A..B"
-  pkt.py send IFACE COUNT DST_MAC        send COUNT 0x88b6 frames (sizes 60..1514) to DST_MAC
+  pkt.py send IFACE COUNT DST_MAC [GAP_MS]
+                                         send COUNT 0x88b6 frames (sizes 60..1514) to DST_MAC,
+                                         GAP_MS (default 2) apart
 
 Frame format (resources/guest/README.md): Ethernet header, 4-byte big-endian seq,
 then payload byte i (4 <= i < len-14) = (i*13 + seq*7 + (i>>8)) & 0xff.
@@ -51,7 +53,7 @@ def capture(iface, count, timeout):
     print(f"captured {good} good {bad} bad sizes {lo}..{hi}", flush=True)
 
 
-def send(iface, count, dst):
+def send(iface, count, dst, gap_ms=2.0):
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((iface, 0))
     src = open(f"/sys/class/net/{iface}/address").read().strip()
@@ -59,7 +61,7 @@ def send(iface, count, dst):
     for seq in range(count):
         flen = 60 + seq * (1514 - 60) // max(count - 1, 1)
         s.send(hdr + payload(seq, flen - 14))
-        time.sleep(0.002)
+        time.sleep(gap_ms / 1000)
     print(f"sent {count}", flush=True)
 
 
@@ -67,4 +69,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "capture":
         capture(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
     else:
-        send(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        send(sys.argv[2], int(sys.argv[3]), sys.argv[4], *map(float, sys.argv[5:6]))

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::{self, SerialConfig, VmConfig};
 use crate::device_manager::{self, MmioAllocator};
 use crate::persist::snapshot::{missing_cpu_features, DeviceStates, MicrovmState};
+use crate::tap_handover::AdoptedTaps;
 use crate::vmm::{AttachedBlock, AttachedNet, Vmm};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{self, Vcpu, VcpuError};
@@ -129,6 +130,7 @@ fn attach_virtio_devices(
     vm: &Vm,
     cfg: &VmConfig,
     saved: Option<&DeviceStates>,
+    taps: &mut AdoptedTaps,
 ) -> Result<VirtioDevices, BuildError> {
     let mut mmio = Bus::new();
     let mut alloc = MmioAllocator::default();
@@ -167,7 +169,7 @@ fn attach_virtio_devices(
     let mut nets = Vec::with_capacity(cfg.nets.len());
     for (i, n) in cfg.nets.iter().enumerate() {
         let st = saved.map(|s| &s.nets[i]);
-        let (net, port) = device_manager::create_net(n, st.map(|s| &s.device))?;
+        let (net, port) = device_manager::create_net(n, st.map(|s| &s.device), taps)?;
         let transport = device_manager::attach_virtio(
             vm,
             &mut mmio,
@@ -335,7 +337,7 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
         .map(|p| loader::load_initrd(&vm.memory, p, cfg.mem_size, kernel.end, initrd_max))
         .transpose()?;
 
-    let virtio = attach_virtio_devices(&vm, cfg, None)?;
+    let virtio = attach_virtio_devices(&vm, cfg, None, &mut AdoptedTaps::new())?;
     let cmdline = loader::build_cmdline(&cfg.cmdline, &virtio.alloc.cmdline_params(), cmdline_max)?;
     let cmdline_len = loader::write_cmdline(&vm.memory, &cmdline)?;
 
@@ -384,7 +386,13 @@ pub fn restore_vm(
 ) -> Result<Vmm, BuildError> {
     let mem = crate::persist::map_memory_file(mem_path, &state.vm.memory)
         .map_err(|e| BuildError::Snapshot(e.to_string()))?;
-    restore_vm_with_memory(state, mem, track_dirty, start_paused)
+    restore_vm_with_memory(
+        state,
+        mem,
+        track_dirty,
+        start_paused,
+        &mut AdoptedTaps::new(),
+    )
 }
 
 /// Checks a state's memory layout against its configuration.
@@ -408,12 +416,14 @@ fn check_restorable(state: &MicrovmState) -> Result<(), BuildError> {
 }
 
 /// Rebuilds a VM from a state and guest memory already filled (from a
-/// snapshot file or a migration stream).
+/// snapshot file or a migration stream), using the TAPs in `taps` (handed
+/// over by a migration source on this host) instead of opening them.
 pub fn restore_vm_with_memory(
     state: &MicrovmState,
     mem: devices::GuestMemoryMmap,
     track_dirty: bool,
     start_paused: bool,
+    taps: &mut AdoptedTaps,
 ) -> Result<Vmm, BuildError> {
     check_restorable(state)?;
     let cfg = &state.config;
@@ -441,7 +451,7 @@ pub fn restore_vm_with_memory(
     }
     crate::vstate::vm_state::restore(&vm.fd, &state.vm)
         .map_err(|e| BuildError::Snapshot(e.to_string()))?;
-    let virtio = attach_virtio_devices(&vm, cfg, Some(&state.devices))?;
+    let virtio = attach_virtio_devices(&vm, cfg, Some(&state.devices), taps)?;
     let legacy = legacy_devices(&vm, cfg, Some(&state.devices))?;
 
     vcpu::register_kick_handler().map_err(dev_err("vCPU kick signal handler"))?;

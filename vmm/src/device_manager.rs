@@ -217,10 +217,13 @@ pub type NetDevice = (
 
 /// Opens (or creates) the TAP, attaches it to its bridge, and creates the
 /// virtio-net device with the configured or a generated stable MAC (or from
-/// `saved`, keeping its MAC and negotiated state).
+/// `saved`, keeping its MAC and negotiated state). A TAP in `adopted` (handed
+/// over by a migration source on this host) is used as it is, already on its
+/// bridge, and its port stays the source's until taken over.
 pub fn create_net(
     n: &NetConfig,
     saved: Option<&devices::virtio::net::NetState>,
+    adopted: &mut crate::tap_handover::AdoptedTaps,
 ) -> Result<NetDevice, DeviceError> {
     let err = |detail: String| DeviceError::Net {
         id: n.id.clone(),
@@ -233,8 +236,19 @@ pub fn create_net(
             .map_err(|e| err(e.to_string()))?,
         None => devices::net::MacAddr::generate(&format!("{}/{}", n.id, n.tap)),
     };
-    let (tap, port) = devices::net::open_tap(&n.tap, n.bridge.as_deref(), n.mtu)
-        .map_err(|e| err(e.to_string()))?;
+    let (tap, port) = match adopted.remove(&n.tap) {
+        Some(tap) => {
+            let port = n
+                .bridge
+                .as_deref()
+                .map(|b| devices::net::BridgePort::adopt(&tap, b))
+                .transpose()
+                .map_err(|e| err(e.to_string()))?;
+            (tap, port)
+        }
+        None => devices::net::open_tap(&n.tap, n.bridge.as_deref(), n.mtu)
+            .map_err(|e| err(e.to_string()))?,
+    };
     let mut cfg = devices::virtio::net::NetConfig::new(mac);
     if let Some(mtu) = n.mtu {
         cfg.mtu = mtu;

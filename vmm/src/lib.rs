@@ -15,6 +15,7 @@ pub mod preboot;
 pub mod registry;
 pub mod runtime;
 pub mod signals;
+pub mod tap_handover;
 pub mod terminal;
 pub mod vmm;
 pub mod vstate;

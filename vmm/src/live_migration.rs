@@ -30,9 +30,11 @@ pub enum MainRequest {
     /// Make sure the VM runs (after a failed migration); answered when done.
     Resume(Sender<()>),
     /// The sender finished (success: the receiver runs the guest).
-    SenderDone(Result<migration::SendReport, String>),
-    /// Restore the VM from `state` with this guest memory and run it.
+    SenderDone(Result<migration::SendReport, migration::MigrationError>),
+    /// Restore the VM from `state` with this guest memory, paused.
     Restore(Vec<u8>, GuestMemoryMmap, Sender<Result<(), String>>),
+    /// The source committed: run the restored VM.
+    Run(Sender<Result<(), String>>),
     /// The receiver finished.
     ReceiverDone(Result<migration::ReceiveReport, String>),
     /// Throttle the vCPUs to this percentage (auto-converge); 0 lifts it.
@@ -98,6 +100,16 @@ fn cpu_features(entries: &[kvm_cpuid_entry2]) -> CpuFeatures {
         // More entries than a CpuId holds cannot come from KVM.
         Err(_) => CpuFeatures::default(),
     }
+}
+
+/// What the source's state blob carries: the VM's state (the snapshot's)
+/// and the TAPs a receiver on the same host takes over.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct MigratedVm {
+    /// Devices, vCPUs, configuration.
+    pub state: crate::persist::snapshot::MicrovmState,
+    /// The source's TAPs.
+    pub taps: crate::tap_handover::TapOffer,
 }
 
 /// The running VM as the sender sees it.
@@ -227,9 +239,8 @@ pub fn spawn_sender(
                         written: 0,
                     };
                     migration::send(&mut conn, &mut source, &opts, &status)
-                        .map_err(|e| e.to_string())
                 }
-                Err(e) => Err(format!("Cannot connect to {uri}: {e}")),
+                Err(e) => Err(migration::MigrationError::Transport(e)),
             };
             let _ = link.send(MainRequest::SenderDone(result));
         })
@@ -261,12 +272,20 @@ impl MigrationTarget for Target {
         &self.memory
     }
 
-    fn restore_and_run(&mut self, state: Vec<u8>) -> Result<(), HookError> {
+    fn restore(&mut self, state: Vec<u8>) -> Result<(), HookError> {
         let (tx, rx) = channel();
         self.link
             .send(MainRequest::Restore(state, self.memory.clone(), tx))?;
         rx.recv()
             .map_err(|_| err("the VMM did not answer the restore request"))?
+            .map_err(err)
+    }
+
+    fn run(&mut self) -> Result<(), HookError> {
+        let (tx, rx) = channel();
+        self.link.send(MainRequest::Run(tx))?;
+        rx.recv()
+            .map_err(|_| err("the VMM did not answer the run request"))?
             .map_err(err)
     }
 }

@@ -408,6 +408,29 @@ impl Vmm {
         log::info!("vCPUs throttled to {}%", 100 - u32::from(percent.min(99)));
     }
 
+    /// The TAPs to offer a migration receiver on this host.
+    pub fn tap_offer(&self) -> crate::tap_handover::TapOffer {
+        use devices::net::Tap;
+        use std::os::fd::AsRawFd;
+        crate::tap_handover::TapOffer::new(self.nets.iter().map(|n| {
+            let net = lock(&n.net);
+            let tap = net.tap();
+            (tap.name().to_string(), tap.as_raw_fd(), tap.created())
+        }))
+    }
+
+    /// Leaves the TAPs' bridge ports to a migration peer (teardown skips
+    /// them) or, with `false`, takes them back.
+    pub fn hand_over_nets(&mut self, hand_over: bool) {
+        for p in self.nets.iter_mut().filter_map(|n| n.port.as_mut()) {
+            if hand_over {
+                p.hand_over();
+            } else {
+                p.take_over();
+            }
+        }
+    }
+
     /// Stops the vCPUs, detaches the TAPs from their bridges and flushes the
     /// console.
     pub fn stop(&mut self) {

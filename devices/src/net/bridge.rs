@@ -78,6 +78,9 @@ pub struct BridgePort {
     tap_index: u32,
     created_tap: bool,
     attached: bool,
+    /// Whether this VMM owns the TAP's bridge membership; teardown leaves a
+    /// port alone while another VMM owns it (live migration on one host).
+    owned: bool,
 }
 
 fn is_gone(e: &io::Error) -> bool {
@@ -130,6 +133,7 @@ impl BridgePort {
             tap_index,
             created_tap: tap.created(),
             attached: true,
+            owned: true,
         };
         if let Err(e) = ifctl::set_up(&port.tap, true) {
             let err = attach_err(e);
@@ -137,6 +141,36 @@ impl BridgePort {
             return Err(err);
         }
         Ok(port)
+    }
+
+    /// The port of a TAP handed over by another VMM that attached it to
+    /// `bridge`. Not owned until [`BridgePort::take_over`]: until then the
+    /// other VMM may still use it, and teardown leaves it alone.
+    pub fn adopt(tap: &TapDevice, bridge: &str) -> Result<Self, BridgeError> {
+        use super::tap::Tap;
+        let tap_index = tap.if_index().map_err(|e| BridgeError::Attach {
+            bridge: bridge.to_string(),
+            tap: tap.name().to_string(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(BridgePort {
+            bridge: bridge.to_string(),
+            tap: tap.name().to_string(),
+            tap_index,
+            created_tap: tap.created(),
+            attached: true,
+            owned: false,
+        })
+    }
+
+    /// Hands the port over to another VMM: teardown will leave it attached.
+    pub fn hand_over(&mut self) {
+        self.owned = false;
+    }
+
+    /// Takes the port (back): teardown detaches it again.
+    pub fn take_over(&mut self) {
+        self.owned = true;
     }
 
     /// The bridge's name.
@@ -155,9 +189,10 @@ impl BridgePort {
     }
 
     /// Removes the TAP from the bridge, and brings it down if wisp created it.
-    /// Idempotent; a TAP that has already disappeared counts as detached.
+    /// Idempotent; a TAP that has already disappeared counts as detached; a
+    /// port handed over to another VMM is left alone.
     pub fn teardown(&mut self) -> Result<(), BridgeError> {
-        if !self.attached {
+        if !self.attached || !self.owned {
             return Ok(());
         }
         self.attached = false;

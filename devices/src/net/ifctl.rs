@@ -47,6 +47,17 @@ pub fn ifreq(name: &str) -> libc::ifreq {
     req
 }
 
+/// The interface name an ioctl wrote into `req` (up to its first NUL).
+pub fn ifreq_name(req: &libc::ifreq) -> String {
+    let bytes: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 /// A datagram socket to issue interface ioctls on.
 fn ctl_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall with constant arguments; the result is checked.

@@ -352,6 +352,55 @@ impl TapDevice {
         Ok(tap)
     }
 
+    /// Adopts `fd`, an open TAP handed over by another process (live
+    /// migration on one host): checks that it is the TAP `name` with a
+    /// virtio-net header and makes it non-blocking. `created` says whether
+    /// wisp created the interface (see [`TapDevice::created`]).
+    pub fn adopt(fd: std::os::fd::OwnedFd, name: &str, created: bool) -> Result<Self, TapError> {
+        let file = File::from(fd);
+        let ioctl_err = |op, source| TapError::Ioctl {
+            name: name.to_string(),
+            op,
+            source,
+        };
+        let mut req = ifctl::ifreq("");
+        // SAFETY: TUNGETIFF writes one `struct ifreq`, which `req` is; an fd
+        // that is not a TUN file fails with an error and writes nothing.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF as _, &mut req) };
+        if ret < 0 {
+            return Err(ioctl_err("TUNGETIFF", io::Error::last_os_error()));
+        }
+        let found = ifctl::ifreq_name(&req);
+        // SAFETY: TUNGETIFF filled in `ifru_flags`.
+        let flags = libc::c_int::from(unsafe { req.ifr_ifru.ifru_flags });
+        let wanted = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if found != name || flags & wanted != wanted || flags & libc::IFF_TUN != 0 {
+            return Err(TapError::NotTap {
+                name: name.to_string(),
+            });
+        }
+        // SAFETY: F_GETFL/F_SETFL on a valid fd take and return plain ints.
+        let ret = unsafe {
+            let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+            if fl < 0 {
+                fl
+            } else {
+                libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK)
+            }
+        };
+        if ret < 0 {
+            return Err(ioctl_err(
+                "making it non-blocking",
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(TapDevice {
+            file,
+            name: name.to_string(),
+            created,
+        })
+    }
+
     /// Whether this open created the interface (it disappears when closed).
     pub fn created(&self) -> bool {
         self.created

@@ -112,6 +112,15 @@ pub enum MigrationError {
     /// The peer did not answer in time.
     #[error("Timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
+    /// `Go` was sent but the receiver did not confirm: it may or may not run
+    /// the guest. The source stays paused; resume it only after checking
+    /// that the receiver does not run the guest.
+    #[error(
+        "Migration outcome unknown: the receiver was told to run the guest but did not \
+         confirm ({0}); the source stays paused: check the receiver, and resume the \
+         source only if the receiver is not running the guest"
+    )]
+    InDoubt(String),
     /// Setting socket options failed.
     #[error("Cannot configure the migration stream: {0}")]
     Socket(#[source] std::io::Error),

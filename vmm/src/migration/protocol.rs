@@ -17,9 +17,11 @@ use super::config::MigrationConfig;
 pub const MAGIC: [u8; 8] = *b"WISPMIGR";
 /// The protocol version this build speaks. Independent of the snapshot
 /// state format version (`persist::format::FORMAT_VERSION`).
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 added the `Ready`/`Go` commit: version 1 ran the guest on the
+/// receiver before the source knew, so a link break then left two copies.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Protocol versions this build accepts from a peer.
-pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+pub const SUPPORTED_VERSIONS: &[u32] = &[2];
 /// Page size of `Pages` frames.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one `Pages` frame.
@@ -190,7 +192,12 @@ pub enum Message {
     State(Vec<u8>),
     /// Sender: everything has been sent.
     Complete,
-    /// Receiver: the guest is restored and running here.
+    /// Receiver: the guest is restored here, paused, waiting for `Go`.
+    Ready,
+    /// Sender: the commit point. The source will not run the guest again;
+    /// the receiver runs it.
+    Go,
+    /// Receiver: the guest runs here.
     Running,
     /// Sender: the migration is abandoned.
     Cancel {
@@ -226,6 +233,10 @@ pub mod tag {
     pub const CANCEL: u32 = 9;
     /// [`super::Message::Error`].
     pub const ERROR: u32 = 10;
+    /// [`super::Message::Ready`].
+    pub const READY: u32 = 11;
+    /// [`super::Message::Go`].
+    pub const GO: u32 = 12;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -244,6 +255,8 @@ impl Message {
             Message::Pages(_) => "Pages",
             Message::State(_) => "State",
             Message::Complete => "Complete",
+            Message::Ready => "Ready",
+            Message::Go => "Go",
             Message::Running => "Running",
             Message::Cancel { .. } => "Cancel",
             Message::Error { .. } => "Error",
@@ -287,6 +300,8 @@ impl Message {
                 f.put(b);
             }
             Message::Complete => f.begin(tag::COMPLETE),
+            Message::Ready => f.begin(tag::READY),
+            Message::Go => f.begin(tag::GO),
             Message::Running => f.begin(tag::RUNNING),
             Message::Cancel { reason } => {
                 f.begin(tag::CANCEL);
@@ -328,6 +343,8 @@ impl Message {
                 Ok(Message::State(payload.to_vec()))
             }
             tag::COMPLETE => empty(Message::Complete),
+            tag::READY => empty(Message::Ready),
+            tag::GO => empty(Message::Go),
             tag::RUNNING => empty(Message::Running),
             tag::CANCEL => postcard_exact::<Reason>("Cancel", payload)
                 .map(|r| Message::Cancel { reason: r.text }),
@@ -548,6 +565,8 @@ mod tests {
             Message::State(vec![9; 1000]),
             Message::State(vec![]),
             Message::Complete,
+            Message::Ready,
+            Message::Go,
             Message::Running,
             Message::Cancel {
                 reason: "user".into(),
@@ -684,17 +703,20 @@ mod tests {
     fn test_protocol_hello_version_check() {
         let mut h = Hello::ours();
         h.check().unwrap();
-        h.protocol_version = 2;
-        let m = Message::Hello(h.clone());
-        let Message::Hello(back) = read_message(&mut m.encode().as_slice()).unwrap() else {
-            panic!()
-        };
-        let e = back.check().unwrap_err();
-        assert!(
-            matches!(e, ProtocolError::UnsupportedVersion { theirs: 2, .. }),
-            "{e}"
-        );
-        assert!(e.to_string().contains("version 2"));
+        // Version 1 had no Ready/Go commit: refused.
+        for old in [1, 3] {
+            h.protocol_version = old;
+            let m = Message::Hello(h.clone());
+            let Message::Hello(back) = read_message(&mut m.encode().as_slice()).unwrap() else {
+                panic!()
+            };
+            let e = back.check().unwrap_err();
+            assert!(
+                matches!(e, ProtocolError::UnsupportedVersion { theirs, .. } if theirs == old),
+                "{e}"
+            );
+            assert!(e.to_string().contains(&format!("version {old}")), "{e}");
+        }
         h.magic = *b"XXXXXXXX";
         assert!(matches!(h.check(), Err(ProtocolError::BadMagic(_))));
     }

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The receiver: checks the incoming VM against the local configuration,
-//! writes pages into guest memory (bounds-checked), restores the state and
-//! reports `Running` once the guest runs here.
+//! writes pages into guest memory (bounds-checked), restores the state,
+//! answers `Ready`, and runs the guest only once the sender commits with
+//! `Go`. Before `Go` every failure leaves the guest to the source; after it
+//! the guest is this side's to run.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -25,8 +27,12 @@ pub trait MigrationTarget {
     /// Guest RAM to write pages into. It must start out zeroed (fresh
     /// anonymous memory): pages the source never sends stay zero.
     fn memory(&self) -> &GuestMemoryMmap;
-    /// Restores devices and vCPUs from the state blob and starts the guest.
-    fn restore_and_run(&mut self, state: Vec<u8>) -> std::result::Result<(), HookError>;
+    /// Restores devices and vCPUs from the state blob, without running the
+    /// guest yet. If the migration fails afterwards the caller must drop the
+    /// restored VM without touching what the source still uses (disks, TAPs).
+    fn restore(&mut self, state: Vec<u8>) -> std::result::Result<(), HookError>;
+    /// Runs the restored guest: the source has committed (`Go`).
+    fn run(&mut self) -> std::result::Result<(), HookError>;
 }
 
 /// What a successful receive did.
@@ -43,9 +49,10 @@ pub struct ReceiveReport {
 }
 
 /// Receives a VM over `stream` into `target`. Returns once the guest runs
-/// here and `Running` was sent. On any failure sends `Error` (best effort)
-/// and returns the error; the caller should then exit without running the
-/// guest. Set the stream's read timeout first to bound waits for the sender.
+/// here (`Go` received, [`MigrationTarget::run`] done; `Running` sent if the
+/// link still works). On any failure sends `Error` (best effort) and returns
+/// the error; the guest never ran here and the caller should exit. Set the
+/// stream's read timeout first to bound waits for the sender.
 pub fn receive<S: Read + Write + ?Sized>(
     stream: &mut S,
     target: &mut dyn MigrationTarget,
@@ -127,12 +134,25 @@ fn receive_inner<S: Read + Write + ?Sized>(
     }
     report.state_bytes = state.len();
     target
-        .restore_and_run(state)
+        .restore(state)
         .map_err(|source| MigrationError::Target {
-            what: "restore and run the VM",
+            what: "restore the VM",
             source,
         })?;
-    protocol::write_message(stream, &Message::Running)?;
+    protocol::write_message(stream, &Message::Ready)?;
+    match next(stream)? {
+        Message::Go => {}
+        m => return Err(unexpected("Go", m)),
+    }
+    // The commit point: from here the source never runs the guest again.
+    target.run().map_err(|source| MigrationError::Target {
+        what: "run the VM",
+        source,
+    })?;
+    if let Err(e) = protocol::write_message(stream, &Message::Running) {
+        // The source committed with `Go`; it waits paused for the operator.
+        log::warn!("migration: the guest runs here but the source did not hear it: {e}");
+    }
     Ok(())
 }
 

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The pre-copy sender: copies guest memory while the guest runs, then
-//! pauses it, sends the last dirty pages and the device state, and waits for
-//! the receiver to run the guest. Until `Running` arrives the source stays
-//! authoritative: every failure resumes it.
+//! pauses it, sends the last dirty pages and the device state, waits for the
+//! receiver's `Ready`, and commits with `Go`. Until `Go` is sent the source
+//! stays authoritative: every failure resumes it. After `Go`, an `Error` from
+//! the receiver still resumes it; silence (a broken link) leaves it paused,
+//! since the receiver may be running the guest ([`MigrationError::InDoubt`]).
 
 use std::time::{Duration, Instant};
 
@@ -342,22 +344,16 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
         self.conn
             .set_read_timeout(Some(self.opts.running_timeout))
             .map_err(MigrationError::Socket)?;
-        match protocol::read_message(self.conn) {
-            Ok(Message::Running) => {}
-            Ok(Message::Error { message }) => return Err(MigrationError::Peer(message)),
-            Ok(m) => {
-                return Err(MigrationError::Unexpected {
-                    expected: "Running",
-                    got: m.name(),
-                })
-            }
-            Err(ProtocolError::Timeout) => {
-                return Err(MigrationError::Timeout(
-                    self.opts.running_timeout,
-                    "Running",
-                ))
-            }
-            Err(e) => return Err(e.into()),
+        // Nothing runs on the receiver before `Go`: any failure until it is
+        // sent leaves the guest to this side.
+        self.await_reply("Ready", |m| matches!(m, Message::Ready))?;
+        self.send(&Message::Go)?;
+        // Past the commit point: only an explicit `Error` proves the receiver
+        // does not run the guest; silence leaves the outcome in doubt.
+        match self.await_reply("Running", |m| matches!(m, Message::Running)) {
+            Ok(()) => {}
+            Err(e @ MigrationError::Peer(_)) => return Err(e),
+            Err(e) => return Err(MigrationError::InDoubt(e.to_string())),
         }
         let downtime = paused_at.elapsed();
         self.status
@@ -370,6 +366,18 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
             downtime,
             total: self.started.elapsed(),
         })
+    }
+
+    /// Reads the receiver's next message, which must satisfy `want`.
+    fn await_reply(&mut self, name: &'static str, want: fn(&Message) -> bool) -> Result<()> {
+        match protocol::read_message(self.conn) {
+            Ok(m) if want(&m) => Ok(()),
+            Ok(m) => Err(self.unexpected(name, m)),
+            Err(ProtocolError::Timeout) => {
+                Err(MigrationError::Timeout(self.opts.running_timeout, name))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn handshake(&mut self) -> Result<()> {
@@ -532,14 +540,17 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
     }
 
     /// After a failure: tell the receiver (best effort), lift the throttle,
-    /// stop tracking and resume the guest.
+    /// stop tracking and resume the guest, unless the receiver may already
+    /// run it ([`MigrationError::InDoubt`]): then the guest stays paused.
     fn clean_up(&mut self, e: &MigrationError) {
         let _ = self.conn.set_write_timeout(Some(PEER_ERROR_WAIT));
         let goodbye = match e {
             MigrationError::Cancelled(reason) => Some(Message::Cancel {
                 reason: reason.clone(),
             }),
-            MigrationError::Peer(_) | MigrationError::Refused(_) => None,
+            MigrationError::Peer(_) | MigrationError::Refused(_) | MigrationError::InDoubt(_) => {
+                None
+            }
             MigrationError::Protocol(ProtocolError::Io(_) | ProtocolError::Truncated) => None,
             e => Some(Message::Error {
                 message: e.to_string(),
@@ -558,6 +569,9 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
                 log::warn!("migration: cannot stop dirty tracking: {err}");
             }
             self.tracking = false;
+        }
+        if matches!(e, MigrationError::InDoubt(_)) {
+            return;
         }
         if let Err(err) = self.source.resume() {
             log::error!("migration: cannot resume the source after failure: {err}");

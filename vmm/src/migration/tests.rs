@@ -318,6 +318,8 @@ struct FakeTarget {
     host_cpu: CpuFeatures,
     restored: Option<Vec<u8>>,
     fail_restore: bool,
+    ran: bool,
+    fail_run: bool,
 }
 
 impl FakeTarget {
@@ -330,6 +332,8 @@ impl FakeTarget {
             host_cpu: cpu(),
             restored: None,
             fail_restore: false,
+            ran: false,
+            fail_run: false,
         }
     }
 }
@@ -347,11 +351,19 @@ impl MigrationTarget for FakeTarget {
         &self.mem
     }
 
-    fn restore_and_run(&mut self, state: Vec<u8>) -> std::result::Result<(), HookError> {
+    fn restore(&mut self, state: Vec<u8>) -> std::result::Result<(), HookError> {
         if self.fail_restore {
             return Err("KVM_SET_REGS failed".into());
         }
         self.restored = Some(state);
+        Ok(())
+    }
+
+    fn run(&mut self) -> std::result::Result<(), HookError> {
+        if self.fail_run {
+            return Err("KVM_RUN failed".into());
+        }
+        self.ran = true;
         Ok(())
     }
 }
@@ -629,30 +641,93 @@ fn test_migration_receiver_restore_failure_resumes_source() {
     assert!(!source.is_paused(), "paused source resumed");
 }
 
-#[test]
-fn test_migration_no_running_reply_times_out_and_resumes() {
-    let ranges = layout(4, 4);
-    let (mut a, mut b) = Stream::pair().unwrap();
-    let rx = thread::spawn(move || {
+/// A receiver that plays the protocol up to `Complete`, then `script`.
+fn scripted_receiver(
+    mut b: Stream,
+    script: impl FnOnce(&mut Stream) + Send + 'static,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
         b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         protocol::read_message(&mut b).unwrap();
         protocol::write_message(&mut b, &Message::Hello(Hello::ours())).unwrap();
         protocol::read_message(&mut b).unwrap();
         protocol::write_message(&mut b, &Message::Accept).unwrap();
-        // Read up to Complete, then say nothing.
         while protocol::read_message(&mut b).unwrap() != Message::Complete {}
-        let _ = protocol::read_message(&mut b);
-    });
-    let mut source = FakeSource::new(new_memory(&ranges));
+        script(&mut b);
+    })
+}
+
+fn send_to_script(
+    script: impl FnOnce(&mut Stream) + Send + 'static,
+) -> (MigrationError, FakeSource, MigrationStatus) {
+    let (mut a, b) = Stream::pair().unwrap();
+    let rx = scripted_receiver(b, script);
+    let mut source = FakeSource::new(new_memory(&layout(4, 4)));
     let status = MigrationStatus::new();
     let opts = SendOptions {
-        running_timeout: Duration::from_millis(200),
+        running_timeout: Duration::from_millis(300),
         ..fast_opts()
     };
     let e = send(&mut a, &mut source, &opts, &status).unwrap_err();
     drop(a);
     rx.join().unwrap();
-    assert!(matches!(e, MigrationError::Timeout(_, "Running")), "{e}");
+    (e, source, status)
+}
+
+#[test]
+fn test_migration_no_ready_reply_times_out_and_resumes() {
+    let (e, source, _) = send_to_script(|b| {
+        // Say nothing until the sender gives up.
+        let _ = protocol::read_message(b);
+    });
+    assert!(matches!(e, MigrationError::Timeout(_, "Ready")), "{e}");
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+    assert!(!source.is_paused());
+}
+
+#[test]
+fn test_migration_link_lost_before_go_resumes_source() {
+    // The receiver restored (Ready) but the link breaks before `Go` arrives:
+    // it never runs the guest, so the source must.
+    let (e, source, status) = send_to_script(|b| {
+        b.shutdown(std::net::Shutdown::Both).unwrap();
+    });
+    assert!(!matches!(e, MigrationError::InDoubt(_)), "{e}");
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+    assert!(!source.is_paused());
+    assert_eq!(status.snapshot().state, MigrationState::Failed);
+}
+
+#[test]
+fn test_migration_link_lost_after_go_leaves_source_paused() {
+    // `Go` was delivered, then the link broke before `Running`: the receiver
+    // may run the guest, so the source must not (never two copies).
+    let (e, source, status) = send_to_script(|b| {
+        protocol::write_message(b, &Message::Ready).unwrap();
+        assert_eq!(protocol::read_message(b).unwrap(), Message::Go);
+    });
+    assert!(matches!(e, MigrationError::InDoubt(_)), "{e}");
+    assert!(e.to_string().contains("stays paused"), "{e}");
+    assert_eq!(source.resumes.load(Ordering::SeqCst), 0);
+    assert!(source.is_paused());
+    assert_eq!(status.snapshot().state, MigrationState::Failed);
+}
+
+#[test]
+fn test_migration_receiver_run_failure_after_go_resumes_source() {
+    let ranges = layout(4, 4);
+    let mut source = FakeSource::new(new_memory(&ranges));
+    let mut target = FakeTarget::new(&ranges);
+    target.fail_run = true;
+    let status = MigrationStatus::new();
+    let (sent, received, target) = migrate(&mut source, target, &fast_opts(), &status);
+    let e = sent.unwrap_err();
+    assert!(
+        matches!(&e, MigrationError::Peer(m) if m.contains("KVM_RUN")),
+        "{e}"
+    );
+    assert!(received.is_err());
+    assert!(!target.ran);
     assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
     assert!(!source.is_paused());
 }
@@ -768,6 +843,7 @@ fn valid_stream(pages: &[Pages]) -> Vec<u8> {
     }
     v.extend(Message::State(b"state".to_vec()).encode());
     v.extend(Message::Complete.encode());
+    v.extend(Message::Go.encode());
     v
 }
 
@@ -805,12 +881,41 @@ fn test_receiver_valid_script_runs_guest() {
     let (r, t, out) = run_script(valid_stream(&[one_page(0, 255, 7)]));
     r.unwrap();
     assert_eq!(t.restored.as_deref(), Some(&b"state"[..]));
+    assert!(t.ran);
     assert_eq!(t.mem.read_obj::<u8>(GuestAddress(255 * 4096)).unwrap(), 7);
     let rep = replies(&out);
     assert!(matches!(
         rep[..],
-        [Message::Hello(_), Message::Accept, Message::Running]
+        [
+            Message::Hello(_),
+            Message::Accept,
+            Message::Ready,
+            Message::Running
+        ]
     ));
+}
+
+#[test]
+fn test_receiver_never_runs_without_go() {
+    let mut stream = valid_stream(&[one_page(0, 1, 7)]);
+    let go = Message::Go.encode();
+    stream.truncate(stream.len() - go.len());
+    for tail in [
+        vec![],
+        Message::Cancel {
+            reason: "operator".into(),
+        }
+        .encode(),
+        Message::Pages(one_page(0, 1, 7)).encode(),
+    ] {
+        let mut s = stream.clone();
+        s.extend(tail);
+        let (r, t, out) = run_script(s);
+        assert!(r.is_err(), "{r:?}");
+        assert!(t.restored.is_some());
+        assert!(!t.ran, "ran without Go");
+        assert!(replies(&out).contains(&Message::Ready));
+    }
 }
 
 #[test]

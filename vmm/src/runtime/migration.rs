@@ -148,6 +148,10 @@ impl Runtime {
                 let r = self.restore_incoming(&state, memory);
                 let _ = reply.send(r);
             }
+            MainRequest::Run(reply) => {
+                let r = self.run_incoming();
+                let _ = reply.send(r);
+            }
             MainRequest::ReceiverDone(result) => {
                 self.migration.role = None;
                 match result {
@@ -157,8 +161,14 @@ impl Runtime {
                         r.total.as_secs_f64() * 1e3
                     ),
                     Err(e) => {
-                        // Never two running copies: a receiver that failed after
-                        // restoring (e.g. could not confirm) stops its copy.
+                        // The guest never ran here: leave the disks and TAPs
+                        // to the source, and stop.
+                        if let Some(vmm) = &mut self.vmm {
+                            vmm.hand_over_nets(true);
+                            for d in &vmm.disks {
+                                let _ = lock(&d.block).release_lock();
+                            }
+                        }
                         lock(&self.outcome).get_or_insert(Outcome::Error(format!(
                             "Incoming migration failed: {e}"
                         )));
@@ -169,7 +179,7 @@ impl Runtime {
     }
 
     fn pause_and_save(&mut self) -> Result<Vec<u8>, String> {
-        let vmm = self.vmm.as_ref().ok_or("The microVM is not running")?;
+        let vmm = self.vmm.as_mut().ok_or("The microVM is not running")?;
         if !self.paused {
             vmm.pause().map_err(|e| e.to_string())?;
             self.migration.paused_vm = true;
@@ -182,8 +192,14 @@ impl Runtime {
             b.release_lock()
                 .map_err(|e| format!("Cannot unlock disk '{}': {e}", b.id()))?;
         }
-        let state = vmm.save_state()?;
-        crate::persist::format::encode_state(&state).map_err(|e| e.to_string())
+        let migrated = live_migration::MigratedVm {
+            state: vmm.save_state()?,
+            taps: vmm.tap_offer(),
+        };
+        // A receiver on this host takes the TAPs over (bridge ports and all);
+        // they are taken back if the migration fails.
+        vmm.hand_over_nets(true);
+        crate::persist::format::encode_state(&migrated).map_err(|e| e.to_string())
     }
 
     /// After handing over the state, waits (not serving devices, so nothing
@@ -197,9 +213,10 @@ impl Runtime {
                     return;
                 }
                 Ok(MainRequest::SenderDone(result)) => {
-                    let ok = result.is_ok();
+                    // In doubt, the receiver may run the guest: stay paused.
+                    let resume = matches!(&result, Err(e) if !matches!(e, migration::MigrationError::InDoubt(_)));
                     self.sender_done(result);
-                    if !ok {
+                    if resume {
                         self.resume_after_migration();
                     }
                     return;
@@ -214,12 +231,14 @@ impl Runtime {
         }
     }
 
-    fn resume_after_migration(&mut self) {
+    /// Runs the VM again after a failed migration, with its disks and TAPs.
+    pub(super) fn resume_after_migration(&mut self) {
         if !self.migration.paused_vm {
             return;
         }
         self.migration.paused_vm = false;
-        if let Some(vmm) = &self.vmm {
+        if let Some(vmm) = &mut self.vmm {
+            vmm.hand_over_nets(false);
             if let Err(e) = relock_disks(vmm) {
                 // Someone else writes the images now: never two writers.
                 lock(&self.outcome).get_or_insert(Outcome::Error(e));
@@ -236,7 +255,7 @@ impl Runtime {
         }
     }
 
-    fn sender_done(&mut self, result: Result<migration::SendReport, String>) {
+    fn sender_done(&mut self, result: Result<migration::SendReport, migration::MigrationError>) {
         self.migration.role = None;
         match result {
             Ok(r) => {
@@ -251,6 +270,7 @@ impl Runtime {
                     self.migration.uri.clone().unwrap_or_default(),
                 ));
             }
+            Err(e @ migration::MigrationError::InDoubt(_)) => log::error!("{e}"),
             Err(e) => log::warn!("migration failed, the VM keeps running: {e}"),
         }
     }
@@ -260,14 +280,28 @@ impl Runtime {
         state: &[u8],
         memory: devices::GuestMemoryMmap,
     ) -> Result<(), String> {
-        let mut state: crate::persist::snapshot::MicrovmState =
+        let migrated: live_migration::MigratedVm =
             crate::persist::format::decode_state(state, std::path::Path::new("migration stream"))
                 .map_err(|e| chain(&e))?;
+        let mut state = migrated.state;
         state.config.serial = self.preboot.serial.clone();
         let cfg = state.config.clone();
-        let vmm = crate::builder::restore_vm_with_memory(&state, memory, false, false)
+        let mut taps = migrated.taps.take()?;
+        let vmm = crate::builder::restore_vm_with_memory(&state, memory, false, true, &mut taps)
             .map_err(|e| chain(&e))?;
         self.adopt(vmm, &cfg)?;
+        // Paused until the source commits (`Go`).
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Runs the guest restored by [`Self::restore_incoming`]: the source has
+    /// committed, so its TAPs' bridge ports are this VMM's now.
+    fn run_incoming(&mut self) -> Result<(), String> {
+        let vmm = self.vmm.as_mut().ok_or("No VM was restored")?;
+        vmm.resume()
+            .map_err(|e| format!("Cannot start the vCPUs: {e}"))?;
+        vmm.hand_over_nets(false);
         self.paused = false;
         Ok(())
     }

@@ -698,6 +698,18 @@ impl Runtime {
     }
 
     fn patch_vm(&mut self, state: VmState) -> ApiResponse {
+        if state == VmState::Resumed && self.paused && self.migration.paused_vm {
+            // Left paused by a migration whose outcome is unknown: the
+            // operator checked the receiver. Take disks and TAPs back.
+            self.resume_after_migration();
+            return match lock(&self.outcome).as_ref() {
+                Some(Outcome::Error(e)) => Err(ApiFault::internal(e.clone())),
+                _ => {
+                    log::info!("microVM resumed after an unconfirmed migration");
+                    Ok(None)
+                }
+            };
+        }
         let Some(vmm) = &self.vmm else {
             return fault("The microVM is not running");
         };
