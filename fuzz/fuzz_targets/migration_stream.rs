@@ -33,7 +33,11 @@ impl MigrationTarget for Target {
         &self.mem
     }
 
-    fn restore_and_run(&mut self, _state: Vec<u8>) -> Result<(), HookError> {
+    fn restore(&mut self, _state: Vec<u8>) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), HookError> {
         Ok(())
     }
 }
@@ -78,7 +82,7 @@ fn reframe(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut f = FrameBuf::default();
     while data.len() >= 3 {
-        let tag = u32::from(data[0] % 12);
+        let tag = u32::from(data[0] % 14);
         let len = (usize::from(u16::from_le_bytes([data[1], data[2]]))).min(data.len() - 3);
         f.begin(tag);
         f.put(&data[3..3 + len]);
