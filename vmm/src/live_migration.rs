@@ -142,6 +142,10 @@ impl MigrationSource for Source {
         Ok(())
     }
 
+    fn initial_pages(&mut self) -> Option<Vec<Vec<u64>>> {
+        crate::persist::memory::touched_bitmaps(&self.memory)
+    }
+
     fn stop_dirty_tracking(&mut self) -> Result<(), HookError> {
         if !self.tracking_before {
             crate::persist::set_dirty_logging(&self.vm_fd, &self.memory, false)?;

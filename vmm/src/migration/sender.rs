@@ -52,6 +52,13 @@ pub trait MigrationSource {
     /// Pages written since the last call, one `u64` bitmap per region
     /// (`persist::dirty_bitmaps`).
     fn dirty_bitmaps(&mut self) -> std::result::Result<Vec<Vec<u64>>, HookError>;
+    /// Pages that may hold data, one bitmap per region, for the first full
+    /// pass; pages left out must read as zero (the receiver's memory starts
+    /// zeroed), and must be asked for after dirty tracking started. `None`
+    /// (the default) sends every page.
+    fn initial_pages(&mut self) -> Option<Vec<Vec<u64>>> {
+        None
+    }
     /// Pauses all vCPUs and devices and returns the opaque state blob (the
     /// same postcard state the snapshot uses).
     fn pause_and_save(&mut self) -> std::result::Result<Vec<u8>, HookError>;
@@ -237,13 +244,14 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
         self.tracking = true;
         self.status.update(|s| s.state = MigrationState::PreCopy);
 
-        // Iteration 0: everything.
-        let all: Vec<Vec<u64>> = self
-            .source
-            .memory()
-            .iter()
-            .map(|r| vec![u64::MAX; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])
-            .collect();
+        // Iteration 0: everything (that was ever touched).
+        let all: Vec<Vec<u64>> = self.source.initial_pages().unwrap_or_else(|| {
+            self.source
+                .memory()
+                .iter()
+                .map(|r| vec![u64::MAX; (r.len() / PAGE_SIZE as u64).div_ceil(64) as usize])
+                .collect()
+        });
         let t0 = Instant::now();
         let before = self.tx;
         self.send_pages(&all)?;

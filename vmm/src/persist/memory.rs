@@ -263,6 +263,23 @@ fn touched_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<bool>> {
     )
 }
 
+/// One bitmap per region (bit set: the page may hold data) of the pages ever
+/// touched, for anonymous memory; `None` if any region is file-backed or
+/// pagemap is unavailable. A live-migration sender skips the other pages (the
+/// receiver's fresh memory is zero there) instead of faulting each one in.
+pub fn touched_bitmaps(mem: &GuestMemoryMmap) -> Option<Vec<Vec<u64>>> {
+    mem.iter()
+        .map(|r| {
+            let touched = touched_pages(r)?;
+            let mut words = vec![0u64; touched.len().div_ceil(64)];
+            for (p, _) in touched.iter().enumerate().filter(|(_, &t)| t) {
+                words[p / 64] |= 1 << (p % 64);
+            }
+            Some(words)
+        })
+        .collect()
+}
+
 /// Writes the pages of `bytes` (a region at `file_offset`) selected by
 /// `want(page)`, coalescing runs; all-zero pages become holes (if `punch`,
 /// existing data under them is punched out or zeroed).
