@@ -22,53 +22,56 @@ struct Vm {
     child: Child,
 }
 
-fn source(dir: &TempDir, tag: &str, cpus: &str, cmdline: &str, extra: &[String]) -> Vm {
+/// `run --api-sock DIR/TAG.sock --serial file=DIR/TAG.log` and the two paths.
+fn base_args(dir: &TempDir, tag: &str) -> (PathBuf, PathBuf, Vec<String>) {
     let sock = dir.path(&format!("{tag}.sock"));
     let log = dir.path(&format!("{tag}.log"));
-    let g = guest();
-    let mut args: Vec<String> = vec![
+    let args = vec![
         "run".into(),
         "--api-sock".into(),
         sock.display().to_string(),
         "--serial".into(),
         format!("file={}", log.display()),
-        "--kernel".into(),
-        g.display().to_string(),
-        "--cpus".into(),
-        cpus.into(),
-        "--memory".into(),
-        "256M".into(),
-        "--cmdline".into(),
-        cmdline.into(),
     ];
-    args.extend(extra.iter().cloned());
+    (sock, log, args)
+}
+
+/// Spawns wisp with `args` (through `spawn_fn`) and waits for its API.
+fn start(sock: PathBuf, log: PathBuf, args: &[String], spawn_fn: impl Fn(&[&str]) -> Child) -> Vm {
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let child = spawn(&a);
+    let child = spawn_fn(&a);
     wait_for_api(&sock);
     Vm { sock, log, child }
 }
 
-fn receiver(dir: &TempDir, tag: &str, uri: &str, cpus: &str, mem: &str, extra: &[String]) -> Vm {
-    let sock = dir.path(&format!("{tag}.sock"));
-    let log = dir.path(&format!("{tag}.log"));
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "--api-sock".into(),
-        sock.display().to_string(),
-        "--serial".into(),
-        format!("file={}", log.display()),
-        "--incoming".into(),
-        uri.into(),
-        "--cpus".into(),
-        cpus.into(),
-        "--memory".into(),
-        mem.into(),
-    ];
+fn boot_args(cpus: &str, mem: &str, cmdline: &str) -> Vec<String> {
+    let g = guest();
+    [
+        "--kernel",
+        g.to_str().unwrap(),
+        "--cpus",
+        cpus,
+        "--memory",
+        mem,
+        "--cmdline",
+        cmdline,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn source(dir: &TempDir, tag: &str, cpus: &str, cmdline: &str, extra: &[String]) -> Vm {
+    let (sock, log, mut args) = base_args(dir, tag);
+    args.extend(boot_args(cpus, "256M", cmdline));
     args.extend(extra.iter().cloned());
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let child = spawn(&a);
-    wait_for_api(&sock);
-    Vm { sock, log, child }
+    start(sock, log, &args, spawn)
+}
+
+fn receiver(dir: &TempDir, tag: &str, uri: &str, cpus: &str, mem: &str, extra: &[String]) -> Vm {
+    let (sock, log, mut args) = base_args(dir, tag);
+    args.extend(["--incoming", uri, "--cpus", cpus, "--memory", mem].map(String::from));
+    args.extend(extra.iter().cloned());
+    start(sock, log, &args, spawn)
 }
 
 fn migrate(sock: &Path, uri: &str, max_downtime_ms: u64) {
@@ -418,35 +421,18 @@ fn test_auto_converge_throttles_and_completes() {
 const NET_MAC: &str = "52:54:00:77:01:0a";
 
 /// A wisp in `ns` with a NIC on TAP `wmig0` (bridge `br0`): a source booting
-/// `cmdline`, or (with `incoming`) a receiver.
+/// `Ok(cmdline)`, or a receiver on `Err(uri)`.
 fn net_vm(ns: &harness::NetNs, dir: &TempDir, tag: &str, boot: Result<&str, &str>) -> Vm {
-    let sock = dir.path(&format!("{tag}.sock"));
-    let log = dir.path(&format!("{tag}.log"));
-    let g = guest();
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "--api-sock".into(),
-        sock.display().to_string(),
-        "--serial".into(),
-        format!("file={}", log.display()),
-        "--memory".into(),
-        "256M".into(),
+    let (sock, log, mut args) = base_args(dir, tag);
+    args.extend([
         "--net".into(),
         format!("tap=wmig0,mac={NET_MAC},bridge=br0"),
-    ];
+    ]);
     match boot {
-        Ok(cmdline) => args.extend([
-            "--kernel".into(),
-            g.display().to_string(),
-            "--cmdline".into(),
-            cmdline.into(),
-        ]),
-        Err(uri) => args.extend(["--incoming".into(), uri.into()]),
+        Ok(cmdline) => args.extend(boot_args("1", "256M", cmdline)),
+        Err(uri) => args.extend(["--incoming", uri, "--memory", "256M"].map(String::from)),
     }
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    let child = ns.spawn_wisp(&a);
-    wait_for_api(&sock);
-    Vm { sock, log, child }
+    start(sock, log, &args, |a| ns.spawn_wisp(a))
 }
 
 /// Migrates the guest of `a` to `b` over `uri`; the source must exit 0 with

@@ -605,14 +605,19 @@ fn test_migration_cancel_midway_resumes_source() {
     assert!(target.restored.is_none());
 }
 
+/// Plays the receiver's handshake on `s`: Hello, then Accept.
+fn accept_handshake(s: &mut Stream) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _hello = protocol::read_message(s).unwrap();
+    protocol::write_message(s, &Message::Hello(Hello::ours())).unwrap();
+    let _config = protocol::read_message(s).unwrap();
+    protocol::write_message(s, &Message::Accept).unwrap();
+}
+
 /// A receiver that accepts and then hangs up after `frames` frames.
 fn flaky_receiver(mut s: Stream, frames: usize) -> JoinHandle<()> {
     thread::spawn(move || {
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let _hello = protocol::read_message(&mut s).unwrap();
-        protocol::write_message(&mut s, &Message::Hello(Hello::ours())).unwrap();
-        let _config = protocol::read_message(&mut s).unwrap();
-        protocol::write_message(&mut s, &Message::Accept).unwrap();
+        accept_handshake(&mut s);
         for _ in 0..frames {
             protocol::read_message(&mut s).unwrap();
         }
@@ -652,22 +657,28 @@ fn test_migration_receiver_drop_midway_tcp_resumes_source() {
 }
 
 #[test]
-fn test_migration_receiver_restore_failure_resumes_source() {
-    let ranges = layout(4, 4);
-    let mut source = FakeSource::new(new_memory(&ranges));
-    let mut target = FakeTarget::new(&ranges);
-    target.fail_restore = true;
-    let status = MigrationStatus::new();
-    let (sent, received, _) = migrate(&mut source, target, &fast_opts(), &status);
-    let e = sent.unwrap_err();
-    assert!(
-        matches!(&e, MigrationError::Peer(m) if m.contains("KVM_SET_REGS")),
-        "{e}"
-    );
-    let re = received.unwrap_err();
-    assert!(matches!(re, MigrationError::Target { .. }), "{re}");
-    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
-    assert!(!source.is_paused(), "paused source resumed");
+fn test_migration_receiver_restore_or_run_failure_resumes_source() {
+    // A failed restore (before Ready) and a failed run (after Go) both end
+    // with the receiver's Error: the guest never ran there.
+    for (fail_run, why) in [(false, "KVM_SET_REGS"), (true, "KVM_RUN")] {
+        let ranges = layout(4, 4);
+        let mut source = FakeSource::new(new_memory(&ranges));
+        let mut target = FakeTarget::new(&ranges);
+        target.fail_restore = !fail_run;
+        target.fail_run = fail_run;
+        let status = MigrationStatus::new();
+        let (sent, received, target) = migrate(&mut source, target, &fast_opts(), &status);
+        let e = sent.unwrap_err();
+        assert!(
+            matches!(&e, MigrationError::Peer(m) if m.contains(why)),
+            "{e}"
+        );
+        let re = received.unwrap_err();
+        assert!(matches!(re, MigrationError::Target { .. }), "{re}");
+        assert!(!target.ran);
+        assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
+        assert!(!source.is_paused(), "paused source resumed");
+    }
 }
 
 /// A receiver that plays the protocol up to `Complete`, then `script`.
@@ -676,11 +687,7 @@ fn scripted_receiver(
     script: impl FnOnce(&mut Stream) + Send + 'static,
 ) -> JoinHandle<()> {
     thread::spawn(move || {
-        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        protocol::read_message(&mut b).unwrap();
-        protocol::write_message(&mut b, &Message::Hello(Hello::ours())).unwrap();
-        protocol::read_message(&mut b).unwrap();
-        protocol::write_message(&mut b, &Message::Accept).unwrap();
+        accept_handshake(&mut b);
         while protocol::read_message(&mut b).unwrap() != Message::Complete {}
         script(&mut b);
     })
@@ -740,25 +747,6 @@ fn test_migration_link_lost_after_go_leaves_source_paused() {
     assert_eq!(source.resumes.load(Ordering::SeqCst), 0);
     assert!(source.is_paused());
     assert_eq!(status.snapshot().state, MigrationState::Failed);
-}
-
-#[test]
-fn test_migration_receiver_run_failure_after_go_resumes_source() {
-    let ranges = layout(4, 4);
-    let mut source = FakeSource::new(new_memory(&ranges));
-    let mut target = FakeTarget::new(&ranges);
-    target.fail_run = true;
-    let status = MigrationStatus::new();
-    let (sent, received, target) = migrate(&mut source, target, &fast_opts(), &status);
-    let e = sent.unwrap_err();
-    assert!(
-        matches!(&e, MigrationError::Peer(m) if m.contains("KVM_RUN")),
-        "{e}"
-    );
-    assert!(received.is_err());
-    assert!(!target.ran);
-    assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
-    assert!(!source.is_paused());
 }
 
 fn refused(edit: impl FnOnce(&mut FakeTarget)) -> String {
