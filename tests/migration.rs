@@ -516,3 +516,82 @@ fn test_migrate_with_nic_over_tcp_loses_no_frame() {
     assert!(text.contains("net_rx: 1000 good, 0 bad"), "{text}");
     assert!(text.contains("PASS net_rx"), "{text}");
 }
+
+/// A second wisp given `img` must be refused because the image is locked.
+fn assert_disk_locked(img: &Path) {
+    let g = guest();
+    let disk = format!("path={}", img.display());
+    let r = harness::run(
+        &["run", "--kernel", g.to_str().unwrap(), "--disk", &disk],
+        Duration::from_secs(30),
+    );
+    assert_ne!(r.code, Some(0));
+    assert!(
+        r.stderr.contains("is locked by another process"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn test_link_lost_after_go_leaves_source_paused_until_resumed() {
+    use vmm::migration::protocol::{read_message, write_message, Hello, Message};
+    require_kvm!();
+    let dir = TempDir::new("mig-doubt");
+    let img = dir.path("shared.img");
+    harness::make_pattern_image(&img, 1 << 20, harness::PATTERN_DISK1);
+    let disk = vec!["--disk".to_string(), format!("path={}", img.display())];
+    let path = dir.path("mig.sock");
+    let uri = format!("unix:{}", path.display());
+    let a = source(&dir, "src", "1", "tests=tick tick_ms=10", &disk);
+    wait_tick(&a.log, 5);
+    // A receiver that takes everything, answers Ready, reads the commit (Go)
+    // and vanishes before confirming: it may be running the guest.
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    migrate(&a.sock, &uri, 100);
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert!(matches!(read_message(&mut s).unwrap(), Message::Hello(_)));
+    write_message(&mut s, &Message::Hello(Hello::ours())).unwrap();
+    assert!(matches!(read_message(&mut s).unwrap(), Message::Config(_)));
+    write_message(&mut s, &Message::Accept).unwrap();
+    while read_message(&mut s).unwrap() != Message::Complete {}
+    write_message(&mut s, &Message::Ready).unwrap();
+    assert_eq!(read_message(&mut s).unwrap(), Message::Go);
+    drop(s);
+
+    let start = Instant::now();
+    while status(&a.sock)["state"] != "Failed" {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            status(&a.sock)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = status(&a.sock);
+    assert!(
+        st["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outcome unknown"),
+        "{st}"
+    );
+    // Never two running copies: the source stays paused, alive, its disk
+    // unlocked for the receiver that may run the guest.
+    let at = last_tick(&a.log);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(last_tick(&a.log), at, "the source ran on after Go");
+    let (c, body) = http(&a.sock, "GET", "/", None);
+    assert_eq!(c, 200);
+    assert!(body.contains("Paused"), "{body}");
+    // The operator checked the receiver and resumes the source: it takes its
+    // disk back and runs on.
+    let (c, body) = http(&a.sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(c, 204, "{body}");
+    wait_tick(&a.log, at + 10);
+    assert_disk_locked(&img);
+    let text = std::fs::read_to_string(&a.log).unwrap();
+    assert!(!text.contains("FAIL"), "{text}");
+    let _ = a.child;
+}
