@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use devices::disk::ImageFormat;
 use serde::{Deserialize, Serialize};
 
 /// Where the guest's serial console goes.
@@ -79,6 +80,23 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| ConfigError::Size(s.into()))
 }
 
+/// (De)serializes an image format by its name, the encoding state files
+/// have always used for this field.
+mod format_name {
+    use devices::disk::ImageFormat;
+    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(f: &Option<ImageFormat>, s: S) -> Result<S::Ok, S::Error> {
+        f.map(ImageFormat::name).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ImageFormat>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|n| n.parse().map_err(D::Error::custom))
+            .transpose()
+    }
+}
+
 /// A disk as configured.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskConfig {
@@ -91,7 +109,8 @@ pub struct DiskConfig {
     /// Serial returned by GET_ID.
     pub serial: Option<String>,
     /// Image format; `None` probes (and then never follows backing files).
-    pub format: Option<String>,
+    #[serde(with = "format_name")]
+    pub format: Option<ImageFormat>,
     /// Whether this is the root device.
     pub root: bool,
 }
@@ -167,9 +186,9 @@ impl DiskConfig {
                     }
                     d.serial = Some(v)
                 }
-                "format" => match v.as_str() {
-                    "raw" | "qcow2" => d.format = Some(v),
-                    _ => {
+                "format" => match v.parse::<ImageFormat>() {
+                    Ok(f) => d.format = Some(f),
+                    Err(_) => {
                         return Err(ConfigError::DeviceOption {
                             kind: K,
                             opt: format!("format={v}"),
@@ -314,6 +333,47 @@ pub fn check_memory(size: u64, host_ram: u64) -> Result<u64, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_disk_format_keeps_the_string_encoding_of_state_files() {
+        // What DiskConfig was when state files stored the format as a string.
+        #[derive(Serialize)]
+        struct Stored<'a> {
+            path: PathBuf,
+            read_only: bool,
+            id: String,
+            serial: Option<String>,
+            format: Option<&'a str>,
+            root: bool,
+        }
+        let stored = |format| Stored {
+            path: "/img".into(),
+            read_only: false,
+            id: "d".into(),
+            serial: None,
+            format,
+            root: true,
+        };
+        for (name, format) in [
+            (Some("qcow2"), Some(ImageFormat::Qcow2)),
+            (Some("raw"), Some(ImageFormat::Raw)),
+            (None, None),
+        ] {
+            let d = DiskConfig {
+                path: "/img".into(),
+                read_only: false,
+                id: "d".into(),
+                serial: None,
+                format,
+                root: true,
+            };
+            let bytes = postcard::to_stdvec(&stored(name)).unwrap();
+            assert_eq!(postcard::to_stdvec(&d).unwrap(), bytes);
+            assert_eq!(postcard::from_bytes::<DiskConfig>(&bytes).unwrap(), d);
+        }
+        let bad = postcard::to_stdvec(&stored(Some("vmdk"))).unwrap();
+        assert!(postcard::from_bytes::<DiskConfig>(&bad).is_err());
+    }
 
     #[test]
     fn test_parse_size_suffixes_and_errors() {

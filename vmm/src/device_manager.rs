@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use boot::acpi::MmioDeviceInfo;
 use boot::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_START};
 use devices::bus::Bus;
-use devices::disk::{open_disk, DiskOptions, ImageFormat};
+use devices::disk::{open_disk, DiskOptions};
 use devices::virtio::block::{Block, BlockArgs};
 use devices::virtio::mmio::{
     MmioTransport, MmioTransportState, MMIO_WINDOW_SIZE, NOTIFY_REG_OFFSET,
@@ -159,15 +159,10 @@ pub fn attach_virtio(
 
 /// Opens a disk image (locked, format declared or probed).
 pub fn open_backend(d: &DiskConfig) -> Result<Box<dyn devices::disk::DiskBackend>, DeviceError> {
-    let format = match d.format.as_deref() {
-        Some("qcow2") => Some(ImageFormat::Qcow2),
-        Some(_) => Some(ImageFormat::Raw),
-        None => None,
-    };
     open_disk(&DiskOptions {
         path: d.path.clone(),
         read_only: d.read_only,
-        format,
+        format: d.format,
     })
     .map_err(|source| DeviceError::Disk {
         id: d.id.clone(),

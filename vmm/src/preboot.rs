@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use api::models::{BootSource, Drive, DriveFormat, FullVmConfig, MachineConfig, NetworkInterface};
 
 use crate::config::{DiskConfig, NetConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE};
+use devices::disk::ImageFormat;
 
 /// Pre-boot configuration, in API terms.
 #[derive(Debug, Clone)]
@@ -147,8 +148,8 @@ pub fn disk_config(d: &Drive) -> DiskConfig {
         id: d.drive_id.clone(),
         serial: d.serial.clone(),
         format: d.format.map(|f| match f {
-            DriveFormat::Raw => "raw".to_string(),
-            DriveFormat::Qcow2 => "qcow2".to_string(),
+            DriveFormat::Raw => ImageFormat::Raw,
+            DriveFormat::Qcow2 => ImageFormat::Qcow2,
         }),
         root: d.is_root_device,
     }
@@ -165,12 +166,9 @@ pub fn drive(d: &DiskConfig) -> Drive {
         cache_type: None,
         rate_limiter: None,
         io_engine: None,
-        format: d.format.as_deref().map(|f| {
-            if f == "qcow2" {
-                DriveFormat::Qcow2
-            } else {
-                DriveFormat::Raw
-            }
+        format: d.format.map(|f| match f {
+            ImageFormat::Raw => DriveFormat::Raw,
+            ImageFormat::Qcow2 => DriveFormat::Qcow2,
         }),
         serial: d.serial.clone(),
     }
