@@ -22,18 +22,15 @@ import argparse
 import os
 import re
 import select
-import shutil
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-DEFAULT_WISP = os.path.join(REPO, "target", "release", "wisp")
-DEFAULT_GUEST = os.path.join(REPO, "resources", "guest", "build", "wisp-guest.elf")
-MIB = 1 << 20
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (  # noqa: E402  (helpers shared by the benchmarks)
+    DEFAULT_GUEST, DEFAULT_WISP, MIB, REPO, ensure_built, summary,
+)
 
 # Goals (wisp vs QEMU microvm).
 GOAL_TIME_RATIO = 0.5
@@ -246,40 +243,12 @@ def probe_run(a, name, mkcmd, tmpdir, mem):
 # Setup
 
 
-def ensure_built(a):
-    if a.wisp == DEFAULT_WISP and not os.path.exists(a.wisp):
-        print("building wisp (cargo build --release -p vmm) ...", file=sys.stderr)
-        subprocess.run(["cargo", "build", "--release", "-p", "vmm"], cwd=REPO, check=True)
-    if a.guest == DEFAULT_GUEST and not os.path.exists(a.guest):
-        print("building the test guest (make -C resources/guest) ...", file=sys.stderr)
-        subprocess.run(["make", "-C", os.path.join(REPO, "resources", "guest")], check=True)
-    q = shutil.which(a.qemu)
-    if q is None:
-        sys.exit(f"boot.py: QEMU not found: {a.qemu}")
-    a.qemu = q
-    for what, p in (("wisp", a.wisp), ("guest", a.guest)):
-        if not os.path.exists(p):
-            sys.exit(f"boot.py: {what} not found: {p}")
-    a.wisp = os.path.abspath(a.wisp)
-    a.guest = os.path.abspath(a.guest)
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        sys.exit("boot.py: /dev/kvm not accessible")
-
-
 # ---------------------------------------------------------------------------
 # Report
 
 
 def fmt(v, unit):
     return "n/a" if v != v else (f"{v:.1f}" if unit == "ms" else f"{v:.2f}")
-
-
-def summary(vals):
-    vals = [v for v in vals if v == v]
-    if not vals:
-        nan = float("nan")
-        return nan, nan, nan
-    return statistics.median(vals), min(vals), max(vals)
 
 
 def report(a, res, big):
@@ -353,7 +322,7 @@ def main():
     a = p.parse_args()
     if a.rounds < 1 or a.cpus < 1:
         p.error("--rounds and --cpus must be >= 1")
-    ensure_built(a)
+    ensure_built(a, "boot.py")
 
     failures = 0
     res = {name: [] for name, _ in VMMS}

@@ -40,10 +40,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from snapshot import (  # noqa: E402  (shared helpers of the snapshot benchmark)
-    MIB, TICK_RE, Child, Qmp, RunError, WispApi, last_tick, next_tick_after,
+    TICK_RE, Child, Qmp, RunError, WispApi, last_tick, next_tick_after,
     qemu_base, qemu_cont, read_log, tail_fragment, wait_socket, wisp_base,
-    DEFAULT_GUEST, DEFAULT_WISP, REPO,
 )
+from benchlib import DEFAULT_GUEST, DEFAULT_WISP, MIB, REPO, ensure_built, summary  # noqa: E402
 
 MEM = 1024 * MIB
 GOAL_IDLE_DOWNTIME_MS = 10.0
@@ -376,34 +376,6 @@ def link_mibs(transport, d, nbytes=MEM):
 # Setup and report
 
 
-def ensure_built(a):
-    if a.wisp == DEFAULT_WISP and not os.path.exists(a.wisp):
-        print("building wisp (cargo build --release -p vmm) ...", file=sys.stderr)
-        subprocess.run(["cargo", "build", "--release", "-p", "vmm"], cwd=REPO, check=True)
-    if a.guest == DEFAULT_GUEST and not os.path.exists(a.guest):
-        print("building the test guest (make -C resources/guest) ...", file=sys.stderr)
-        subprocess.run(["make", "-C", os.path.join(REPO, "resources", "guest")], check=True)
-    q = shutil.which(a.qemu)
-    if q is None:
-        sys.exit(f"migration.py: QEMU not found: {a.qemu}")
-    a.qemu = q
-    for what, p in (("wisp", a.wisp), ("guest", a.guest)):
-        if not os.path.exists(p):
-            sys.exit(f"migration.py: {what} not found: {p}")
-    a.wisp = os.path.abspath(a.wisp)
-    a.guest = os.path.abspath(a.guest)
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        sys.exit("migration.py: /dev/kvm not accessible")
-
-
-def summary(vals):
-    vals = [v for v in vals if isinstance(v, (int, float)) and v == v]
-    if not vals:
-        nan = float("nan")
-        return nan, nan, nan
-    return statistics.median(vals), min(vals), max(vals)
-
-
 def fmt(v):
     if v != v:
         return "n/a"
@@ -543,7 +515,7 @@ def main():
         SCENARIOS["idle"] = (a.idle,) + SCENARIOS["idle"][1:]
     a.transports = ["unix", "tcp"] if a.transport == "both" else [a.transport]
     a.scenarios = ["idle", "busy"] if a.scenario == "both" else [a.scenario]
-    ensure_built(a)
+    ensure_built(a, "migration.py")
 
     results = {(s, t): {n: [] for n, _ in VMMS} for s in a.scenarios for t in a.transports}
     links = {t: [] for t in a.transports}

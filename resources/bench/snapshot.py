@@ -29,17 +29,16 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-DEFAULT_WISP = os.path.join(REPO, "target", "release", "wisp")
-DEFAULT_GUEST = os.path.join(REPO, "resources", "guest", "build", "wisp-guest.elf")
-MIB = 1 << 20
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import (  # noqa: E402  (helpers shared by the benchmarks)
+    DEFAULT_GUEST, DEFAULT_WISP, MIB, REPO, ensure_built, summary,
+)
 
 # Goals (from the snapshot issue).
 GOAL_RESTORE_MS = 5.0        # wisp load request -> 204, at every memory size
@@ -585,34 +584,6 @@ VMMS = [("wisp", run_wisp), ("qemu", run_qemu)]
 # Setup and report
 
 
-def ensure_built(a):
-    if a.wisp == DEFAULT_WISP and not os.path.exists(a.wisp):
-        print("building wisp (cargo build --release -p vmm) ...", file=sys.stderr)
-        subprocess.run(["cargo", "build", "--release", "-p", "vmm"], cwd=REPO, check=True)
-    if a.guest == DEFAULT_GUEST and not os.path.exists(a.guest):
-        print("building the test guest (make -C resources/guest) ...", file=sys.stderr)
-        subprocess.run(["make", "-C", os.path.join(REPO, "resources", "guest")], check=True)
-    q = shutil.which(a.qemu)
-    if q is None:
-        sys.exit(f"snapshot.py: QEMU not found: {a.qemu}")
-    a.qemu = q
-    for what, p in (("wisp", a.wisp), ("guest", a.guest)):
-        if not os.path.exists(p):
-            sys.exit(f"snapshot.py: {what} not found: {p}")
-    a.wisp = os.path.abspath(a.wisp)
-    a.guest = os.path.abspath(a.guest)
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        sys.exit("snapshot.py: /dev/kvm not accessible")
-
-
-def summary(vals):
-    vals = [v for v in vals if v == v]
-    if not vals:
-        nan = float("nan")
-        return nan, nan, nan
-    return statistics.median(vals), min(vals), max(vals)
-
-
 def fmt(v, unit):
     if v != v:
         return "n/a"
@@ -725,7 +696,7 @@ def main():
     for mem in a.sizes:
         if mem // MIB < 24:
             p.error("sizes must be >= 24M (the tick guest needs 10 MiB + its pattern)")
-    ensure_built(a)
+    ensure_built(a, "snapshot.py")
 
     results = {mem: {name: [] for name, _ in VMMS} for mem in a.sizes}
     fails = []
