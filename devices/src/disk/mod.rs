@@ -68,6 +68,17 @@ pub fn check_range(size: u64, offset: u64, len: u64) -> io::Result<()> {
     }
 }
 
+/// Refuses writes to a disk opened read-only.
+pub(crate) fn check_writable(read_only: bool) -> io::Result<()> {
+    if read_only {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "disk is read-only",
+        ));
+    }
+    Ok(())
+}
+
 mod open;
 pub mod qcow2;
 mod raw;

@@ -36,13 +36,7 @@ impl RawDisk {
     }
 
     fn check_writable(&self) -> io::Result<()> {
-        if self.read_only {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "disk is read-only",
-            ));
-        }
-        Ok(())
+        super::check_writable(self.read_only)
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {

@@ -98,6 +98,12 @@ fn be64(b: &[u8], off: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
+/// Decodes a table of big-endian `u64` entries (L1, L2, refcount table);
+/// a trailing partial entry is ignored.
+pub(crate) fn be64_table(raw: &[u8]) -> Vec<u64> {
+    raw.chunks_exact(8).map(|c| be64(c, 0)).collect()
+}
+
 fn read_exact(
     file: &File,
     buf: &mut [u8],
@@ -399,11 +405,16 @@ fn check_table(
     cs: u64,
     file_len: u64,
 ) -> Result<(), Qcow2Error> {
-    let bad = !offset.is_multiple_of(cs)
-        || offset < cs
-        || offset.checked_add(bytes).is_none_or(|end| end > file_len);
-    if bad {
+    if !placed_in_file(offset, bytes, cs, file_len) {
         return Err(Qcow2Error::TableOutOfBounds { table, offset });
     }
     Ok(())
+}
+
+/// Whether `bytes` of metadata at `offset` are cluster-aligned, outside the
+/// header cluster and inside a file of `file_len` bytes.
+pub(crate) fn placed_in_file(offset: u64, bytes: u64, cs: u64, file_len: u64) -> bool {
+    offset.is_multiple_of(cs)
+        && offset >= cs
+        && offset.checked_add(bytes).is_some_and(|end| end <= file_len)
 }

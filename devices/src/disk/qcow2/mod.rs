@@ -160,19 +160,15 @@ impl Qcow2Disk {
                     source,
                 })
             })?;
-        let mut l1 = Vec::with_capacity(header.l1_size as usize);
-        for c in raw.chunks_exact(8) {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(c);
-            let e = u64::from_be_bytes(a);
+        let l1 = header::be64_table(&raw);
+        for &e in &l1 {
             let off = e & OFFSET_MASK;
-            if off != 0 && (!off.is_multiple_of(cs) || off < cs || off + cs > file_len) {
+            if off != 0 && !header::placed_in_file(off, cs, cs, file_len) {
                 return Err(qerr(Qcow2Error::TableOutOfBounds {
                     table: "L2 table",
                     offset: off,
                 }));
             }
-            l1.push(e);
         }
         let rc = Refcounts::load(
             &file,
@@ -395,14 +391,7 @@ impl Qcow2Disk {
         self.make_room_in_l2_cache()?;
         let mut raw = vec![0u8; self.cs() as usize];
         read_full(&self.file, &mut raw, off)?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                u64::from_be_bytes(a)
-            })
-            .collect();
+        let table = header::be64_table(&raw);
         if let Some((k, t)) = self.l2.insert(off, table, false) {
             // Not reached: make_room_in_l2_cache wrote dirty tables back.
             self.write_l2(k, &t)?;
@@ -619,13 +608,7 @@ impl Qcow2Disk {
     }
 
     fn check_writable(&self) -> io::Result<()> {
-        if self.read_only {
-            return Err(io::Error::new(
-                io::ErrorKind::PermissionDenied,
-                "disk is read-only",
-            ));
-        }
-        Ok(())
+        super::check_writable(self.read_only)
     }
 }
 

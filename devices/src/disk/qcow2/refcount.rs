@@ -81,17 +81,10 @@ impl Refcounts {
         let cs = 1u64 << cluster_bits;
         let mut raw = vec![0u8; (table_clusters * cs) as usize];
         file.read_exact_at(&mut raw, table_offset)?;
-        let table: Vec<u64> = raw
-            .chunks_exact(8)
-            .map(|c| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(c);
-                u64::from_be_bytes(a)
-            })
-            .collect();
+        let table = super::header::be64_table(&raw);
         for (i, &e) in table.iter().enumerate() {
             let off = e & OFFSET_MASK;
-            if off != 0 && (!off.is_multiple_of(cs) || off < cs || off + cs > file_len) {
+            if off != 0 && !super::header::placed_in_file(off, cs, cs, file_len) {
                 return Err(invalid(format!(
                     "refcount block {i} at {off:#x} is misaligned or outside the file"
                 )));
