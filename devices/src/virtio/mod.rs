@@ -72,6 +72,18 @@ pub enum ActivateError {
     Events(#[source] io::Error),
 }
 
+/// Copies configuration space `cfg` from `offset` into `data`; bytes past
+/// its end read as zero (what [`VirtioDevice::read_config`] promises).
+pub fn read_config_space(cfg: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| cfg.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
 /// What every virtio device implements; the transport drives it.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (2 = block, 1 = net).
