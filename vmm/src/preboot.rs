@@ -28,14 +28,7 @@ impl Default for Preboot {
     fn default() -> Self {
         Self {
             boot_source: None,
-            machine: MachineConfig {
-                vcpu_count: 1,
-                mem_size_mib: 128,
-                smt: false,
-                track_dirty_pages: false,
-                cpu_template: None,
-                huge_pages: None,
-            },
+            machine: MachineConfig::default(),
             drives: Vec::new(),
             nets: Vec::new(),
             serial: SerialConfig::Stdio,
