@@ -2,7 +2,9 @@
 """Helpers shared by the wisp-vs-QEMU benchmarks (boot.py, snapshot.py,
 migration.py): where things are, building what is missing, summaries."""
 
+import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -45,3 +47,28 @@ def summary(vals):
         nan = float("nan")
         return nan, nan, nan
     return statistics.median(vals), min(vals), max(vals)
+
+
+class RunError(Exception):
+    """A benchmark run failed (the VMM misbehaved or the guest reported FAIL)."""
+
+
+def parse_size(s):
+    """A guest memory size such as 128M or 1G, in bytes (whole MiB, >= 16M)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KkMmGg]?)(?:i?B)?\s*", s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad size {s!r} (e.g. 128M, 1G)")
+    mult = {"": MIB, "k": 1 << 10, "m": MIB, "g": 1 << 30}[m.group(2).lower()]
+    n = int(m.group(1)) * mult
+    if n < 16 * MIB or n % MIB:
+        raise argparse.ArgumentTypeError(f"{s!r}: need a whole number of MiB >= 16M")
+    return n
+
+
+def print_failures(fails):
+    """Lists failed runs (first line of each), if any."""
+    if fails:
+        print()
+        print(f"{len(fails)} run(s) FAILED:")
+        for f in fails:
+            print(f"  {f.splitlines()[0]}")

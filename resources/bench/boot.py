@@ -29,27 +29,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402  (helpers shared by the benchmarks)
-    DEFAULT_GUEST, DEFAULT_WISP, MIB, REPO, ensure_built, summary,
+    DEFAULT_GUEST, DEFAULT_WISP, MIB, RunError, ensure_built, parse_size,
+    summary,
 )
 
 # Goals (wisp vs QEMU microvm).
 GOAL_TIME_RATIO = 0.5
 GOAL_OVERHEAD_MIB = 3.0
-
-
-class RunError(Exception):
-    pass
-
-
-def parse_size(s):
-    m = re.fullmatch(r"\s*(\d+)\s*([KkMmGg]?)(?:i?B)?\s*", s)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {s!r} (e.g. 128M, 1G)")
-    mult = {"": MIB, "k": 1 << 10, "m": MIB, "g": 1 << 30}[m.group(2).lower()]
-    n = int(m.group(1)) * mult
-    if n < 16 * MIB or n % MIB:
-        raise argparse.ArgumentTypeError(f"{s!r}: need a whole number of MiB >= 16M")
-    return n
 
 
 # ---------------------------------------------------------------------------

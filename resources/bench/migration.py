@@ -40,10 +40,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from snapshot import (  # noqa: E402  (shared helpers of the snapshot benchmark)
-    TICK_RE, Child, Qmp, RunError, WispApi, last_tick, next_tick_after,
+    TICK_RE, Child, Qmp, WispApi, last_tick, next_tick_after,
     qemu_base, qemu_cont, read_log, tail_fragment, wait_socket, wisp_base,
 )
-from benchlib import DEFAULT_GUEST, DEFAULT_WISP, MIB, REPO, ensure_built, summary  # noqa: E402
+from benchlib import (  # noqa: E402
+    DEFAULT_GUEST, DEFAULT_WISP, MIB, RunError, ensure_built, print_failures, summary,
+)
 
 MEM = 1024 * MIB
 GOAL_IDLE_DOWNTIME_MS = 10.0
@@ -471,11 +473,7 @@ def report(a, results, links, fails):
               f"1 GiB / link ({fmt(bar)} ms): {tgoal} "
               f"(achieved {fmt(meds[('wisp', 'mem_rate')])} MiB/s of guest RAM, "
               f"{fmt(meds[('wisp', 'wire_rate')])} MiB/s on the wire)")
-    if fails:
-        print()
-        print(f"{len(fails)} run(s) FAILED:")
-        for f in fails:
-            print(f"  {f.splitlines()[0]}")
+    print_failures(fails)
 
 
 def main():

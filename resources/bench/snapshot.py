@@ -37,7 +37,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import (  # noqa: E402  (helpers shared by the benchmarks)
-    DEFAULT_GUEST, DEFAULT_WISP, MIB, REPO, ensure_built, summary,
+    DEFAULT_GUEST, DEFAULT_WISP, MIB, RunError, ensure_built, parse_size,
+    print_failures, summary,
 )
 
 # Goals (from the snapshot issue).
@@ -45,21 +46,6 @@ GOAL_RESTORE_MS = 5.0        # wisp load request -> 204, at every memory size
 GOAL_DISK_FRACTION = 0.8     # wisp's written MB/s >= 0.8 x write+fsync MB/s of the disk
 
 TICK_RE = re.compile(rb"(?m)^tick (\d+) ok\r?\n")  # complete lines only
-
-
-class RunError(Exception):
-    pass
-
-
-def parse_size(s):
-    m = re.fullmatch(r"\s*(\d+)\s*([KkMmGg]?)(?:i?B)?\s*", s)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {s!r} (e.g. 128M, 1G)")
-    mult = {"": MIB, "k": 1 << 10, "m": MIB, "g": 1 << 30}[m.group(2).lower()]
-    n = int(m.group(1)) * mult
-    if n < 16 * MIB or n % MIB:
-        raise argparse.ArgumentTypeError(f"{s!r}: need a whole number of MiB >= 16M")
-    return n
 
 
 def parse_sizes(s):
@@ -664,11 +650,7 @@ def report(a, results, fails):
         print(f"  {mem // MIB:>5} MiB: restore (load request -> 204) {fmt(load, 'ms')} ms "
               f"< {GOAL_RESTORE_MS:g} ms: {g1};  create {fmt(wr, 'MB/s')} MB/s written vs disk "
               f"{fmt(disk, 'MB/s')} MB/s (>= {GOAL_DISK_FRACTION:g}x): {g2}")
-    if fails:
-        print()
-        print(f"{len(fails)} run(s) FAILED:")
-        for f in fails:
-            print(f"  {f.splitlines()[0]}")
+    print_failures(fails)
 
 
 def main():
