@@ -378,13 +378,9 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
 
     /// Reads the receiver's next message, which must satisfy `want`.
     fn await_reply(&mut self, name: &'static str, want: fn(&Message) -> bool) -> Result<()> {
-        match protocol::read_message(self.conn) {
-            Ok(m) if want(&m) => Ok(()),
-            Ok(m) => Err(self.unexpected(name, m)),
-            Err(ProtocolError::Timeout) => {
-                Err(MigrationError::Timeout(self.opts.running_timeout, name))
-            }
-            Err(e) => Err(e.into()),
+        match self.reply(name, self.opts.running_timeout)? {
+            m if want(&m) => Ok(()),
+            m => Err(self.unexpected(name, m)),
         }
     }
 
@@ -393,25 +389,24 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
             .set_read_timeout(Some(self.opts.handshake_timeout))
             .map_err(MigrationError::Socket)?;
         self.send(&Message::Hello(Hello::ours()))?;
-        match self.reply("Hello")? {
+        match self.reply("Hello", self.opts.handshake_timeout)? {
             Message::Hello(h) => h.check()?,
             m => return Err(self.unexpected("Hello", m)),
         }
         self.send(&Message::Config(self.source.config()))?;
-        match self.reply("Accept")? {
+        match self.reply("Accept", self.opts.handshake_timeout)? {
             Message::Accept => Ok(()),
             Message::Refuse { reason } => Err(MigrationError::Refused(reason)),
             m => Err(self.unexpected("Accept", m)),
         }
     }
 
-    fn reply(&mut self, expected: &'static str) -> Result<Message> {
+    /// Reads the receiver's next message; a read timeout (the socket's,
+    /// `timeout`) is reported as waiting for `expected`.
+    fn reply(&mut self, expected: &'static str, timeout: Duration) -> Result<Message> {
         match protocol::read_message(self.conn) {
             Ok(m) => Ok(m),
-            Err(ProtocolError::Timeout) => Err(MigrationError::Timeout(
-                self.opts.handshake_timeout,
-                expected,
-            )),
+            Err(ProtocolError::Timeout) => Err(MigrationError::Timeout(timeout, expected)),
             Err(e) => Err(e.into()),
         }
     }
