@@ -98,6 +98,19 @@ fn status(sock: &Path) -> serde_json::Value {
     serde_json::from_str(&b).unwrap()
 }
 
+/// Waits up to `secs` for `GET /migration` to report `state`.
+fn wait_state(sock: &Path, state: &str, secs: u64) {
+    let start = Instant::now();
+    while status(sock)["state"] != state {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "{}",
+            status(sock)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn free_tcp_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
@@ -222,15 +235,7 @@ fn test_cancel_midway_source_keeps_running() {
     wait_progress(&a.sock, 8 << 20);
     let (c, body) = http(&a.sock, "PUT", "/migration/cancel", None);
     assert_eq!(c, 204, "{body}");
-    let start = Instant::now();
-    while status(&a.sock)["state"] != "Cancelled" {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{}",
-            status(&a.sock)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_state(&a.sock, "Cancelled", 30);
     let r = wait(b.child, Duration::from_secs(30));
     assert!(
         r.code.is_some_and(|c| c != 0),
@@ -258,15 +263,7 @@ fn test_receiver_killed_midway_source_keeps_running() {
     wait_progress(&a.sock, 8 << 20);
     b.child.kill().unwrap();
     let _ = b.child.wait();
-    let start = Instant::now();
-    while status(&a.sock)["state"] != "Failed" {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "{}",
-            status(&a.sock)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_state(&a.sock, "Failed", 60);
     let at = last_tick(&a.log);
     wait_tick(&a.log, at + 20);
     let text = std::fs::read_to_string(&a.log).unwrap();
@@ -291,15 +288,7 @@ fn test_mismatched_receiver_refuses_before_anything_moves() {
     migrate(&a.sock, &uri, 100);
     let r = wait(b.child, Duration::from_secs(30));
     assert_eq!(r.code, Some(1), "{}", r.stderr);
-    let start = Instant::now();
-    while status(&a.sock)["state"] != "Failed" {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{}",
-            status(&a.sock)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_state(&a.sock, "Failed", 30);
     let s = status(&a.sock);
     let err = s["error"].as_str().unwrap_or("");
     assert!(err.contains("refused") || err.contains("Refused"), "{s}");
@@ -379,15 +368,8 @@ fn test_non_converging_migration_gives_up_and_vm_keeps_running() {
     let b = receiver(&dir, "dst", &uri, "1", "256M", &[]);
     wait_tick(&a.log, 20);
     send_capped(&a.sock, &uri, false);
-    let start = Instant::now();
-    let s = loop {
-        let s = status(&a.sock);
-        if s["state"] == "Failed" {
-            break s;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "{s}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    wait_state(&a.sock, "Failed", 120);
+    let s = status(&a.sock);
     let err = s["error"].as_str().unwrap_or("");
     assert!(
         err.contains("did not converge") && err.contains("dirty rate"),
@@ -565,15 +547,7 @@ fn test_link_lost_after_go_leaves_source_paused_until_resumed() {
     assert_eq!(read_message(&mut s).unwrap(), Message::Go);
     drop(s);
 
-    let start = Instant::now();
-    while status(&a.sock)["state"] != "Failed" {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{}",
-            status(&a.sock)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_state(&a.sock, "Failed", 30);
     let st = status(&a.sock);
     assert!(
         st["error"]
