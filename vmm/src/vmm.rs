@@ -419,6 +419,18 @@ impl Vmm {
         }))
     }
 
+    /// Leaves the VM's host resources to a migration peer: the TAPs' bridge
+    /// ports (teardown skips them), then the disk locks.
+    pub fn hand_over_host_resources(&mut self) -> Result<(), String> {
+        self.hand_over_nets(true);
+        for d in &self.disks {
+            let mut b = lock(&d.block);
+            b.release_lock()
+                .map_err(|e| format!("Cannot unlock disk '{}': {e}", b.id()))?;
+        }
+        Ok(())
+    }
+
     /// Leaves the TAPs' bridge ports to a migration peer (teardown skips
     /// them) or, with `false`, takes them back.
     pub fn hand_over_nets(&mut self, hand_over: bool) {

@@ -164,9 +164,8 @@ impl Runtime {
                         // The guest never ran here: leave the disks and TAPs
                         // to the source, and stop.
                         if let Some(vmm) = &mut self.vmm {
-                            vmm.hand_over_nets(true);
-                            for d in &vmm.disks {
-                                let _ = lock(&d.block).release_lock();
+                            if let Err(e) = vmm.hand_over_host_resources() {
+                                log::warn!("{e}");
                             }
                         }
                         lock(&self.outcome).get_or_insert(Outcome::Error(format!(
@@ -186,19 +185,14 @@ impl Runtime {
             self.paused = true;
         }
         vmm.flush_disks()?;
-        for d in &vmm.disks {
-            // The receiver (possibly on this host) opens the same image.
-            let mut b = lock(&d.block);
-            b.release_lock()
-                .map_err(|e| format!("Cannot unlock disk '{}': {e}", b.id()))?;
-        }
         let migrated = live_migration::MigratedVm {
             state: vmm.save_state()?,
             taps: vmm.tap_offer(),
         };
-        // A receiver on this host takes the TAPs over (bridge ports and all);
-        // they are taken back if the migration fails.
-        vmm.hand_over_nets(true);
+        // The receiver (possibly on this host) opens the same images and
+        // takes the TAPs over (bridge ports and all); all are taken back if
+        // the migration fails.
+        vmm.hand_over_host_resources()?;
         crate::persist::format::encode_state(&migrated).map_err(|e| e.to_string())
     }
 
