@@ -275,6 +275,13 @@ pub fn host_is_pvm() -> bool {
     Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// Whether qemu-system-x86_64 is on PATH (the nested real-Linux tier needs it).
+pub fn have_qemu() -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
+        .unwrap_or(false)
+}
+
 /// The reason Linux guest tests give on PVM hosts.
 pub const PVM_LINUX_SKIP: &str = "this host's KVM is PVM (kvm_pvm): guest ring-0 code is emulated and an unmodified Linux kernel is stopped at its int3 self-test (see tests/linux.rs), so a Linux guest cannot reach user space here";
 
