@@ -261,7 +261,9 @@ impl Runtime {
         if opts.boot_now {
             rt.start_vm().map_err(RuntimeError::Boot)?;
         } else if let Some((snap, mem, resume)) = &opts.restore {
-            rt.load_snapshot(snap, mem, false, *resume)
+            // From the command line the VM keeps tracking dirty pages if it
+            // did when it was saved, so diff snapshots go on working.
+            rt.load_snapshot(snap, mem, None, *resume)
                 .map_err(RuntimeError::Boot)?;
         } else if let Some(uri) = &opts.incoming {
             rt.start_receive(uri).map_err(RuntimeError::Boot)?;
@@ -305,12 +307,13 @@ impl Runtime {
         self.adopt(vmm, &cfg)
     }
 
-    /// Restores a snapshot into this (not yet started) VMM.
+    /// Restores a snapshot into this (not yet started) VMM; `track_dirty`
+    /// `None` keeps the saved machine configuration's dirty-page tracking.
     fn load_snapshot(
         &mut self,
         snapshot: &std::path::Path,
         mem: &std::path::Path,
-        track_dirty: bool,
+        track_dirty: Option<bool>,
         resume: bool,
     ) -> Result<(), String> {
         if self.vmm.is_some() {
@@ -321,6 +324,8 @@ impl Runtime {
             crate::persist::read_state_file(snapshot).map_err(|e| chain(&e))?;
         // The console goes where this process says, not where the saved one did.
         state.config.serial = self.preboot.serial.clone();
+        let track_dirty = track_dirty.unwrap_or(state.config.track_dirty_pages);
+        state.config.track_dirty_pages = track_dirty;
         let cfg = state.config.clone();
         let vmm =
             crate::builder::restore_vm(&state, mem, track_dirty, !resume).map_err(|e| chain(&e))?;
@@ -553,7 +558,7 @@ impl Runtime {
                 match self.load_snapshot(
                     std::path::Path::new(&p.snapshot_path),
                     std::path::Path::new(mem),
-                    p.track_dirty_pages,
+                    Some(p.track_dirty_pages),
                     p.resume_vm,
                 ) {
                     Ok(()) => Ok(None),
