@@ -46,30 +46,11 @@ fn aml_bytes(a: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT body: COM1, the i8042, the virtio-mmio devices and `\_S5`.
-pub fn dsdt_body(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, BootError> {
-    let mut body = Vec::new();
-
-    aml::Device::new(
-        "_SB_.COM1".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-            &aml::Name::new(
-                "_CRS".into(),
-                &aml::ResourceTemplate::new(vec![
-                    &aml::IO::new(COM1_PORT, COM1_PORT, 1, 8),
-                    &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
-                ]),
-            ),
-        ],
-    )
-    .to_aml_bytes(&mut body);
-
-    // The i8042 keyboard controller. The FADT of a hardware-reduced platform
-    // does not claim an 8042, so Linux only drives it if ACPI lists a PS/2
-    // keyboard (PNP0303) with its data and command ports and IRQ 1. No mouse
-    // (PNP0F13): the kernel then leaves the AUX port alone.
+/// The i8042 keyboard controller. The FADT of a hardware-reduced platform
+/// does not claim an 8042, so Linux only drives it if ACPI lists a PS/2
+/// keyboard (PNP0303) with its data and command ports and IRQ 1. No mouse
+/// (PNP0F13): the kernel then leaves the AUX port alone.
+fn ps2_keyboard(body: &mut Vec<u8>) {
     let status_port = I8042_PORT + 4;
     aml::Device::new(
         "_SB_.PS2_".into(),
@@ -86,43 +67,11 @@ pub fn dsdt_body(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, BootError> {
             ),
         ],
     )
-    .to_aml_bytes(&mut body);
+    .to_aml_bytes(body);
+}
 
-    for (i, d) in devices.iter().enumerate() {
-        let base = u32::try_from(d.base).map_err(|_| BootError::GuestWrite {
-            what: "DSDT",
-            detail: format!("virtio-mmio window {:#x} is above 4 GiB", d.base),
-        })?;
-        let len = u32::try_from(d.len).unwrap_or(u32::MAX);
-        let uid = i as u32;
-        let path = format!("_SB_.V{:03X}", i);
-        aml::Device::new(
-            path.as_str().into(),
-            vec![
-                &aml::Name::new("_HID".into(), &"LNRO0005"),
-                &aml::Name::new("_UID".into(), &uid),
-                &aml::Name::new("_CCA".into(), &aml::ONE),
-                &aml::Name::new(
-                    "_CRS".into(),
-                    &aml::ResourceTemplate::new(vec![
-                        &aml::Memory32Fixed::new(true, base, len),
-                        &aml::Interrupt::new(true, true, false, false, d.gsi),
-                    ]),
-                ),
-            ],
-        )
-        .to_aml_bytes(&mut body);
-    }
-
-    // The power button, signalled through the Generic Event Device.
-    aml::Device::new(
-        "_SB_.PWRB".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-        ],
-    )
-    .to_aml_bytes(&mut body);
+/// The Generic Event Device: its `_EVT` notifies the power button.
+fn ged(body: &mut Vec<u8>) {
     let ged_port = usize::from(GED_PORT);
     aml::Device::new(
         "_SB_.GED_".into(),
@@ -165,7 +114,67 @@ pub fn dsdt_body(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, BootError> {
             ),
         ],
     )
+    .to_aml_bytes(body);
+}
+
+/// The DSDT body: COM1, the i8042, the virtio-mmio devices and `\_S5`.
+pub fn dsdt_body(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, BootError> {
+    let mut body = Vec::new();
+
+    aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(COM1_PORT, COM1_PORT, 1, 8),
+                    &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
+                ]),
+            ),
+        ],
+    )
     .to_aml_bytes(&mut body);
+
+    ps2_keyboard(&mut body);
+
+    for (i, d) in devices.iter().enumerate() {
+        let base = u32::try_from(d.base).map_err(|_| BootError::GuestWrite {
+            what: "DSDT",
+            detail: format!("virtio-mmio window {:#x} is above 4 GiB", d.base),
+        })?;
+        let len = u32::try_from(d.len).unwrap_or(u32::MAX);
+        let uid = i as u32;
+        let path = format!("_SB_.V{:03X}", i);
+        aml::Device::new(
+            path.as_str().into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"LNRO0005"),
+                &aml::Name::new("_UID".into(), &uid),
+                &aml::Name::new("_CCA".into(), &aml::ONE),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::Memory32Fixed::new(true, base, len),
+                        &aml::Interrupt::new(true, true, false, false, d.gsi),
+                    ]),
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut body);
+    }
+
+    // The power button, signalled through the Generic Event Device.
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    ged(&mut body);
 
     aml::Name::new(
         "_S5_".into(),
