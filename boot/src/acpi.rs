@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! ACPI tables for a hardware-reduced platform: RSDP, XSDT, FADT, MADT and a
-//! DSDT that declares the serial port, the virtio-mmio devices and the S5 sleep
-//! state, built with the `acpi_tables` crate.
+//! DSDT that declares the serial port, the i8042 keyboard controller, the
+//! virtio-mmio devices and the S5 sleep state, built with the `acpi_tables`
+//! crate.
 
 use acpi_tables::aml;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -17,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::layout::{
     ACPI_END, ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP, ACPI_START, APIC_START, COM1_IRQ,
-    COM1_PORT, GED_IRQ, GED_PORT, IOAPIC_START,
+    COM1_PORT, GED_IRQ, GED_PORT, I8042_IRQ, I8042_PORT, IOAPIC_START,
 };
 use crate::BootError;
 
@@ -45,61 +46,32 @@ fn aml_bytes(a: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT body: COM1, the virtio-mmio devices and `\_S5`.
-pub fn dsdt_body(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, BootError> {
-    let mut body = Vec::new();
-
+/// The i8042 keyboard controller. The FADT of a hardware-reduced platform
+/// does not claim an 8042, so Linux only drives it if ACPI lists a PS/2
+/// keyboard (PNP0303) with its data and command ports and IRQ 1. No mouse
+/// (PNP0F13): the kernel then leaves the AUX port alone.
+fn ps2_keyboard(body: &mut Vec<u8>) {
+    let status_port = I8042_PORT + 4;
     aml::Device::new(
-        "_SB_.COM1".into(),
+        "_SB_.PS2_".into(),
         vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new("_STA".into(), &0x0fu8),
             &aml::Name::new(
                 "_CRS".into(),
                 &aml::ResourceTemplate::new(vec![
-                    &aml::IO::new(COM1_PORT, COM1_PORT, 1, 8),
-                    &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
+                    &aml::IO::new(I8042_PORT, I8042_PORT, 1, 1),
+                    &aml::IO::new(status_port, status_port, 1, 1),
+                    &aml::Interrupt::new(true, true, false, false, I8042_IRQ),
                 ]),
             ),
         ],
     )
-    .to_aml_bytes(&mut body);
+    .to_aml_bytes(body);
+}
 
-    for (i, d) in devices.iter().enumerate() {
-        let base = u32::try_from(d.base).map_err(|_| BootError::GuestWrite {
-            what: "DSDT",
-            detail: format!("virtio-mmio window {:#x} is above 4 GiB", d.base),
-        })?;
-        let len = u32::try_from(d.len).unwrap_or(u32::MAX);
-        let uid = i as u32;
-        let path = format!("_SB_.V{:03X}", i);
-        aml::Device::new(
-            path.as_str().into(),
-            vec![
-                &aml::Name::new("_HID".into(), &"LNRO0005"),
-                &aml::Name::new("_UID".into(), &uid),
-                &aml::Name::new("_CCA".into(), &aml::ONE),
-                &aml::Name::new(
-                    "_CRS".into(),
-                    &aml::ResourceTemplate::new(vec![
-                        &aml::Memory32Fixed::new(true, base, len),
-                        &aml::Interrupt::new(true, true, false, false, d.gsi),
-                    ]),
-                ),
-            ],
-        )
-        .to_aml_bytes(&mut body);
-    }
-
-    // The power button, signalled through the Generic Event Device.
-    aml::Device::new(
-        "_SB_.PWRB".into(),
-        vec![
-            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
-            &aml::Name::new("_UID".into(), &aml::ZERO),
-        ],
-    )
-    .to_aml_bytes(&mut body);
+/// The Generic Event Device: its `_EVT` notifies the power button.
+fn ged(body: &mut Vec<u8>) {
     let ged_port = usize::from(GED_PORT);
     aml::Device::new(
         "_SB_.GED_".into(),
@@ -142,7 +114,67 @@ pub fn dsdt_body(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, BootError> {
             ),
         ],
     )
+    .to_aml_bytes(body);
+}
+
+/// The DSDT body: COM1, the i8042, the virtio-mmio devices and `\_S5`.
+pub fn dsdt_body(devices: &[MmioDeviceInfo]) -> Result<Vec<u8>, BootError> {
+    let mut body = Vec::new();
+
+    aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(COM1_PORT, COM1_PORT, 1, 8),
+                    &aml::Interrupt::new(true, true, false, false, COM1_IRQ),
+                ]),
+            ),
+        ],
+    )
     .to_aml_bytes(&mut body);
+
+    ps2_keyboard(&mut body);
+
+    for (i, d) in devices.iter().enumerate() {
+        let base = u32::try_from(d.base).map_err(|_| BootError::GuestWrite {
+            what: "DSDT",
+            detail: format!("virtio-mmio window {:#x} is above 4 GiB", d.base),
+        })?;
+        let len = u32::try_from(d.len).unwrap_or(u32::MAX);
+        let uid = i as u32;
+        let path = format!("_SB_.V{:03X}", i);
+        aml::Device::new(
+            path.as_str().into(),
+            vec![
+                &aml::Name::new("_HID".into(), &"LNRO0005"),
+                &aml::Name::new("_UID".into(), &uid),
+                &aml::Name::new("_CCA".into(), &aml::ONE),
+                &aml::Name::new(
+                    "_CRS".into(),
+                    &aml::ResourceTemplate::new(vec![
+                        &aml::Memory32Fixed::new(true, base, len),
+                        &aml::Interrupt::new(true, true, false, false, d.gsi),
+                    ]),
+                ),
+            ],
+        )
+        .to_aml_bytes(&mut body);
+    }
+
+    // The power button, signalled through the Generic Event Device.
+    aml::Device::new(
+        "_SB_.PWRB".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    ged(&mut body);
 
     aml::Name::new(
         "_S5_".into(),
@@ -295,5 +327,32 @@ mod tests {
         assert!(has(b"_S5_"));
         assert!(has(b"ACPI0013") && has(b"_EVT") && has(b"GDAT"));
         assert!(has(&0xd000_0000u32.to_le_bytes()));
+    }
+
+    #[test]
+    fn test_dsdt_declares_the_i8042_keyboard_for_linux_pnp() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        setup_acpi(&mem, 1, &[]).unwrap();
+        let mut rsdp = [0u8; 36];
+        mem.read_slice(&mut rsdp, GuestAddress(ACPI_START)).unwrap();
+        let xsdt = table_at(&mem, u64::from_le_bytes(rsdp[24..32].try_into().unwrap()));
+        let fadt = table_at(&mem, u64::from_le_bytes(xsdt[36..44].try_into().unwrap()));
+        let dsdt = table_at(&mem, u64::from_le_bytes(fadt[140..148].try_into().unwrap()));
+        assert_eq!(sum(&dsdt), 0, "DSDT checksum");
+        // The device's package: from its name to the next DeviceOp.
+        let find = |hay: &[u8], pat: &[u8]| hay.windows(pat.len()).position(|w| w == pat);
+        let at = find(&dsdt, b"PS2_").expect("PS2_ device");
+        let end = find(&dsdt[at..], &[0x5b, 0x82]).map_or(dsdt.len(), |e| at + e);
+        let dev = &dsdt[at..end];
+        let has = |pat: &[u8]| find(dev, pat).is_some();
+        // _HID EisaId("PNP0303") = DWord 0x0303d041.
+        assert!(has(b"_HID\x0c\x41\xd0\x03\x03"), "{dev:02x?}");
+        // _STA = 0x0f: present, enabled, shown, functioning.
+        assert!(has(b"_STA\x0a\x0f"), "{dev:02x?}");
+        // IO(Decode16, 0x60, 0x60, 1, 1) and IO(Decode16, 0x64, 0x64, 1, 1).
+        assert!(has(&[0x47, 0x01, 0x60, 0x00, 0x60, 0x00, 0x01, 0x01]));
+        assert!(has(&[0x47, 0x01, 0x64, 0x00, 0x64, 0x00, 0x01, 0x01]));
+        // Extended interrupt descriptor: consumer, edge, active high, IRQ 1.
+        assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x01, 0x00, 0x00, 0x00]));
     }
 }

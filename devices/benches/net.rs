@@ -239,9 +239,9 @@ fn main() {
     let entered = unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(entered, 0);
 
-    let (tapdev, _pd) = open_tap("tapdev", Some("br0"), None).unwrap();
-    let (mut taphost, _ph) = open_tap("taphost", Some("br0"), None).unwrap();
-    let (mut taphost2, _ph2) = open_tap("taphost2", Some("br0"), None).unwrap();
+    let (tapdev, _pd) = open_tap("tapdev", Some("br0"), None, None).unwrap();
+    let (mut taphost, _ph) = open_tap("taphost", Some("br0"), None, None).unwrap();
+    let (mut taphost2, _ph2) = open_tap("taphost2", Some("br0"), None, None).unwrap();
     let offload = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
     taphost.set_offload(offload).unwrap();
     taphost2.set_offload(offload).unwrap();

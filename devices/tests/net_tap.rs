@@ -240,7 +240,7 @@ fn frames_cross_the_bridge_both_ways() {
     }
     let ns = Netns::with_bridge("xing");
     ns.enter(|| {
-        let (mut tap, port) = open_tap("wtap0", Some("br0"), Some(1500)).unwrap();
+        let (mut tap, port) = open_tap("wtap0", Some("br0"), Some(1500), None).unwrap();
         assert!(tap.created());
         assert_ne!(ifctl::flags("wtap0").unwrap() & libc::IFF_UP, 0);
         let v1 = PacketSocket::bind("v1", false);
@@ -313,7 +313,7 @@ fn tso_frame_crosses_whole_with_offload() {
     }
     let ns = Netns::with_bridge("tso");
     ns.enter(|| {
-        let (mut tap, _port) = open_tap("wtap0", Some("br0"), None).unwrap();
+        let (mut tap, _port) = open_tap("wtap0", Some("br0"), None, None).unwrap();
         let v1 = PacketSocket::bind("v1", true);
         let (hdr, frame) = tso_frame(64_000);
         let mut msg = hdr.clone();
@@ -355,6 +355,42 @@ fn tso_frame_crosses_whole_with_offload() {
 }
 
 #[test]
+fn created_tap_gets_the_given_mac_so_a_recreated_one_keeps_the_bridge_mac() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("mac");
+    ns.ip("link add br0 type bridge");
+    ns.ip("link set br0 up");
+    ns.ip("tuntap add wpers mode tap");
+    let mac: devices::net::MacAddr = "fe:54:00:77:00:0c".parse().unwrap();
+    ns.enter(|| {
+        let mut bridge_macs = Vec::new();
+        for _ in 0..2 {
+            // As a VMM and then its restored successor: the TAP is created,
+            // joins the bridge (its only port) and is deleted again.
+            let (tap, port) = open_tap("wmac0", Some("br0"), None, Some(mac)).unwrap();
+            assert!(tap.created());
+            assert_eq!(ifctl::mac("wmac0").unwrap(), mac.bytes());
+            bridge_macs.push(ifctl::mac("br0").unwrap());
+            drop(port);
+            drop(tap);
+            assert_eq!(ifctl::if_index("wmac0").unwrap(), None);
+        }
+        assert_eq!(bridge_macs, [mac.bytes(), mac.bytes()], "bridge MAC kept");
+
+        let own = ifctl::mac("wpers").unwrap();
+        let (tap, _port) = open_tap("wpers", Some("br0"), None, Some(mac)).unwrap();
+        assert!(!tap.created());
+        assert_eq!(
+            ifctl::mac("wpers").unwrap(),
+            own,
+            "a persistent TAP keeps its MAC"
+        );
+    });
+}
+
+#[test]
 fn teardown_removes_created_tap_and_keeps_persistent_one() {
     if !privileged() {
         return;
@@ -362,7 +398,7 @@ fn teardown_removes_created_tap_and_keeps_persistent_one() {
     let ns = Netns::with_bridge("down");
     ns.ip("tuntap add wpers mode tap");
     ns.enter(|| {
-        let (tap, port) = open_tap("wtap0", Some("br0"), Some(9000)).unwrap();
+        let (tap, port) = open_tap("wtap0", Some("br0"), Some(9000), None).unwrap();
         assert_eq!(ifctl::mtu("wtap0").unwrap(), 9000);
         let mut port = port.unwrap();
         assert_eq!((port.bridge(), port.tap()), ("br0", "wtap0"));
@@ -376,7 +412,7 @@ fn teardown_removes_created_tap_and_keeps_persistent_one() {
             "created TAP deleted"
         );
 
-        let (tap, port) = open_tap("wpers", Some("br0"), None).unwrap();
+        let (tap, port) = open_tap("wpers", Some("br0"), None, None).unwrap();
         assert!(!tap.created());
         drop(port);
         drop(tap);
@@ -399,7 +435,7 @@ fn setup_errors_are_clear() {
     }
     let ns = Netns::with_bridge("errs");
     ns.enter(|| {
-        let err = open_tap("wtap0", Some("nobr"), None).unwrap_err();
+        let err = open_tap("wtap0", Some("nobr"), None, None).unwrap_err();
         assert!(
             matches!(err, SetupError::Bridge(BridgeError::NoSuchBridge { .. })),
             "{err}"
@@ -409,7 +445,7 @@ fn setup_errors_are_clear() {
             "Bridge nobr does not exist (attaching TAP wtap0)"
         );
 
-        let err = open_tap("wtap1", Some("v1"), None).unwrap_err();
+        let err = open_tap("wtap1", Some("v1"), None, None).unwrap_err();
         assert!(
             matches!(err, SetupError::Bridge(BridgeError::NotABridge { .. })),
             "{err}"
@@ -427,7 +463,7 @@ fn setup_errors_are_clear() {
         let err = TapDevice::open("v1").unwrap_err();
         assert!(matches!(err, TapError::NotTap { .. }), "{err}");
 
-        let err = open_tap("bad/name", Some("br0"), None).unwrap_err();
+        let err = open_tap("bad/name", Some("br0"), None, None).unwrap_err();
         assert!(
             err.to_string().starts_with("Invalid TAP name 'bad/name'"),
             "{err}"
@@ -466,7 +502,7 @@ mod device {
         }
         let ns = Netns::with_bridge("dev");
         ns.enter(|| {
-            let (tap, _port) = open_tap("wtap0", Some("br0"), None).unwrap();
+            let (tap, _port) = open_tap("wtap0", Some("br0"), None, None).unwrap();
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x200_0000)]).unwrap();
             let rxq = MockSplitQueue::create(&mem, GuestAddress(0), 64);
             let txq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 64);
@@ -581,7 +617,7 @@ mod device {
         }
         let ns = Netns::with_bridge("del");
         ns.enter(|| {
-            let (tap, _port) = open_tap("wtap0", Some("br0"), None).unwrap();
+            let (tap, _port) = open_tap("wtap0", Some("br0"), None, None).unwrap();
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
             let rxq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
             let txq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);

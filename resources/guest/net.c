@@ -28,6 +28,11 @@ static struct {
 	u16 tx_free[QSIZE_MAX];
 	int ntx_free;
 	u32 ip;                         /* host order, 0 = none */
+	/* net_neigh=1: like Linux's neighbour cache, remember the MAC of the last
+	 * ARP requester and send echo replies to it, not to the frame's source */
+	int neigh;
+	u32 neigh_ip;
+	u8 neigh_mac[6];
 	u64 arp_replies, echo_replies, rx_frames, rx_other, rx_multi;
 } nd;
 
@@ -151,6 +156,9 @@ static const char *net_get(void)
 			}
 			nd.ip = v;
 		}
+		s64 neigh = 0;
+		cmd_get_int("net_neigh", &neigh);
+		nd.neigh = neigh != 0;
 		return NULL;
 	}
 	return n ? "net_dev out of range" : "no virtio-net device found";
@@ -241,6 +249,10 @@ static void serve(const u8 *f, u32 len)
 		memcpy(ra + 8, nd.mac, 6);
 		put32(ra + 14, nd.ip);
 		memcpy(ra + 18, a + 8, 10); /* requester's MAC and IP */
+		if (nd.neigh) {
+			nd.neigh_ip = be32(a + 14);
+			memcpy(nd.neigh_mac, a + 8, 6);
+		}
 		tx_send(id, 60, 1);
 		nd.arp_replies++;
 	} else if (et == 0x0800 && len >= 14 + 20) {
@@ -253,7 +265,10 @@ static void serve(const u8 *f, u32 len)
 		if (14 + tot > BUF_SIZE - NET_HDR) return;
 		u8 *r = tx_alloc(&id);
 		if (!r) return;
-		memcpy(r, f + 6, 6);
+		if (nd.neigh && nd.neigh_ip && nd.neigh_ip == be32(ip + 12))
+			memcpy(r, nd.neigh_mac, 6);
+		else
+			memcpy(r, f + 6, 6);
 		memcpy(r + 6, nd.mac, 6);
 		memcpy(r + 12, f + 12, 2 + tot);
 		u8 *rip = r + 14;

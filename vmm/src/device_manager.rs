@@ -241,8 +241,16 @@ pub fn create_net(
                 .map_err(|e| err(e.to_string()))?;
             (tap, port)
         }
-        None => devices::net::open_tap(&n.tap, n.bridge.as_deref(), n.mtu)
-            .map_err(|e| err(e.to_string()))?,
+        // The TAP's own MAC follows from the guest's, so a TAP re-created on
+        // restore has the one the bridge (and the guest's neighbour cache)
+        // knew: a bridge whose only port is the TAP takes its MAC.
+        None => devices::net::open_tap(
+            &n.tap,
+            n.bridge.as_deref(),
+            n.mtu,
+            Some(saved.map_or(mac, |s| s.mac).tap_side()),
+        )
+        .map_err(|e| err(e.to_string()))?,
     };
     let mut cfg = devices::virtio::net::NetConfig::new(mac);
     if let Some(mtu) = n.mtu {

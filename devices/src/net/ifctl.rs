@@ -131,6 +131,33 @@ pub fn mtu(name: &str) -> io::Result<u32> {
     Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
+/// Sets the Ethernet hardware address of `name`.
+pub fn set_mac(name: &str, mac: [u8; 6]) -> io::Result<()> {
+    let mut req = ifreq(name);
+    // SAFETY: writing plain integers into the `ifru_hwaddr` member of a
+    // zeroed union; SIOCSIFHWADDR reads exactly that member.
+    unsafe {
+        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+            *dst = src as libc::c_char;
+        }
+    }
+    ifreq_ioctl(libc::SIOCSIFHWADDR, &mut req)
+}
+
+/// The Ethernet hardware address of `name`.
+pub fn mac(name: &str) -> io::Result<[u8; 6]> {
+    let mut req = ifreq(name);
+    ifreq_ioctl(libc::SIOCGIFHWADDR, &mut req)?;
+    let mut mac = [0u8; 6];
+    // SAFETY: SIOCGIFHWADDR filled in the `ifru_hwaddr` member.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    for (dst, src) in mac.iter_mut().zip(data) {
+        *dst = src as u8;
+    }
+    Ok(mac)
+}
+
 /// Adds (`add`) or removes the interface with index `port` to/from `bridge`.
 pub fn bridge_port(bridge: &str, port: u32, add: bool) -> io::Result<()> {
     let mut req = ifreq(bridge);

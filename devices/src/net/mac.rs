@@ -64,6 +64,20 @@ impl MacAddr {
     pub fn bytes(&self) -> [u8; MAC_LEN] {
         self.0
     }
+
+    /// The address wisp gives a TAP it creates for a guest with this MAC:
+    /// the guest's address with the first byte replaced by `0xfe` (`0xfa` if
+    /// the guest's already is `0xfe`), as libvirt does. A Linux bridge takes
+    /// the lowest MAC of its ports, so a high first byte keeps TAPs from
+    /// lending the bridge their address when it has other ports; and being
+    /// derived from the guest's MAC, a TAP re-created on restore gets the
+    /// same address, so a bridge that does take it keeps its MAC and the
+    /// guest's cached neighbour entry for the bridge stays valid.
+    pub fn tap_side(&self) -> Self {
+        let mut bytes = self.0;
+        bytes[0] = if bytes[0] == 0xfe { 0xfa } else { 0xfe };
+        MacAddr(bytes)
+    }
 }
 
 impl FromStr for MacAddr {
@@ -155,6 +169,22 @@ mod tests {
             assert_eq!(b[0] & 0x01, 0, "unicast");
             assert_eq!(b[0] & 0x02, 0x02, "locally administered");
             assert!(MacAddr::from_bytes(b).is_ok());
+        }
+    }
+
+    #[test]
+    fn tap_side_is_stable_high_local_unicast_and_never_the_guests() {
+        let guest: MacAddr = "52:54:00:77:00:0c".parse().unwrap();
+        assert_eq!(guest.tap_side().to_string(), "fe:54:00:77:00:0c");
+        assert_eq!(guest.tap_side(), guest.tap_side());
+        let fe: MacAddr = "fe:54:00:77:00:0c".parse().unwrap();
+        assert_eq!(fe.tap_side().to_string(), "fa:54:00:77:00:0c");
+        for g in [guest, fe, MacAddr::generate("vm/tap")] {
+            let t = g.tap_side();
+            assert_ne!(t, g);
+            assert_eq!(t.bytes()[1..], g.bytes()[1..]);
+            assert!(MacAddr::from_bytes(t.bytes()).is_ok(), "unicast");
+            assert_eq!(t.bytes()[0] & 0x02, 0x02, "locally administered");
         }
     }
 }

@@ -26,16 +26,22 @@ pub enum SetupError {
     Bridge(#[from] BridgeError),
 }
 
-/// Opens (creating if missing) the TAP `name`, sets its MTU if given, attaches
-/// it to `bridge` if given, and brings it up. Keep the returned [`BridgePort`]
-/// alive for the VM's lifetime and call [`BridgePort::teardown`] on shutdown
-/// (dropping it does the same).
+/// Opens (creating if missing) the TAP `name`, gives it the MAC `tap_mac` if
+/// this call created it (see [`MacAddr::tap_side`]; a pre-existing TAP keeps
+/// its own), sets its MTU if given, attaches it to `bridge` if given, and
+/// brings it up. Keep the returned [`BridgePort`] alive for the VM's lifetime
+/// and call [`BridgePort::teardown`] on shutdown (dropping it does the same).
 pub fn open_tap(
     name: &str,
     bridge: Option<&str>,
     mtu: Option<u16>,
+    tap_mac: Option<MacAddr>,
 ) -> Result<(TapDevice, Option<BridgePort>), SetupError> {
     let tap = TapDevice::open(name)?;
+    if let Some(mac) = tap_mac.filter(|_| tap.created()) {
+        // Before joining the bridge, which may adopt the address.
+        tap.set_mac(mac)?;
+    }
     if let Some(mtu) = mtu {
         tap.set_mtu(mtu)?;
     }

@@ -415,6 +415,15 @@ impl TapDevice {
         })
     }
 
+    /// Sets the interface's (host-side) MAC address.
+    pub fn set_mac(&self, mac: super::MacAddr) -> Result<(), TapError> {
+        ifctl::set_mac(&self.name, mac.bytes()).map_err(|source| TapError::Ioctl {
+            name: self.name.clone(),
+            op: "setting the MAC address",
+            source,
+        })
+    }
+
     /// Brings the interface up (or down).
     pub fn set_up(&self, up: bool) -> Result<(), TapError> {
         ifctl::set_up(&self.name, up).map_err(|source| TapError::Ioctl {
