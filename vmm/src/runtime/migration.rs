@@ -82,6 +82,9 @@ impl Runtime {
             )));
         }
         self.migration.status = status;
+        // The sender reads and clears the dirty page log: a later Diff
+        // snapshot could not count from the last snapshot any more.
+        self.diff_base = None;
         self.migration.role = Some("Sending");
         self.migration.uri = Some(m.uri.clone());
         log::info!("migrating to {}", m.uri);
