@@ -277,9 +277,36 @@ fn test_snapshot_never_writes_over_devices_directories_fifos_or_symlinks() {
     assert_eq!(c, 400, "{b}");
     assert!(b.contains("does not exist"), "{b}");
 
-    // Two good snapshots at different moments, files private.
+    // A good snapshot then, files private.
     snapshot(&a.sock, "Full", &snap, &mem);
     assert_eq!((mode(&snap), mode(&mem)), (0o600, 0o600));
+    // Symbolic links in the directory part of a path are followed.
+    let real = dir.path("real");
+    std::fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&real, dir.path("ldir")).unwrap();
+    let (s2, m2) = (dir.path("ldir/x.snap"), dir.path("ldir/x.mem"));
+    snapshot(&a.sock, "Full", &s2, &m2);
+    assert!(real.join("x.snap").is_file() && real.join("x.mem").is_file());
+    kill(a.child);
+}
+
+#[test]
+fn test_restore_refuses_another_snapshots_memory_file_naming_both() {
+    require_kvm!();
+    let dir = TempDir::new("snap-pair");
+    let a = boot(
+        &dir,
+        "a",
+        1,
+        128,
+        "tests=tick tick_ms=20 verify_every=5",
+        &[],
+    );
+    wait_tick(&a.log, 3);
+    pause(&a.sock);
+    // Two good snapshots at different moments.
+    let (snap, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    snapshot(&a.sock, "Full", &snap, &mem);
     let (c, b) = http(&a.sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(c, 204, "{b}");
     wait_tick(&a.log, last_tick(&a.log) + 3);
@@ -302,12 +329,16 @@ fn test_snapshot_never_writes_over_devices_directories_fifos_or_symlinks() {
             "{b}"
         );
     }
-    // Reading from a FIFO is refused at once instead of hanging.
+    // Reading from a FIFO or a directory is refused (at once, no hang).
+    let (fifo, adir) = (dir.path("fifo"), dir.path("adir"));
+    mkfifo(&fifo);
+    std::fs::create_dir(&adir).unwrap();
     let (c, b) = try_load(&sock, &fifo, &mem);
     assert_eq!(c, 400, "{b}");
     assert!(b.contains("is a FIFO"), "{b}");
     let (c, b) = try_load(&sock, &snap, &adir);
     assert_eq!(c, 400, "{b}");
+    assert!(b.contains("is a directory"), "{b}");
     // The right pair loads.
     let (c, b) = try_load(&sock, &snap2, &mem2);
     assert_eq!(c, 204, "{b}");

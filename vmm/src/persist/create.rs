@@ -446,6 +446,15 @@ mod tests {
         let state = st(&mem, 0);
         let err = create_snapshot(&s, &s, &mem, &state, Kind::Full).unwrap_err();
         assert!(err.to_string().contains("must be two files"), "{err}");
+        // Two names of one file (a hard link) are one file too.
+        let (f, l) = (dir.path().join("f"), dir.path().join("l"));
+        std::fs::write(&f, b"keep").unwrap();
+        std::fs::hard_link(&f, &l).unwrap();
+        let err = create_snapshot(&f, &l, &mem, &state, Kind::Full).unwrap_err();
+        assert!(err.to_string().contains("must be two files"), "{err}");
+        assert_eq!(std::fs::read(&f).unwrap(), b"keep");
+        std::fs::remove_file(&f).unwrap();
+        std::fs::remove_file(&l).unwrap();
         for bad in [dir.path(), Path::new("/dev/full")] {
             let err = create_snapshot(&s, bad, &mem, &state, Kind::Full).unwrap_err();
             assert!(err.is_client_error(), "{err}");
