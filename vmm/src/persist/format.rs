@@ -31,6 +31,14 @@ pub const MAGIC: [u8; 8] = *b"WISPSNAP";
 pub const FORMAT_VERSION: u32 = 2;
 /// Every format version this build can read.
 pub const SUPPORTED_VERSIONS: &[u32] = &[2];
+/// The version a live-migration stream's state (the microVM state tree,
+/// without a memory binding) is framed with. Version 2 changed only the
+/// snapshot file's payload, not the tree, so streams stay at 1 and a
+/// migration between this build and one before the binding still works. A
+/// change to the state tree bumps both this and [`FORMAT_VERSION`].
+pub const STREAM_VERSION: u32 = 1;
+/// Every stream state version this build can read.
+pub const STREAM_SUPPORTED_VERSIONS: &[u32] = &[1];
 /// The architecture tag of this build.
 pub const ARCH: &str = "x86_64";
 /// Size of the fixed header in bytes.
@@ -177,10 +185,16 @@ fn arch_tag() -> [u8; ARCH_LEN] {
 
 /// Encodes `state` as a complete state file image (header + payload).
 pub fn encode_state<T: Serialize>(state: &T) -> Result<Vec<u8>> {
+    encode_state_as(state, FORMAT_VERSION)
+}
+
+/// Encodes `state` framed with format version `version` (a migration
+/// stream uses [`STREAM_VERSION`]).
+pub fn encode_state_as<T: Serialize>(state: &T, version: u32) -> Result<Vec<u8>> {
     let payload = postcard::to_stdvec(state).map_err(|e| FormatError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&arch_tag());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -205,6 +219,16 @@ fn le_u64(b: &[u8]) -> u64 {
 /// Checks run in order: magic, version, architecture, length, CRC, payload,
 /// so the error names the first thing wrong. Never panics on any input.
 pub fn decode_state<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T> {
+    decode_state_with(bytes, path, SUPPORTED_VERSIONS)
+}
+
+/// [`decode_state`] accepting the versions in `supported` (a migration
+/// stream's are [`STREAM_SUPPORTED_VERSIONS`]).
+pub fn decode_state_with<T: DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+    supported: &'static [u32],
+) -> Result<T> {
     let path_buf = || path.to_path_buf();
     let found = bytes.len() as u64;
     let truncated = |needed: u64| FormatError::Truncated {
@@ -237,11 +261,11 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T>
         return Err(truncated(HEADER_LEN as u64));
     }
     let version = le_u32(&bytes[8..12]);
-    if !SUPPORTED_VERSIONS.contains(&version) {
+    if !supported.contains(&version) {
         return Err(FormatError::UnsupportedVersion {
             path: path_buf(),
             found: version,
-            supported: SUPPORTED_VERSIONS,
+            supported,
         });
     }
     if bytes.len() < HEADER_LEN {
@@ -442,6 +466,25 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("do not bind their memory file"), "{err}");
+    }
+
+    #[test]
+    fn test_stream_state_keeps_version_1_and_is_not_a_snapshot_file() {
+        let img = encode_state_as(&sample(), STREAM_VERSION).unwrap();
+        assert_eq!(img[8..12], 1u32.to_le_bytes());
+        let p = Path::new("migration stream");
+        let got: Sample = decode_state_with(&img, p, STREAM_SUPPORTED_VERSIONS).unwrap();
+        assert_eq!(got, sample());
+        // Neither is taken for the other.
+        assert!(matches!(
+            decode(&img),
+            Err(FormatError::UnsupportedVersion { found: 1, .. })
+        ));
+        let snap = encode_state(&sample()).unwrap();
+        assert!(matches!(
+            decode_state_with::<Sample>(&snap, p, STREAM_SUPPORTED_VERSIONS),
+            Err(FormatError::UnsupportedVersion { found: 2, .. })
+        ));
     }
 
     #[test]
