@@ -275,6 +275,18 @@ fn test_diff_snapshot_on_top_of_full() {
     let full_size = std::fs::metadata(&mem).unwrap().len();
     snapshot(&sock, "Diff", &snap, &mem);
     assert_eq!(std::fs::metadata(&mem).unwrap().len(), full_size);
+    // A Diff applies only to the memory file of the VM's last snapshot:
+    // after a Full elsewhere, vm.mem is refused untouched (still paused at
+    // the same point, so every pair below holds the same guest state).
+    let (s3, m3) = (dir.path("three.snap"), dir.path("three.mem"));
+    snapshot(&sock, "Full", &s3, &m3);
+    let before = std::fs::read(&mem).unwrap();
+    let (c, b) = try_snapshot(&sock, "Diff", &snap, &mem);
+    assert_eq!(c, 400, "{b}");
+    assert!(b.contains("is not that file"), "{b}");
+    assert!(std::fs::read(&mem).unwrap() == before);
+    // The refusal kept the base: a Diff onto three.mem works.
+    snapshot(&sock, "Diff", &s3, &m3);
     kill(child);
     let b = restore(&dir, "b", &snap, &mem);
     let r = wait(b.child, Duration::from_secs(120));
