@@ -4,7 +4,10 @@
 //! its disk; after pause, snapshot, kill and restore in a new process it goes on
 //! where it was. Also: both copies running, repeated cycles, Diff on top of
 //! Full, 1 and 2 vCPUs, 128 MiB and 2 GiB, and every kind of bad snapshot.
+//! `snapshot/crash.rs`: creates killed at every step, and file safety.
 
+#[path = "snapshot/crash.rs"]
+mod crash;
 mod harness;
 
 use std::path::{Path, PathBuf};
@@ -72,7 +75,13 @@ fn pause(sock: &Path) {
 }
 
 fn snapshot(sock: &Path, kind: &str, snap: &Path, mem: &Path) {
-    let (c, b) = http(
+    let (c, b) = try_snapshot(sock, kind, snap, mem);
+    assert_eq!(c, 204, "{b}");
+}
+
+/// PUT /snapshot/create; (status, body), status 0 if wisp died first.
+fn try_snapshot(sock: &Path, kind: &str, snap: &Path, mem: &Path) -> (u16, String) {
+    http(
         sock,
         "PUT",
         "/snapshot/create",
@@ -81,8 +90,35 @@ fn snapshot(sock: &Path, kind: &str, snap: &Path, mem: &Path) {
             snap.display(),
             mem.display()
         )),
-    );
-    assert_eq!(c, 204, "{b}");
+    )
+}
+
+/// PUT /snapshot/load (not resumed); (status, body).
+fn try_load(sock: &Path, snap: &Path, mem: &Path) -> (u16, String) {
+    http(
+        sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}}}"#,
+            snap.display(),
+            mem.display()
+        )),
+    )
+}
+
+/// Names in `dir` of temporaries a snapshot create writes.
+fn temps(dir: &TempDir) -> Vec<String> {
+    std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.contains(".wisp-tmp."))
+        .collect()
+}
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
 fn kill(mut c: Child) {
@@ -105,7 +141,10 @@ fn round_trip(cpus: u32, mem_mib: u64) {
     // The memory file is sparse: far less allocated than the guest's RAM.
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(&mem).unwrap();
-    assert_eq!(m.len(), mem_mib << 20);
+    // Guest RAM, then the one-page trailer binding it to the state file.
+    assert_eq!(m.len(), (mem_mib << 20) + 4096);
+    // Neither file is readable by other users.
+    assert_eq!((mode(&snap), mode(&mem)), (0o600, 0o600));
     assert!(
         m.blocks() * 512 < (64 << 20),
         "memory file not sparse: {} bytes allocated",
@@ -236,6 +275,18 @@ fn test_diff_snapshot_on_top_of_full() {
     let full_size = std::fs::metadata(&mem).unwrap().len();
     snapshot(&sock, "Diff", &snap, &mem);
     assert_eq!(std::fs::metadata(&mem).unwrap().len(), full_size);
+    // A Diff applies only to the memory file of the VM's last snapshot:
+    // after a Full elsewhere, vm.mem is refused untouched (still paused at
+    // the same point, so every pair below holds the same guest state).
+    let (s3, m3) = (dir.path("three.snap"), dir.path("three.mem"));
+    snapshot(&sock, "Full", &s3, &m3);
+    let before = std::fs::read(&mem).unwrap();
+    let (c, b) = try_snapshot(&sock, "Diff", &snap, &mem);
+    assert_eq!(c, 400, "{b}");
+    assert!(b.contains("is not that file"), "{b}");
+    assert!(std::fs::read(&mem).unwrap() == before);
+    // The refusal kept the base: a Diff onto three.mem works.
+    snapshot(&sock, "Diff", &s3, &m3);
     kill(child);
     let b = restore(&dir, "b", &snap, &mem);
     let r = wait(b.child, Duration::from_secs(120));
@@ -412,7 +463,7 @@ fn test_snapshot_rules_and_bad_files() {
     );
     assert_eq!(c, 400, "{b}");
     assert!(
-        b.contains("is 67108864 bytes") && b.contains("needs 134217728"),
+        b.contains("is 67108864 bytes") && b.contains("needs 134221824"),
         "{b}"
     );
     // SAFETY: signalling the child we spawned.

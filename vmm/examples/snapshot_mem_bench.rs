@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm::persist::dump;
 use vmm::persist::memory::{self, MemoryLayout, PAGE_SIZE};
 use vmm::vstate::memory::create_guest_memory;
 
@@ -40,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t.elapsed()
     );
 
-    let s = memory::dump_memory(&path, &mem)?;
+    let (full, s) = dump::dump_memory(&path, &mem)?;
     let blocks = std::fs::metadata(&path)?.blocks() * 512;
     println!(
         "full dump: {:.2?}, {} MiB written, {:.0} MB/s of guest memory, {:.0} MB/s written, file {} MiB allocated",
@@ -66,14 +67,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             w
         })
         .collect();
-    let s = memory::dump_memory_diff(&path, &mem, &dirty)?;
+    let (diffed, s) = dump::dump_memory_diff(&path, &mem, &dirty, &full)?;
     println!(
         "diff dump (1% dirty, in place): {:.2?}, {} MiB written, {:.0} MB/s written",
         s.elapsed,
         s.bytes_written >> 20,
         s.write_mb_per_s()
     );
-    let s = memory::dump_memory_diff_atomic(&path, &path, &mem, &dirty)?;
+    let (last, s) = dump::dump_memory_diff_atomic(&path, &path, &mem, &dirty, &diffed)?;
     println!(
         "diff dump (1% dirty, copy + rename): {:.2?}, {} MiB written",
         s.elapsed,
@@ -92,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         let t = Instant::now();
-        let restored = memory::map_memory_file(&path, &layout)?;
+        let restored = memory::map_memory_file(&path, &layout, &last)?;
         let map_time = t.elapsed();
         if std::env::var_os("BENCH_MADV_RANDOM").is_some() {
             for r in restored.iter() {

@@ -375,26 +375,6 @@ pub fn build_vm(cfg: &VmConfig, start_paused: bool) -> Result<Vmm, BuildError> {
     Ok(vmm)
 }
 
-/// Rebuilds a VM from a snapshot: guest memory mapped privately from
-/// `mem_path` (pages load on demand), KVM and device state restored, disks and
-/// TAPs re-opened by path and name. The vCPUs start paused if `start_paused`.
-pub fn restore_vm(
-    state: &MicrovmState,
-    mem_path: &std::path::Path,
-    track_dirty: bool,
-    start_paused: bool,
-) -> Result<Vmm, BuildError> {
-    let mem = crate::persist::map_memory_file(mem_path, &state.vm.memory)
-        .map_err(|e| BuildError::Snapshot(e.to_string()))?;
-    restore_vm_with_memory(
-        state,
-        mem,
-        track_dirty,
-        start_paused,
-        &mut AdoptedTaps::new(),
-    )
-}
-
 /// Checks a state's memory layout against its configuration.
 fn check_restorable(state: &MicrovmState) -> Result<(), BuildError> {
     let cfg = &state.config;
@@ -415,8 +395,9 @@ fn check_restorable(state: &MicrovmState) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// Rebuilds a VM from a state and guest memory already filled (from a
-/// snapshot file or a migration stream), using the TAPs in `taps` (handed
+/// Rebuilds a VM from a state and guest memory already filled (mapped from a
+/// snapshot's memory file by `persist::load_snapshot`, or from a migration
+/// stream), using the TAPs in `taps` (handed
 /// over by a migration source on this host) instead of opening them.
 pub fn restore_vm_with_memory(
     state: &MicrovmState,

@@ -91,9 +91,53 @@ pub struct MetricsSink {
 }
 
 impl MetricsSink {
-    /// Opens (appends to) a file or FIFO.
+    /// Opens (appends to) a regular file or a FIFO, creating a missing file
+    /// with mode 0600. Anything else (a directory, a device node, a socket)
+    /// is refused with `InvalidInput`. Symbolic links are followed: metrics
+    /// are appended, never written by replacing the file. A FIFO is opened
+    /// without blocking: it needs a reader already (else `ENXIO`), so a FIFO
+    /// nobody reads cannot hang the VMM.
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let refuse = |what: &str| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} {what}: metrics go only to a regular file or a FIFO",
+                    path.display()
+                ),
+            )
+        };
+        let kind = |t: std::fs::FileType| {
+            if t.is_dir() {
+                "is a directory"
+            } else if t.is_char_device() || t.is_block_device() {
+                "is a device node"
+            } else if t.is_socket() {
+                "is a socket"
+            } else {
+                "is not a regular file"
+            }
+        };
+        // Refuse before opening: opening some devices has side effects.
+        if let Ok(md) = std::fs::metadata(path) {
+            let t = md.file_type();
+            if !t.is_file() && !t.is_fifo() {
+                return Err(refuse(kind(t)));
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)?;
+        let t = file.metadata()?.file_type();
+        if !t.is_file() && !t.is_fifo() {
+            return Err(refuse(kind(t)));
+        }
+        // Writes block as before; only the open had to be non-blocking.
+        set_blocking(&file)?;
         Ok(Self { file })
     }
 
@@ -114,9 +158,22 @@ impl MetricsSink {
     }
 }
 
+fn set_blocking(file: &File) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on an fd we own; no memory is involved.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
 
     #[test]
     fn test_metrics_line_has_counters_and_devices() {
@@ -136,5 +193,36 @@ mod tests {
         assert!(v["utc_timestamp_ms"].as_u64().unwrap() > 0);
         assert!(v["vcpu"]["exits_io_out"].is_u64());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn test_metrics_file_is_private_and_only_a_file_or_fifo() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics");
+        MetricsSink::open(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        for bad in [dir.path(), Path::new("/dev/full")] {
+            let err = MetricsSink::open(bad).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+            assert!(err.to_string().contains(bad.to_str().unwrap()), "{err}");
+        }
+        // A FIFO without a reader: refused at once, not a hang.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let err = MetricsSink::open(&fifo).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENXIO), "{err}");
+        // With a reader it works.
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let mut sink = MetricsSink::open(&fifo).unwrap();
+        sink.flush(json!({})).unwrap();
+        drop(reader);
     }
 }

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
 use crate::persist::snapshot::{DeviceStates, MicrovmState, VirtioState};
+use crate::persist::SnapshotError;
 use crate::vstate::vcpu::{VcpuCmd, VcpuError, VcpuHandle, VcpuResp, VmExit};
 use crate::vstate::vm::Vm;
 
@@ -324,48 +325,64 @@ impl Vmm {
         })
     }
 
-    /// Writes a snapshot: disks flushed, then the memory file (the whole RAM,
-    /// sparse; or, for a diff, the pages dirtied since the last snapshot applied
-    /// to the existing memory file), then the state file; each written to a
-    /// temporary file and renamed, so an earlier snapshot survives a crash.
-    /// The vCPUs must be paused.
+    /// Checks a snapshot request before anything is touched: Diff needs
+    /// dirty tracking and `base` (this VM's last snapshot) in the memory file
+    /// at `mem_path`; both paths must be regular files or new paths.
+    pub fn check_snapshot(
+        &self,
+        diff: bool,
+        base: Option<&crate::persist::MemoryBinding>,
+        snapshot_path: &std::path::Path,
+        mem_path: &std::path::Path,
+    ) -> Result<(), SnapshotError> {
+        if diff && !self.dirty_tracking {
+            return Err(SnapshotError::Refused(
+                "Diff snapshots need dirty page tracking (track_dirty_pages in the machine configuration)"
+                    .into(),
+            ));
+        }
+        crate::persist::create::check_targets(snapshot_path, mem_path)?;
+        match (diff, base) {
+            (false, _) => Ok(()),
+            (true, Some(base)) => crate::persist::create::check_diff_base(mem_path, base),
+            (true, None) => Err(SnapshotError::Refused(format!(
+                "A Diff snapshot applies to the memory file of this microVM's last snapshot, and there is none to apply it to (none taken, or the last one failed, or a migration consumed the dirty page log): take a Full snapshot to {} first",
+                mem_path.display()
+            ))),
+        }
+    }
+
+    /// Writes a snapshot pair (`persist::create_snapshot`) once
+    /// [`Vmm::check_snapshot`] passed: disks are flushed, then the memory file
+    /// (the whole RAM, sparse; or, for a diff, a copy of the existing memory
+    /// file with the pages dirtied since `base` applied) and the state file
+    /// are written, bound to each other by a new id. The vCPUs must be paused.
+    /// Returns the new pair's binding. After an error the dirty page log may
+    /// be consumed: the next Diff must not apply to `base`.
     pub fn snapshot(
         &self,
         diff: bool,
+        base: Option<&crate::persist::MemoryBinding>,
         snapshot_path: &std::path::Path,
         mem_path: &std::path::Path,
-    ) -> Result<crate::persist::DumpStats, String> {
-        if diff && !self.dirty_tracking {
-            return Err(
-                "Diff snapshots need dirty page tracking (track_dirty_pages in the machine configuration)"
-                    .into(),
-            );
-        }
-        self.flush_disks()?;
-        let state = self.save_state()?;
+    ) -> Result<(crate::persist::MemoryBinding, crate::persist::DumpStats), SnapshotError> {
+        self.check_snapshot(diff, base, snapshot_path, mem_path)?;
+        self.flush_disks().map_err(SnapshotError::Vmm)?;
+        let state = self.save_state().map_err(SnapshotError::Vmm)?;
         let mem = &self.vm.memory;
-        let stats = if diff {
-            if !mem_path.exists() {
-                return Err(format!(
-                    "A diff snapshot applies to an existing memory file, and {} does not exist: take a Full snapshot first",
-                    mem_path.display()
-                ));
-            }
-            let dirty =
-                crate::persist::dirty_bitmaps(&self.vm.fd, mem).map_err(|e| e.to_string())?;
-            crate::persist::dump_memory_diff_atomic(mem_path, mem_path, mem, &dirty)
+        let dirty = if self.dirty_tracking {
+            // For a Full snapshot this starts the next diff from this point.
+            let d = crate::persist::dirty_bitmaps(&self.vm.fd, mem)
+                .map_err(|e| SnapshotError::Vmm(e.to_string()))?;
+            Some(d)
         } else {
-            let stats = crate::persist::dump_memory(mem_path, mem);
-            if self.dirty_tracking {
-                // Start the next diff from this point.
-                crate::persist::dirty_bitmaps(&self.vm.fd, mem).map_err(|e| e.to_string())?;
-            }
-            stats
-        }
-        .map_err(|e| format!("Cannot write the memory file: {e}"))?;
-        crate::persist::write_state_file(snapshot_path, &state)
-            .map_err(|e| format!("Cannot write the snapshot file: {e}"))?;
-        Ok(stats)
+            None
+        };
+        let kind = match (diff, base, &dirty) {
+            (true, Some(base), Some(dirty)) => crate::persist::Kind::Diff { dirty, base },
+            _ => crate::persist::Kind::Full,
+        };
+        crate::persist::create_snapshot(snapshot_path, mem_path, mem, &state, kind)
     }
 
     /// Limits each vCPU to `100 - percent` percent of the time (0 lifts it).

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The snapshot state file: a fixed header (magic, format version,
 //! architecture, payload length, CRC-32) followed by one postcard-encoded
-//! payload, written atomically.
+//! payload, written atomically. A snapshot's payload is a
+//! [`SnapshotFile`](super::binding::SnapshotFile): the binding of its memory
+//! file, then the microVM state.
 //!
 //! Layout (all integers little-endian), see `docs/snapshot-format.md`:
 //!
@@ -14,19 +16,29 @@
 //! | 28     | 4    | CRC-32 (IEEE) of the payload            |
 //! | 32     | len  | payload (postcard)                      |
 
-use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::files::{check_target, open_regular, parent_dir, sync_dir, FileError, TempFile};
+
 /// The 8 bytes every wisp state file starts with.
 pub const MAGIC: [u8; 8] = *b"WISPSNAP";
-/// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Version 2 binds the state file to
+/// its memory file (`SnapshotFile` payload, memory file trailer).
+pub const FORMAT_VERSION: u32 = 2;
 /// Every format version this build can read.
-pub const SUPPORTED_VERSIONS: &[u32] = &[1];
+pub const SUPPORTED_VERSIONS: &[u32] = &[2];
+/// The version a live-migration stream's state (the microVM state tree,
+/// without a memory binding) is framed with. Version 2 changed only the
+/// snapshot file's payload, not the tree, so streams stay at 1 and a
+/// migration between this build and one before the binding still works. A
+/// change to the state tree bumps both this and [`FORMAT_VERSION`].
+pub const STREAM_VERSION: u32 = 1;
+/// Every stream state version this build can read.
+pub const STREAM_SUPPORTED_VERSIONS: &[u32] = &[1];
 /// The architecture tag of this build.
 pub const ARCH: &str = "x86_64";
 /// Size of the fixed header in bytes.
@@ -51,6 +63,9 @@ pub enum FormatError {
         #[source]
         source: std::io::Error,
     },
+    /// The path cannot be written or read (not a regular file, ...).
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The state could not be encoded.
     #[error("Cannot encode snapshot state: {0}")]
     Encode(String),
@@ -76,7 +91,8 @@ pub enum FormatError {
     },
     /// The format version is not one this build reads.
     #[error(
-        "Snapshot state file {path} has format version {found}; this wisp reads versions {supported:?}"
+        "Snapshot state file {path} has format version {found}; this wisp reads versions {supported:?}{}",
+        version_hint(*found)
     )]
     UnsupportedVersion {
         /// The file.
@@ -139,6 +155,17 @@ pub enum FormatError {
 /// Result of this module.
 pub type Result<T> = std::result::Result<T, FormatError>;
 
+/// What to do about a state file of an unsupported version.
+fn version_hint(found: u32) -> &'static str {
+    if found == 1 {
+        " (version 1 snapshots do not bind their memory file, so this wisp cannot tell whether the pair belongs together: restore it with the wisp release that took it, or take a new snapshot)"
+    } else if found > FORMAT_VERSION {
+        " (it was written by a newer wisp)"
+    } else {
+        ""
+    }
+}
+
 fn io_err<'a>(
     what: &'static str,
     path: &'a Path,
@@ -158,10 +185,16 @@ fn arch_tag() -> [u8; ARCH_LEN] {
 
 /// Encodes `state` as a complete state file image (header + payload).
 pub fn encode_state<T: Serialize>(state: &T) -> Result<Vec<u8>> {
+    encode_state_as(state, FORMAT_VERSION)
+}
+
+/// Encodes `state` framed with format version `version` (a migration
+/// stream uses [`STREAM_VERSION`]).
+pub fn encode_state_as<T: Serialize>(state: &T, version: u32) -> Result<Vec<u8>> {
     let payload = postcard::to_stdvec(state).map_err(|e| FormatError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&arch_tag());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -186,6 +219,16 @@ fn le_u64(b: &[u8]) -> u64 {
 /// Checks run in order: magic, version, architecture, length, CRC, payload,
 /// so the error names the first thing wrong. Never panics on any input.
 pub fn decode_state<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T> {
+    decode_state_with(bytes, path, SUPPORTED_VERSIONS)
+}
+
+/// [`decode_state`] accepting the versions in `supported` (a migration
+/// stream's are [`STREAM_SUPPORTED_VERSIONS`]).
+pub fn decode_state_with<T: DeserializeOwned>(
+    bytes: &[u8],
+    path: &Path,
+    supported: &'static [u32],
+) -> Result<T> {
     let path_buf = || path.to_path_buf();
     let found = bytes.len() as u64;
     let truncated = |needed: u64| FormatError::Truncated {
@@ -218,11 +261,11 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T>
         return Err(truncated(HEADER_LEN as u64));
     }
     let version = le_u32(&bytes[8..12]);
-    if !SUPPORTED_VERSIONS.contains(&version) {
+    if !supported.contains(&version) {
         return Err(FormatError::UnsupportedVersion {
             path: path_buf(),
             found: version,
-            supported: SUPPORTED_VERSIONS,
+            supported,
         });
     }
     if bytes.len() < HEADER_LEN {
@@ -279,39 +322,15 @@ pub fn decode_state<T: DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T>
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same
-/// directory is written and fsynced, renamed over `path`, and the directory is
-/// fsynced. A crash at any point leaves either the old file or the new one,
-/// never a mix; on error the temporary file is removed.
+/// Writes `bytes` to `path` atomically: a temporary file (mode 0600) in the
+/// same directory is written and fsynced, renamed over `path`, and the
+/// directory is fsynced. A crash at any point leaves either the old file or
+/// the new one, never a mix; on error the temporary file is removed. `path`
+/// must be a regular file or a new name (see `files::check_target`).
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_file_atomic_with(path, |f, tmp| {
         f.write_all(bytes).map_err(io_err("write", tmp))
     })
-}
-
-/// The temporary name used while `path` is being replaced.
-pub(crate) fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".tmp.{}", std::process::id()));
-    path.with_file_name(name)
-}
-
-/// The directory holding `path` ("." for a bare file name).
-pub(crate) fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// fsyncs directory `dir` so a rename in it is durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync directory", dir))
 }
 
 /// Atomic replace of `path`, with `fill` writing the content into the
@@ -319,29 +338,16 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 pub(crate) fn write_file_atomic_with<E, F>(path: &Path, fill: F) -> std::result::Result<(), E>
 where
     E: From<FormatError>,
-    F: FnOnce(&mut File, &Path) -> std::result::Result<(), E>,
+    F: FnOnce(&mut std::fs::File, &Path) -> std::result::Result<(), E>,
 {
-    let tmp = temp_path(path);
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        fill(&mut f, &tmp)?;
-        f.sync_all().map_err(io_err("fsync", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io_err("rename into place", path))?;
-        sync_dir(parent_dir(path))?;
-        Ok(())
-    })();
-    if result.is_err() {
-        // Best effort: the temporary may not exist (create failed) or may
-        // already be renamed (only the directory fsync failed).
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    check_target(path).map_err(FormatError::from)?;
+    let mut tmp = TempFile::create(path).map_err(FormatError::from)?;
+    let tmp_path = tmp.path.clone();
+    fill(&mut tmp.file, &tmp_path)?;
+    tmp.sync().map_err(FormatError::from)?;
+    tmp.rename_to(path).map_err(FormatError::from)?;
+    sync_dir(parent_dir(path)).map_err(FormatError::from)?;
+    Ok(())
 }
 
 /// Serialises `state` and writes it atomically to `path` as a state file.
@@ -352,7 +358,7 @@ pub fn write_state_file<T: Serialize>(path: &Path, state: &T) -> Result<()> {
 
 /// Reads and validates the state file at `path`.
 pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let mut f = File::open(path).map_err(io_err("open", path))?;
+    let mut f = open_regular(path, false)?;
     // Read at most header + limit + 1 bytes, so a huge file cannot exhaust
     // memory and an oversize one is still reported.
     let mut bytes = Vec::new();
@@ -451,7 +457,34 @@ mod tests {
             err,
             FormatError::UnsupportedVersion { found: 7, .. }
         ));
-        assert!(err.to_string().contains("reads versions [1]"), "{err}");
+        assert!(err.to_string().contains("reads versions [2]"), "{err}");
+        let mut img = encode_state(&sample()).unwrap();
+        img[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let err = decode(&img).unwrap_err().to_string();
+        assert!(
+            err.contains("format version 1") && err.contains("reads versions [2]"),
+            "{err}"
+        );
+        assert!(err.contains("do not bind their memory file"), "{err}");
+    }
+
+    #[test]
+    fn test_stream_state_keeps_version_1_and_is_not_a_snapshot_file() {
+        let img = encode_state_as(&sample(), STREAM_VERSION).unwrap();
+        assert_eq!(img[8..12], 1u32.to_le_bytes());
+        let p = Path::new("migration stream");
+        let got: Sample = decode_state_with(&img, p, STREAM_SUPPORTED_VERSIONS).unwrap();
+        assert_eq!(got, sample());
+        // Neither is taken for the other.
+        assert!(matches!(
+            decode(&img),
+            Err(FormatError::UnsupportedVersion { found: 1, .. })
+        ));
+        let snap = encode_state(&sample()).unwrap();
+        assert!(matches!(
+            decode_state_with::<Sample>(&snap, p, STREAM_SUPPORTED_VERSIONS),
+            Err(FormatError::UnsupportedVersion { found: 2, .. })
+        ));
     }
 
     #[test]
@@ -501,9 +534,17 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         // A directory that does not exist fails cleanly too.
         let bad = dir.path().join("missing/vm.state");
-        assert!(matches!(
-            write_state_file(&bad, &sample()),
-            Err(FormatError::Io { what: "create", .. })
-        ));
+        let err = write_state_file(&bad, &sample()).unwrap_err();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        // Not over a directory, a device or a symbolic link either.
+        for bad in [dir.path(), Path::new("/dev/null")] {
+            let err = write_state_file(bad, &sample()).unwrap_err();
+            assert!(matches!(err, FormatError::File(_)), "{err}");
+        }
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let err = write_state_file(&link, &sample()).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read(&p).unwrap(), before);
     }
 }

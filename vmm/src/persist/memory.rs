@@ -1,13 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The guest memory file: all RAM regions back to back in one sparse file,
-//! full dumps written atomically, diff dumps of dirty pages, dirty-page
-//! tracking through KVM, and restore by mapping the file `MAP_PRIVATE`.
+//! The guest memory file: all RAM regions back to back in one sparse file
+//! followed by a one-page trailer (`binding.rs`); writing pages into it (the
+//! whole files are written by `dump.rs`), dirty-page tracking through KVM,
+//! and restore by mapping the file `MAP_PRIVATE`.
 //!
 //! Every function that reads guest memory expects the VM to be paused (no
 //! vCPU running, no device thread writing); otherwise the dump is not a
 //! consistent image.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -23,7 +24,8 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
-use super::format::{parent_dir, sync_dir, temp_path, write_file_atomic_with, FormatError};
+use super::binding::{MemoryBinding, Trailer, TRAILER_LEN};
+use super::files::{open_regular, FileError};
 
 /// Page size of the memory file and of the dirty bitmaps.
 pub const PAGE_SIZE: u64 = 4096;
@@ -65,14 +67,44 @@ pub enum MemoryFileError {
         #[source]
         source: std::io::Error,
     },
-    /// Atomic replacement failed.
+    /// The path cannot be written or read (not a regular file, ...).
     #[error(transparent)]
-    Atomic(#[from] FormatError),
+    File(#[from] FileError),
+    /// The trailer after guest RAM is missing or damaged.
+    #[error("Memory file {path} is not usable: {detail}")]
+    BadTrailer {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The file holds another snapshot's memory than the one expected.
+    #[error("Memory file {path} holds the memory of {found}, not of {expected}")]
+    Mismatch {
+        /// The file.
+        path: PathBuf,
+        /// The binding asked for (from a state file, or a VM's last snapshot).
+        expected: MemoryBinding,
+        /// The binding in the file's trailer.
+        found: MemoryBinding,
+    },
+    /// An in-place Diff into the file started and did not finish.
+    #[error(
+        "Memory file {path} is half-written: an in-place Diff snapshot ({found}) started writing pages into it and did not finish, so it matches no state file"
+    )]
+    Unfinished {
+        /// The file.
+        path: PathBuf,
+        /// The binding the unfinished Diff was writing.
+        found: MemoryBinding,
+    },
     /// The layout is not one this module writes (unsorted, misaligned, gaps).
     #[error("Invalid memory layout: {0}")]
     BadLayout(String),
     /// The file's size does not match the layout.
-    #[error("Memory file {path} is {found} bytes, the snapshot's memory layout needs {expected}")]
+    #[error(
+        "Memory file {path} is {found} bytes, the snapshot needs {expected} (guest RAM and a {TRAILER_LEN}-byte trailer)"
+    )]
     WrongSize {
         /// The file.
         path: PathBuf,
@@ -174,7 +206,8 @@ impl MemoryLayout {
         Self { regions }
     }
 
-    /// Total guest RAM, which is also the memory file's size.
+    /// Total guest RAM, which is also the offset of the memory file's
+    /// trailer (the file is [`TRAILER_LEN`] bytes longer).
     pub fn file_size(&self) -> u64 {
         self.regions
             .iter()
@@ -223,7 +256,7 @@ impl MemoryLayout {
 }
 
 /// A view of a region's host mapping as bytes.
-fn region_bytes(region: &GuestRegionMmap<AtomicBitmap>) -> &[u8] {
+pub(crate) fn region_bytes(region: &GuestRegionMmap<AtomicBitmap>) -> &[u8] {
     // SAFETY: the mapping is `len()` bytes, valid and readable for as long as
     // the region is borrowed. Other threads may write guest memory through
     // raw pointers (vCPUs); callers keep the VM paused while dumping, and a
@@ -240,7 +273,7 @@ fn is_zero(page: &[u8]) -> bool {
 /// Per-page "may hold data" flags of an anonymous region, from
 /// /proc/self/pagemap: a page neither present nor swapped was never touched
 /// and reads as zero. `None` if pagemap is unavailable.
-fn touched_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<bool>> {
+pub(crate) fn touched_pages(region: &GuestRegionMmap<AtomicBitmap>) -> Option<Vec<bool>> {
     if MmapRegion::file_offset(region).is_some() {
         // Untouched pages of a file mapping read the file, not zeros.
         return None;
@@ -280,13 +313,13 @@ pub fn touched_bitmaps(mem: &GuestMemoryMmap) -> Option<Vec<Vec<u64>>> {
         .collect()
 }
 
-/// Writes the pages of `bytes` (a region at `file_offset`) selected by
-/// `want(page)`, coalescing runs; all-zero pages become holes (if `punch`,
-/// existing data under them is punched out or zeroed).
 /// How often (in pages: 1 GiB) a long dump logs its progress.
 const PROGRESS_PAGES: usize = 1 << 18;
 
-fn write_pages(
+/// Writes the pages of `bytes` (a region at `file_offset`) selected by
+/// `want(page)`, coalescing runs; all-zero pages become holes (if `punch`,
+/// existing data under them is punched out or zeroed).
+pub(crate) fn write_pages(
     file: &File,
     path: &Path,
     bytes: &[u8],
@@ -366,36 +399,7 @@ fn punch_page(file: &File, path: &Path, offset: u64) -> Result<()> {
         .map_err(io_err("write", path))
 }
 
-/// Dumps all of `mem` to `path` (replacing it atomically). All-zero pages are
-/// not written, so the file is sparse; for anonymous memory, pages the guest
-/// never touched are skipped without being read.
-pub fn dump_memory(path: &Path, mem: &GuestMemoryMmap) -> Result<DumpStats> {
-    let start = Instant::now();
-    let layout = MemoryLayout::of(mem);
-    let mut stats = DumpStats::default();
-    write_file_atomic_with(path, |file, tmp| {
-        file.set_len(layout.file_size())
-            .map_err(io_err("size", tmp))?;
-        for (region, l) in mem.iter().zip(&layout.regions) {
-            let touched = touched_pages(region);
-            let want = |p: usize| touched.as_ref().is_none_or(|t| t[p]);
-            write_pages(
-                file,
-                tmp,
-                region_bytes(region),
-                l.file_offset,
-                want,
-                false,
-                &mut stats,
-            )?;
-        }
-        Ok::<(), MemoryFileError>(())
-    })?;
-    stats.elapsed = start.elapsed();
-    Ok(stats)
-}
-
-fn check_bitmaps(mem: &GuestMemoryMmap, dirty: &[Vec<u64>]) -> Result<()> {
+pub(crate) fn check_bitmaps(mem: &GuestMemoryMmap, dirty: &[Vec<u64>]) -> Result<()> {
     for (i, region) in mem.iter().enumerate() {
         let expected = (region.len() / PAGE_SIZE).div_ceil(64) as usize;
         let found = dirty.get(i).map_or(0, Vec::len);
@@ -410,104 +414,19 @@ fn check_bitmaps(mem: &GuestMemoryMmap, dirty: &[Vec<u64>]) -> Result<()> {
     Ok(())
 }
 
-fn bit(words: &[u64], p: usize) -> bool {
+pub(crate) fn bit(words: &[u64], p: usize) -> bool {
     words.get(p / 64).is_some_and(|w| w & (1 << (p % 64)) != 0)
-}
-
-fn open_sized(path: &Path, layout: &MemoryLayout, write: bool) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(io_err("open", path))?;
-    let found = file.metadata().map_err(io_err("stat", path))?.len();
-    if found != layout.file_size() {
-        return Err(MemoryFileError::WrongSize {
-            path: path.to_path_buf(),
-            expected: layout.file_size(),
-            found,
-        });
-    }
-    Ok(file)
-}
-
-/// Writes the pages marked in `dirty` (one bitmap per region, bit `i` = page
-/// `i`, as [`dirty_bitmaps`] returns) into the existing memory file `path`,
-/// which must have `mem`'s layout. Dirty pages that are now all zero are
-/// punched out (or zeroed).
-///
-/// The file is updated **in place** and fsynced at the end. If the process
-/// or host dies midway, the file holds a mix of old and new pages and is
-/// valid for neither snapshot. Use [`dump_memory_diff_atomic`] when the base
-/// must survive a crash.
-pub fn dump_memory_diff(
-    path: &Path,
-    mem: &GuestMemoryMmap,
-    dirty: &[Vec<u64>],
-) -> Result<DumpStats> {
-    let start = Instant::now();
-    let layout = MemoryLayout::of(mem);
-    check_bitmaps(mem, dirty)?;
-    let file = open_sized(path, &layout, true)?;
-    let mut stats = DumpStats::default();
-    for ((region, l), words) in mem.iter().zip(&layout.regions).zip(dirty) {
-        let want = |p: usize| bit(words, p);
-        write_pages(
-            &file,
-            path,
-            region_bytes(region),
-            l.file_offset,
-            want,
-            true,
-            &mut stats,
-        )?;
-    }
-    file.sync_all().map_err(io_err("fsync", path))?;
-    stats.elapsed = start.elapsed();
-    Ok(stats)
-}
-
-/// Like [`dump_memory_diff`], but leaves `base` untouched: `base` is copied
-/// to a temporary file next to `out` (a reflink where the file system allows,
-/// else a copy that keeps holes), the diff is applied to the copy, and the
-/// copy is fsynced and renamed to `out`. A crash leaves `base` and any
-/// earlier `out` intact. `base` and `out` may be the same path.
-pub fn dump_memory_diff_atomic(
-    base: &Path,
-    out: &Path,
-    mem: &GuestMemoryMmap,
-    dirty: &[Vec<u64>],
-) -> Result<DumpStats> {
-    let start = Instant::now();
-    let layout = MemoryLayout::of(mem);
-    check_bitmaps(mem, dirty)?;
-    let src = open_sized(base, &layout, false)?;
-    let tmp = temp_path(out);
-    let result = (|| {
-        let dst = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err("create", &tmp))?;
-        clone_sparse(&src, base, &dst, &tmp, layout.file_size())?;
-        drop(dst);
-        let mut stats = dump_memory_diff(&tmp, mem, dirty)?;
-        std::fs::rename(&tmp, out).map_err(io_err("rename into place", out))?;
-        sync_dir(parent_dir(out))?;
-        stats.elapsed = start.elapsed();
-        Ok(stats)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Copies `src` to the empty `dst`: FICLONE if possible, else the data
 /// extents only (SEEK_DATA/SEEK_HOLE), so holes stay holes.
-fn clone_sparse(src: &File, src_path: &Path, dst: &File, dst_path: &Path, size: u64) -> Result<()> {
+pub(crate) fn clone_sparse(
+    src: &File,
+    src_path: &Path,
+    dst: &File,
+    dst_path: &Path,
+    size: u64,
+) -> Result<()> {
     // SAFETY: FICLONE takes the source fd as its argument and touches no
     // memory of ours.
     if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) } == 0 {
@@ -539,13 +458,14 @@ fn clone_sparse(src: &File, src_path: &Path, dst: &File, dst_path: &Path, size: 
     Ok(())
 }
 
-/// Maps the memory file at `path` as guest memory with `layout`, each region
-/// `MAP_PRIVATE` at its file offset: pages are read from the file on first
-/// access and guest writes stay private, so restore time does not depend on
-/// memory size and the file is never modified.
-pub fn map_memory_file(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+/// Maps `file` (the memory file at `path`, whose trailer the caller checked)
+/// as guest memory with `layout`, each region `MAP_PRIVATE` at its file
+/// offset: pages are read from the file on first access and guest writes
+/// stay private, so restore time does not depend on memory size and the file
+/// is never modified.
+pub fn map_file(file: File, path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
     layout.validate()?;
-    let file = Arc::new(open_sized(path, layout, false)?);
+    let file = Arc::new(file);
     let mut regions = Vec::with_capacity(layout.regions.len());
     for (i, l) in layout.regions.iter().enumerate() {
         let map_err = |detail: String| MemoryFileError::Map {
@@ -570,6 +490,27 @@ pub fn map_memory_file(path: &Path, layout: &MemoryLayout) -> Result<GuestMemory
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryFileError::BadLayout(e.to_string()))
+}
+
+/// Opens the memory file at `path` (a regular file), checks its trailer holds
+/// `expected` and is complete, and maps it with `layout` ([`map_file`]).
+/// Only the trailer page is read: no checksum over guest RAM.
+pub fn map_memory_file(
+    path: &Path,
+    layout: &MemoryLayout,
+    expected: &MemoryBinding,
+) -> Result<GuestMemoryMmap> {
+    layout.validate()?;
+    if expected.ram_len != layout.file_size() {
+        return Err(MemoryFileError::BadLayout(format!(
+            "the memory layout holds {} bytes of RAM, the memory file binding {}",
+            layout.file_size(),
+            expected.ram_len
+        )));
+    }
+    let file = open_regular(path, false)?;
+    Trailer::check(&file, path, expected)?;
+    map_file(file, path, layout)
 }
 
 fn slot_region(
@@ -635,14 +576,14 @@ pub fn dirty_bitmaps(vm_fd: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<Vec<u64>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_util {
+    //! Guest memory helpers shared by the memory file tests.
     use super::*;
-    use std::os::unix::fs::MetadataExt;
     use vm_memory::Bytes;
 
-    const MIB: usize = 1 << 20;
+    pub(crate) const MIB: usize = 1 << 20;
 
-    fn test_memory() -> GuestMemoryMmap {
+    pub(crate) fn test_memory() -> GuestMemoryMmap {
         // Two regions with a gap, like RAM split around the MMIO hole.
         GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 8 * MIB),
@@ -651,13 +592,13 @@ mod tests {
         .unwrap()
     }
 
-    fn fill(mem: &GuestMemoryMmap, addrs: &[u64], byte: u8) {
+    pub(crate) fn fill(mem: &GuestMemoryMmap, addrs: &[u64], byte: u8) {
         for &a in addrs {
             mem.write_slice(&[byte; 4096], GuestAddress(a)).unwrap();
         }
     }
 
-    fn assert_same(file_mem: &GuestMemoryMmap, mem: &GuestMemoryMmap) {
+    pub(crate) fn assert_same(file_mem: &GuestMemoryMmap, mem: &GuestMemoryMmap) {
         for (a, b) in file_mem.iter().zip(mem.iter()) {
             assert_eq!(a.start_addr(), b.start_addr());
             assert!(
@@ -668,7 +609,31 @@ mod tests {
         }
     }
 
-    const TOUCHED: &[u64] = &[0, 0x5000, 0x7f_f000, 0x1000_0000, 0x1000_3000, 0x117f_f000];
+    pub(crate) const TOUCHED: &[u64] =
+        &[0, 0x5000, 0x7f_f000, 0x1000_0000, 0x1000_3000, 0x117f_f000];
+
+    pub(crate) fn bitmaps_for(mem: &GuestMemoryMmap, addrs: &[u64]) -> Vec<Vec<u64>> {
+        let mut maps: Vec<Vec<u64>> = mem
+            .iter()
+            .map(|r| vec![0; (r.len() / PAGE_SIZE).div_ceil(64) as usize])
+            .collect();
+        for &a in addrs {
+            let (i, r) = mem
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.start_addr().0 <= a && a < r.start_addr().0 + r.len())
+                .unwrap();
+            let p = ((a - r.start_addr().0) / PAGE_SIZE) as usize;
+            maps[i][p / 64] |= 1 << (p % 64);
+        }
+        maps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::*;
 
     #[test]
     fn test_memory_layout_is_packed_and_validated() {
@@ -689,35 +654,9 @@ mod tests {
     }
 
     #[test]
-    fn test_memory_dump_is_sparse_and_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mem");
-        let mem = test_memory();
-        fill(&mem, TOUCHED, 0xa5);
-        // A touched page that is zero again: must be skipped, not written.
-        fill(&mem, &[0x9000], 0);
-        let stats = dump_memory(&path, &mem).unwrap();
-        assert_eq!(stats.pages_written, TOUCHED.len() as u64);
-        assert_eq!(stats.bytes_written, TOUCHED.len() as u64 * PAGE_SIZE);
-        assert_eq!(stats.pages_written + stats.pages_skipped, 32 * 256);
-        let md = std::fs::metadata(&path).unwrap();
-        assert_eq!(md.len(), 32 * MIB as u64);
-        // 6 data pages; allow file-system slack but far below 32 MiB.
-        assert!(md.blocks() * 512 < MIB as u64, "{} blocks", md.blocks());
-        let restored = map_memory_file(&path, &MemoryLayout::of(&mem)).unwrap();
-        assert_same(&restored, &mem);
-        // Guest writes to the restored memory stay private.
-        fill(&restored, &[0x5000], 0x11);
-        let again = map_memory_file(&path, &MemoryLayout::of(&mem)).unwrap();
-        assert_same(&again, &mem);
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    #[test]
     fn test_restored_memory_regions_are_2mib_aligned_on_the_host() {
         use crate::vstate::memory::HOST_ALIGN;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mem");
+        use vm_memory::Bytes;
         // Sizes that are not 2 MiB multiples: kernels that align large
         // anonymous and file mappings by themselves do so only for those.
         let mem = GuestMemoryMmap::from_ranges(&[
@@ -726,137 +665,22 @@ mod tests {
         ])
         .unwrap();
         fill(&mem, &[0x1000, 0x60_2000, 0x1000_0000, 0x1030_0000], 0x5a);
-        dump_memory(&path, &mem).unwrap();
+        let layout = MemoryLayout::of(&mem);
+        let mut bytes = vec![0u8; layout.file_size() as usize];
+        for (r, l) in mem.iter().zip(&layout.regions) {
+            let at = l.file_offset as usize;
+            mem.read_slice(&mut bytes[at..at + l.size as usize], r.start_addr())
+                .unwrap();
+        }
+        let file = tempfile::tempfile().unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, &bytes, 0).unwrap();
         for _ in 0..3 {
-            let restored = map_memory_file(&path, &MemoryLayout::of(&mem)).unwrap();
+            let restored = map_file(file.try_clone().unwrap(), Path::new("mem"), &layout).unwrap();
             for r in restored.iter() {
                 assert_eq!(r.as_ptr() as usize % HOST_ALIGN, 0, "{:?}", r.start_addr());
-                assert!(MmapRegion::owned(r), "unmapped on drop");
             }
             assert_same(&restored, &mem);
         }
-    }
-
-    #[test]
-    fn test_memory_dump_of_file_backed_memory_reads_the_file() {
-        // A restored VM's memory is a file mapping: untouched pages are not
-        // zero, so the pagemap shortcut must not skip them.
-        let dir = tempfile::tempdir().unwrap();
-        let (p1, p2) = (dir.path().join("m1"), dir.path().join("m2"));
-        let mem = test_memory();
-        fill(&mem, TOUCHED, 0x5a);
-        dump_memory(&p1, &mem).unwrap();
-        let restored = map_memory_file(&p1, &MemoryLayout::of(&mem)).unwrap();
-        let stats = dump_memory(&p2, &restored).unwrap();
-        assert_eq!(stats.pages_written, TOUCHED.len() as u64);
-        assert_eq!(std::fs::read(&p1).unwrap(), std::fs::read(&p2).unwrap());
-    }
-
-    fn bitmaps_for(mem: &GuestMemoryMmap, addrs: &[u64]) -> Vec<Vec<u64>> {
-        let mut maps: Vec<Vec<u64>> = mem
-            .iter()
-            .map(|r| vec![0; (r.len() / PAGE_SIZE).div_ceil(64) as usize])
-            .collect();
-        for &a in addrs {
-            let (i, r) = mem
-                .iter()
-                .enumerate()
-                .find(|(_, r)| r.start_addr().0 <= a && a < r.start_addr().0 + r.len())
-                .unwrap();
-            let p = ((a - r.start_addr().0) / PAGE_SIZE) as usize;
-            maps[i][p / 64] |= 1 << (p % 64);
-        }
-        maps
-    }
-
-    #[test]
-    fn test_memory_diff_writes_only_dirty_pages() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mem");
-        let mem = test_memory();
-        fill(&mem, TOUCHED, 0xa5);
-        dump_memory(&path, &mem).unwrap();
-        // Change pages: new data, changed data, and data zeroed again.
-        let dirty = [0x2000, 0x5000, 0x1000_0000, 0x1100_0000];
-        fill(&mem, &dirty[..2], 0x77);
-        fill(&mem, &[0x1000_0000], 0);
-        fill(&mem, &[0x1100_0000], 0x33);
-        // A page changed but not marked dirty must not be written.
-        let before = std::fs::read(&path).unwrap();
-        let stats = dump_memory_diff(&path, &mem, &bitmaps_for(&mem, &dirty)).unwrap();
-        assert_eq!(stats.pages_written, 4);
-        assert_eq!(stats.bytes_written, 3 * PAGE_SIZE);
-        let after = std::fs::read(&path).unwrap();
-        let changed: Vec<usize> = (0..after.len() / 4096)
-            .filter(|p| before[p * 4096..(p + 1) * 4096] != after[p * 4096..(p + 1) * 4096])
-            .collect();
-        let expect: Vec<usize> = vec![2, 5, 8 * 256, 8 * 256 + 16 * 256];
-        assert_eq!(changed, expect);
-        let restored = map_memory_file(&path, &MemoryLayout::of(&mem)).unwrap();
-        assert_same(&restored, &mem);
-    }
-
-    #[test]
-    fn test_memory_diff_atomic_keeps_base() {
-        let dir = tempfile::tempdir().unwrap();
-        let (base, out) = (dir.path().join("base"), dir.path().join("out"));
-        let mem = test_memory();
-        fill(&mem, TOUCHED, 0xa5);
-        dump_memory(&base, &mem).unwrap();
-        let base_bytes = std::fs::read(&base).unwrap();
-        fill(&mem, &[0x3000, 0x1000_3000], 0x42);
-        let dirty = bitmaps_for(&mem, &[0x3000, 0x1000_3000]);
-        dump_memory_diff_atomic(&base, &out, &mem, &dirty).unwrap();
-        assert_eq!(std::fs::read(&base).unwrap(), base_bytes);
-        let restored = map_memory_file(&out, &MemoryLayout::of(&mem)).unwrap();
-        assert_same(&restored, &mem);
-        // The copy keeps holes (or shares extents).
-        let md = std::fs::metadata(&out).unwrap();
-        assert!(md.blocks() * 512 < MIB as u64, "{} blocks", md.blocks());
-        // Short bitmaps are refused before anything is touched.
-        let err = dump_memory_diff(&base, &mem, &dirty[..1]).unwrap_err();
-        assert!(matches!(err, MemoryFileError::BitmapSize { region: 1, .. }));
-    }
-
-    #[test]
-    fn test_memory_file_of_wrong_size_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mem");
-        let mem = test_memory();
-        dump_memory(&path, &mem).unwrap();
-        let mut layout = MemoryLayout::of(&mem);
-        layout.regions[1].size += 4096;
-        let err = map_memory_file(&path, &layout).unwrap_err();
-        assert!(matches!(err, MemoryFileError::WrongSize { .. }), "{err}");
-        assert!(err.to_string().contains("needs"), "{err}");
-        let err = dump_memory_diff(&path, &mem, &bitmaps_for(&mem, &[])).map(|_| ());
-        assert!(err.is_ok());
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(4096)
-            .unwrap();
-        assert!(matches!(
-            map_memory_file(&path, &MemoryLayout::of(&mem)),
-            Err(MemoryFileError::WrongSize { found: 4096, .. })
-        ));
-    }
-
-    #[test]
-    fn test_memory_failed_dump_keeps_previous_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mem");
-        let mem = test_memory();
-        fill(&mem, TOUCHED, 0xa5);
-        dump_memory(&path, &mem).unwrap();
-        let before = std::fs::read(&path).unwrap();
-        // Block the temporary file's name so the new dump cannot be written.
-        std::fs::create_dir(temp_path(&path)).unwrap();
-        fill(&mem, &[0x3000], 0x99);
-        let err = dump_memory(&path, &mem).unwrap_err();
-        assert!(err.to_string().contains("Cannot create"), "{err}");
-        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
     fn kvm_vm() -> Option<(kvm_ioctls::Kvm, VmFd)> {

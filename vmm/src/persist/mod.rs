@@ -1,14 +1,21 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Snapshot persistence: the versioned state file and the guest memory file.
 
+pub mod binding;
+pub mod create;
+pub mod dump;
+pub mod files;
 pub mod format;
 pub mod memory;
 pub mod snapshot;
 
+pub use binding::{MemoryBinding, SnapshotFile};
+pub use create::{create_snapshot, load_snapshot, Kind, SnapshotError};
+pub use dump::{dump_memory, dump_memory_diff, dump_memory_diff_atomic};
 pub use format::{read_state_file, write_state_file, FormatError};
 pub use memory::{
-    dirty_bitmaps, dump_memory, dump_memory_diff, dump_memory_diff_atomic, map_memory_file,
-    set_dirty_logging, DumpStats, MemoryFileError, MemoryLayout, MemoryRegionLayout,
+    dirty_bitmaps, map_memory_file, set_dirty_logging, DumpStats, MemoryFileError, MemoryLayout,
+    MemoryRegionLayout,
 };
 
 #[cfg(test)]
@@ -120,13 +127,13 @@ mod tests {
             vm: vm_state::save(&vm, &mem).unwrap(),
             vcpu: vcpu_state::save(&vcpu, &ctx).unwrap(),
         };
-        write_state_file(&state_path, &snap).unwrap();
-        let stats = dump_memory(&mem_path, &mem).unwrap();
+        let (binding, stats) =
+            create_snapshot(&state_path, &mem_path, &mem, &snap, Kind::Full).unwrap();
         assert!(stats.pages_written < 16, "{stats:?}");
 
         // Restore into a brand-new VM from the files.
-        let snap: Snapshot = read_state_file(&state_path).unwrap();
-        let mem2 = map_memory_file(&mem_path, &snap.vm.memory).unwrap();
+        let (snap, _, mem2): (Snapshot, _, _) =
+            load_snapshot(&state_path, &mem_path, |s: &Snapshot| &s.vm.memory).unwrap();
         // The guest's own write (not the VMM's) made it into the file.
         assert_eq!(mem2.read_obj::<u64>(GuestAddress(DATA)).unwrap(), 1);
         let (vm2, mut vcpu2) = new_vm(&kvm, &mem2);
@@ -142,12 +149,12 @@ mod tests {
         assert_eq!(next_out(&mut vcpu), 2);
         complete_exit(&mut vcpu);
         let dirty = dirty_bitmaps(&vm, &mem).unwrap();
-        let stats = dump_memory_diff(&mem_path, &mem, &dirty).unwrap();
+        let (next, stats) = dump_memory_diff(&mem_path, &mem, &dirty, &binding).unwrap();
         assert!(
             stats.pages_written >= 1 && stats.pages_written < 8,
             "{stats:?}"
         );
-        let mem3 = map_memory_file(&mem_path, &snap.vm.memory).unwrap();
+        let mem3 = map_memory_file(&mem_path, &snap.vm.memory, &next).unwrap();
         assert_eq!(mem3.read_obj::<u64>(GuestAddress(DATA)).unwrap(), 2);
     }
 

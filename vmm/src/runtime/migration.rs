@@ -82,6 +82,9 @@ impl Runtime {
             )));
         }
         self.migration.status = status;
+        // The sender reads and clears the dirty page log: a later Diff
+        // snapshot could not count from the last snapshot any more.
+        self.diff_base = None;
         self.migration.role = Some("Sending");
         self.migration.uri = Some(m.uri.clone());
         log::info!("migrating to {}", m.uri);
@@ -193,7 +196,8 @@ impl Runtime {
         // takes the TAPs over (bridge ports and all); all are taken back if
         // the migration fails.
         vmm.hand_over_host_resources()?;
-        crate::persist::format::encode_state(&migrated).map_err(|e| e.to_string())
+        crate::persist::format::encode_state_as(&migrated, crate::persist::format::STREAM_VERSION)
+            .map_err(|e| e.to_string())
     }
 
     /// After handing over the state, waits (not serving devices, so nothing
@@ -274,9 +278,12 @@ impl Runtime {
         state: &[u8],
         memory: devices::GuestMemoryMmap,
     ) -> Result<(), String> {
-        let migrated: live_migration::MigratedVm =
-            crate::persist::format::decode_state(state, std::path::Path::new("migration stream"))
-                .map_err(|e| chain(&e))?;
+        let migrated: live_migration::MigratedVm = crate::persist::format::decode_state_with(
+            state,
+            std::path::Path::new("migration stream"),
+            crate::persist::format::STREAM_SUPPORTED_VERSIONS,
+        )
+        .map_err(|e| chain(&e))?;
         let mut state = migrated.state;
         state.config.serial = self.preboot.serial.clone();
         let cfg = state.config.clone();

@@ -132,6 +132,10 @@ pub struct Runtime {
     last_metrics: std::time::Instant,
     shutdown_deadline: Option<(std::time::Instant, u64)>,
     migration: MigrationCtl,
+    /// The memory file binding of this VM's last snapshot (taken or loaded),
+    /// the only base a Diff may apply to; `None` when the dirty page log no
+    /// longer counts from it (no tracking, a failed create, a migration).
+    diff_base: Option<crate::persist::MemoryBinding>,
 }
 
 /// Live-migration bookkeeping of the runtime.
@@ -164,6 +168,16 @@ fn fault(msg: impl Into<String>) -> ApiResponse {
 }
 
 use crate::error_chain as chain;
+
+/// A failed snapshot create: 400 if the request is at fault, else 500.
+fn snapshot_fault(e: &crate::persist::SnapshotError) -> ApiResponse {
+    let msg = format!("Cannot create the snapshot: {}", chain(e));
+    if e.is_client_error() {
+        fault(msg)
+    } else {
+        Err(ApiFault::internal(msg))
+    }
+}
 
 impl Runtime {
     /// Starts serving (the API socket if asked) and boots at once if asked.
@@ -257,6 +271,7 @@ impl Runtime {
             last_metrics: std::time::Instant::now(),
             shutdown_deadline: None,
             migration,
+            diff_base: None,
         };
         if opts.boot_now {
             rt.start_vm().map_err(RuntimeError::Boot)?;
@@ -304,6 +319,7 @@ impl Runtime {
         }
         let cfg = self.preboot.to_vm_config().map_err(|e| e.to_string())?;
         let vmm = crate::build_vm(&cfg, false).map_err(|e| chain(&e))?;
+        self.diff_base = None;
         self.adopt(vmm, &cfg)
     }
 
@@ -320,17 +336,30 @@ impl Runtime {
             return Err("A snapshot can only be loaded before the microVM starts".into());
         }
         let t0 = std::time::Instant::now();
-        let mut state: crate::persist::snapshot::MicrovmState =
-            crate::persist::read_state_file(snapshot).map_err(|e| chain(&e))?;
+        // The state file, and the memory file checked to be its own.
+        let (mut state, binding, memory) = crate::persist::load_snapshot(
+            snapshot,
+            mem,
+            |s: &crate::persist::snapshot::MicrovmState| &s.vm.memory,
+        )
+        .map_err(|e| chain(&e))?;
         // The console goes where this process says, not where the saved one did.
         state.config.serial = self.preboot.serial.clone();
         let track_dirty = track_dirty.unwrap_or(state.config.track_dirty_pages);
         state.config.track_dirty_pages = track_dirty;
         let cfg = state.config.clone();
-        let vmm =
-            crate::builder::restore_vm(&state, mem, track_dirty, !resume).map_err(|e| chain(&e))?;
+        let vmm = crate::builder::restore_vm_with_memory(
+            &state,
+            memory,
+            track_dirty,
+            !resume,
+            &mut crate::tap_handover::AdoptedTaps::new(),
+        )
+        .map_err(|e| chain(&e))?;
         self.adopt(vmm, &cfg)?;
         self.paused = !resume;
+        // Dirty pages count from the loaded memory file: a Diff may apply to it.
+        self.diff_base = track_dirty.then_some(binding);
         log::info!(
             "snapshot {} restored in {:.2} ms ({} MiB of memory mapped from {})",
             snapshot.display(),
@@ -636,12 +665,24 @@ impl Runtime {
             );
         }
         let diff = matches!(p.snapshot_type, api::models::SnapshotType::Diff);
-        match vmm.snapshot(
-            diff,
+        let (snap, mem) = (
             std::path::Path::new(&p.snapshot_path),
             std::path::Path::new(&p.mem_file_path),
-        ) {
-            Ok(st) => {
+        );
+        let base = self.diff_base.as_ref();
+        // Refused before anything is touched: the Diff base stays valid.
+        if let Err(e) = vmm.check_snapshot(diff, base, snap, mem) {
+            return snapshot_fault(&e);
+        }
+        let result = vmm.snapshot(diff, base, snap, mem);
+        // A failed create may have consumed the dirty page log: no Diff until
+        // the next Full.
+        self.diff_base = match &result {
+            Ok((b, _)) if vmm.dirty_tracking => Some(*b),
+            _ => None,
+        };
+        match result {
+            Ok((_, st)) => {
                 log::info!(
                     "{} snapshot written to {} and {}: {} bytes of memory written ({} pages, {} skipped) in {:.1} ms, {:.0} MB/s of guest memory",
                     if diff { "Diff" } else { "Full" },
@@ -655,7 +696,7 @@ impl Runtime {
                 );
                 Ok(None)
             }
-            Err(e) => fault(format!("Cannot create the snapshot: {e}")),
+            Err(e) => snapshot_fault(&e),
         }
     }
 
