@@ -513,3 +513,104 @@ fn test_autostart_unit_commands() {
         "{installed}"
     );
 }
+
+/// Output read from a pty master on a thread.
+fn pty_reader(master: std::fs::File) -> std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
+    let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        let mut m = master;
+        let mut chunk = [0u8; 4096];
+        use std::io::Read;
+        while let Ok(n) = m.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            b.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    buf
+}
+
+fn wait_output(buf: &std::sync::Mutex<Vec<u8>>, needle: &str) -> String {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < end,
+            "'{needle}' never came on the console:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn test_console_attach_busy_detach() {
+    require_kvm!();
+    use std::os::fd::FromRawFd;
+    let env = Env::new("manage-console");
+    env.define("con", TICK, "");
+    env.ok(&["start", "con"]);
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors; no name, termios or size given.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: fresh descriptors from openpty, each owned by one File.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut cmd = env.cmd(&["console", "con"]);
+    cmd.stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave);
+    let mut child = die_with_test(&mut cmd).spawn().unwrap();
+    let mut input = master.try_clone().unwrap();
+    let out = pty_reader(master);
+    wait_output(&out, "Ctrl+] detaches");
+    // Guest output arrives live.
+    let text = wait_output(&out, " ok\r\n");
+    assert!(text.contains("tick "), "{text}");
+    // A second client is refused and told who holds the console.
+    let e = env.fails(&["console", "con"]);
+    assert!(
+        e.contains("in use by another client") && e.contains(&format!("pid {}", child.id())),
+        "{e}"
+    );
+    // Typing reaches the VM (the test guest does not read it); Ctrl+] detaches.
+    use std::io::Write;
+    input.write_all(b"hello").unwrap();
+    input.write_all(&[0x1d]).unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < end, "Ctrl+] did not detach");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    wait_output(&out, "it keeps running");
+    // The VM runs on, and the console is free again.
+    assert_eq!(env.row("con")["state"], "running");
+    let log = env.console_log("con");
+    let t = harness::last_tick(&log);
+    wait_tick(&log, t + 2);
+    let r = env.wisp(&["console", "con"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(r.stderr.contains("Detached"), "{r:?}");
+    env.ok(&["destroy", "con"]);
+}

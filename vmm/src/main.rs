@@ -57,7 +57,7 @@ struct RunArgs {
     /// Guest memory, e.g. 512M or 4G.
     #[arg(long, default_value = "128M", value_parser = parse_size)]
     memory: u64,
-    /// Serial console: stdio, file=PATH or none.
+    /// Serial console: stdio, file=PATH, socket=PATH[,log=FILE] (for `wisp console`) or none.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
     /// A disk: path=IMG[,readonly=on][,id=NAME][,serial=STR][,format=raw|qcow2]; repeatable.
