@@ -614,3 +614,75 @@ fn test_console_attach_busy_detach() {
     assert!(r.stderr.contains("Detached"), "{r:?}");
     env.ok(&["destroy", "con"]);
 }
+
+#[test]
+fn test_clone_full_linked_and_macs() {
+    require_kvm!();
+    let env = Env::new("manage-clone");
+    let disk = env.dir.path("src-root.img");
+    harness::make_pattern_image(&disk, 2 << 20, harness::PATTERN_DISK1);
+    let ro = env.dir.path("shared.img");
+    std::fs::write(&ro, vec![7u8; 4096]).unwrap();
+    let drives = format!(
+        r#""drives": [{{"drive_id": "root", "path_on_host": "{}", "is_root_device": true}},
+                      {{"drive_id": "ro", "path_on_host": "{}", "is_root_device": false, "is_read_only": true}}],"#,
+        disk.display(),
+        ro.display()
+    );
+    env.define("src", TICK, &drives);
+    env.ok(&["start", "src"]);
+    let e = env.fails(&["clone", "src", "full"]);
+    assert!(e.contains("is running"), "{e}");
+    env.ok(&["destroy", "src"]);
+
+    let out: serde_json::Value =
+        serde_json::from_str(&env.ok(&["clone", "src", "full", "--json"])).unwrap();
+    let copy = env.dir.path("full-root.img");
+    assert_eq!(out["disks"][0]["to"], copy.to_str().unwrap(), "{out}");
+    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&disk).unwrap());
+    let dump: serde_json::Value = serde_json::from_str(&env.ok(&["dumpconfig", "full"])).unwrap();
+    assert_eq!(dump["name"], "full");
+    assert_eq!(dump["drives"][0]["path_on_host"], copy.to_str().unwrap());
+    assert_eq!(
+        dump["drives"][1]["path_on_host"],
+        ro.to_str().unwrap(),
+        "read-only disks are shared"
+    );
+    let e = env.fails(&["clone", "src", "full"]);
+    assert!(e.contains("already defined"), "{e}");
+
+    env.ok(&["clone", "src", "thin", "--linked"]);
+    let overlay = env.dir.path("thin-root.qcow2");
+    let info: serde_json::Value = serde_json::from_str(&harness::image_tool(&[
+        "info",
+        "--json",
+        overlay.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert!(
+        info.to_string().contains(disk.to_str().unwrap()),
+        "backed by the source: {info}"
+    );
+    let dump: serde_json::Value = serde_json::from_str(&env.ok(&["dumpconfig", "thin"])).unwrap();
+    assert_eq!(dump["drives"][0]["format"], "qcow2");
+    // Both clones boot.
+    env.ok(&["start", "full"]);
+    env.ok(&["start", "thin"]);
+    assert_eq!(env.row("full")["state"], "running");
+    assert_eq!(env.row("thin")["state"], "running");
+    env.ok(&["destroy", "full"]);
+    env.ok(&["destroy", "thin"]);
+
+    // New, locally administered MACs; the shared TAP is pointed out.
+    let nic = r#""network-interfaces": [{"iface_id": "net0", "host_dev_name": "tap-n", "guest_mac": "52:54:00:12:34:56"}],"#;
+    env.define("nic", TICK, nic);
+    let out = env.ok(&["clone", "nic", "nic2"]);
+    assert!(out.contains("tap-n"), "{out}");
+    let dump: serde_json::Value = serde_json::from_str(&env.ok(&["dumpconfig", "nic2"])).unwrap();
+    let mac = dump["network-interfaces"][0]["guest_mac"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(mac, "52:54:00:12:34:56");
+    assert_eq!(u8::from_str_radix(&mac[..2], 16).unwrap() & 3, 2, "{mac}");
+}

@@ -4,6 +4,7 @@
 //! `wisp start`, found again through the runtime directory's registry.
 
 pub mod autostart;
+pub mod clone;
 pub mod console;
 pub mod definition;
 pub mod defs;
@@ -137,6 +138,18 @@ pub enum ManageCommand {
     },
     /// Attach to a running VM's serial console (Ctrl+] detaches).
     Console(Named),
+    /// Copy a shut-off VM: new name, new MACs, new disk files.
+    Clone {
+        /// The VM to copy.
+        src: String,
+        /// The new VM's name.
+        new: String,
+        /// qcow2 overlays backed by SRC's disks instead of full copies.
+        #[arg(long)]
+        linked: bool,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 fn print(d: &Done, json: bool) {
@@ -198,6 +211,12 @@ pub fn run(cmd: ManageCommand) -> anyhow::Result<i32> {
             autostart::shutdown_all(&store, common.json, timeout)
         }
         C::InstallAutostart { unit_dir } => autostart::install(&unit_dir),
+        C::Clone {
+            src,
+            new,
+            linked,
+            common,
+        } => one(&common, |s| clone::clone(s, &src, &new, linked)),
         C::Console(vm) => {
             let store = Store::new(vm.common.state_dir, vm.common.runtime_dir);
             console::attach(&store, &vm.name)
