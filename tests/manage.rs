@@ -612,7 +612,35 @@ fn test_console_attach_busy_detach() {
     let r = env.wisp(&["console", "con"]);
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(r.stderr.contains("Detached"), "{r:?}");
+    // A client attached when the VM stops is told so and exits.
+    let mut cmd = env.cmd(&["console", "con"]);
+    cmd.stdin(Stdio::piped());
+    let mut attached = die_with_test(&mut cmd).spawn().unwrap();
+    let _keep_stdin_open = attached.stdin.take();
+    let mut lines = harness::LineReader::new(&mut attached);
+    lines.wait_line("tick ", Duration::from_secs(30));
     env.ok(&["destroy", "con"]);
+    let end = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = attached.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < end,
+            "the console client did not notice the VM stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let mut err = String::new();
+    use std::io::Read;
+    attached
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("stopped"), "{err}");
 }
 
 #[test]
