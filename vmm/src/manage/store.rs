@@ -92,13 +92,22 @@ impl Store {
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         };
+        // Absolute, so the sockets recorded in the registry work from anywhere.
+        let absolute = |p: PathBuf| match std::env::current_dir() {
+            Ok(cwd) if p.is_relative() => cwd.join(p),
+            _ => p,
+        };
         Self {
-            state_dir: state_dir
-                .or_else(|| env("WISP_STATE_DIR"))
-                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-            runtime_dir: runtime_dir
-                .or_else(|| env("WISP_RUNTIME_DIR"))
-                .unwrap_or_else(|| registry::DEFAULT_RUNTIME_DIR.into()),
+            state_dir: absolute(
+                state_dir
+                    .or_else(|| env("WISP_STATE_DIR"))
+                    .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            ),
+            runtime_dir: absolute(
+                runtime_dir
+                    .or_else(|| env("WISP_RUNTIME_DIR"))
+                    .unwrap_or_else(|| registry::DEFAULT_RUNTIME_DIR.into()),
+            ),
         }
     }
 
@@ -265,6 +274,8 @@ mod tests {
         assert!(store.lock("../a").is_err());
         assert_eq!(store.state("a"), VmState::ShutOff);
         assert!(store.defined().unwrap().is_empty());
+        let rel = Store::new(Some("st".into()), Some("rt".into()));
+        assert!(rel.state_dir.is_absolute() && rel.runtime_dir.is_absolute());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
