@@ -714,3 +714,108 @@ fn test_clone_full_linked_and_macs() {
     assert_ne!(mac, "52:54:00:12:34:56");
     assert_eq!(u8::from_str_radix(&mac[..2], 16).unwrap() & 3, 2, "{mac}");
 }
+
+/// Runs `net-destroy` (and kills its dnsmasq) even if the test fails, before
+/// the namespace goes: a dnsmasq would otherwise keep it alive.
+struct NetGuard<'a> {
+    env: &'a Env,
+    ns: &'a harness::NetNs,
+}
+
+impl NetGuard<'_> {
+    fn wisp(&self, args: &[&str]) -> Run {
+        let mut c = self.ns.cmd(harness::wisp().to_str().unwrap());
+        c.args(args)
+            .env("WISP_STATE_DIR", &self.env.state)
+            .env("WISP_RUNTIME_DIR", &self.env.run)
+            .stdin(Stdio::null());
+        harness::from_output(c.output().unwrap())
+    }
+}
+
+impl Drop for NetGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.wisp(&["destroy", "nvm"]);
+        let _ = self.wisp(&["net-destroy", "lan"]);
+    }
+}
+
+#[test]
+fn test_network_bridge_nat_dhcp() {
+    require_net!();
+    let have = |p: &str| {
+        Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("nft") || !have("dnsmasq") {
+        eprintln!("SKIPPED: needs nft (nftables) and dnsmasq");
+        return;
+    }
+    let env = Env::new("manage-net");
+    let ns = harness::NetNs::new("mnet");
+    let net = NetGuard { env: &env, ns: &ns };
+    let def = env.dir.path("lan.json");
+    std::fs::write(
+        &def,
+        r#"{"name": "lan", "bridge": "wbr0", "address": "192.168.77.1/24", "nat": true,
+            "dhcp": {"start": "192.168.77.100", "end": "192.168.77.200"}}"#,
+    )
+    .unwrap();
+    env.ok(&["net-define", def.to_str().unwrap()]);
+    let r = net.wisp(&["net-start", "lan"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    let r = net.wisp(&["net-start", "lan"]);
+    assert!(r.stderr.contains("already active"), "{r:?}");
+    let addr = ns.output("ip", &["addr", "show", "wbr0"]);
+    assert!(addr.contains("192.168.77.1/24"), "{addr}");
+    let nft = ns.output("nft", &["list", "table", "ip", "wisp-lan"]);
+    assert!(
+        nft.contains("ip saddr 192.168.77.0/24 ip daddr != 192.168.77.0/24 masquerade"),
+        "{nft}"
+    );
+    let dhcp = ns.output("ss", &["-lunp"]);
+    assert!(
+        dhcp.contains(":67") && dhcp.contains("dnsmasq"),
+        "no DHCP server: {dhcp}"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&net.wisp(&["net-list", "--json"]).stdout).unwrap();
+    assert_eq!(list[0]["active"], true, "{list}");
+
+    // A VM on the network's bridge answers a ping from the host side.
+    let nic = r#""network-interfaces": [{"iface_id": "net0", "host_dev_name": "wtapn", "bridge": "wbr0"}],"#;
+    let file = env.dir.path("nvm.json");
+    std::fs::write(
+        &file,
+        format!(
+            r#"{{"name": "nvm", {nic}
+                "boot-source": {{"kernel_image_path": "{}", "boot_args": "tests=net_arp_icmp ip=192.168.77.2 net_serve_s=60"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}}}}"#,
+            guest().display()
+        ),
+    )
+    .unwrap();
+    env.ok(&["define", file.to_str().unwrap()]);
+    let r = net.wisp(&["start", "nvm"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    harness::wait_for_text(
+        &env.console_log("nvm"),
+        "net_arp_icmp: serving",
+        Duration::from_secs(60),
+    );
+    let ping = ns.output("ping", &["-c", "2", "-W", "5", "192.168.77.2"]);
+    assert!(ping.contains("2 received"), "{ping}");
+    assert_eq!(net.wisp(&["destroy", "nvm"]).code, Some(0));
+
+    let r = env.wisp(&["net-undefine", "lan"]);
+    assert!(r.stderr.contains("is active"), "{r:?}");
+    let r = env.wisp(&["net-destroy", "lan"]);
+    assert!(r.stderr.contains("another network namespace"), "{r:?}");
+    let r = net.wisp(&["net-destroy", "lan"]);
+    assert_eq!(r.code, Some(0), "{r:?}");
+    assert!(!ns.has_link("wbr0"));
+    assert!(!ns.output("nft", &["list", "tables"]).contains("wisp-lan"));
+    env.ok(&["net-undefine", "lan"]);
+}

@@ -41,7 +41,8 @@ fn report(results: Vec<(String, anyhow::Result<super::Done>)>, json: bool) -> i3
 
 /// `wisp autostart-all`: starts every autostart VM that is not running.
 pub fn start_all(store: &Store, json: bool) -> anyhow::Result<i32> {
-    let mut results = Vec::new();
+    // Networks first: VMs may join their bridges.
+    let mut results = super::network::start_autostart(store);
     for name in store.defined()? {
         let autostart = store.load(&name).map(|d| d.autostart);
         match autostart {

@@ -10,6 +10,7 @@ pub mod definition;
 pub mod defs;
 pub mod lifecycle;
 pub mod list;
+pub mod network;
 pub mod store;
 
 use std::path::PathBuf;
@@ -138,6 +139,21 @@ pub enum ManageCommand {
     },
     /// Attach to a running VM's serial console (Ctrl+] detaches).
     Console(Named),
+    /// Store a network definition (bridge, address, NAT, DHCP; docs/manage.md).
+    NetDefine {
+        /// The definition file.
+        file: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove an inactive network's definition.
+    NetUndefine(Named),
+    /// Create a network's bridge, NAT table and DHCP server.
+    NetStart(Named),
+    /// Remove what net-start created.
+    NetDestroy(Named),
+    /// List defined networks.
+    NetList(Common),
     /// Copy a shut-off VM: new name, new MACs, new disk files.
     Clone {
         /// The VM to copy.
@@ -217,6 +233,11 @@ pub fn run(cmd: ManageCommand) -> anyhow::Result<i32> {
             linked,
             common,
         } => one(&common, |s| clone::clone(s, &src, &new, linked)),
+        C::NetDefine { file, common } => one(&common, |s| network::define(s, &file)),
+        C::NetUndefine(n) => one(&n.common, |s| network::undefine(s, &n.name)),
+        C::NetStart(n) => one(&n.common, |s| network::start(s, &n.name)),
+        C::NetDestroy(n) => one(&n.common, |s| network::destroy(s, &n.name)),
+        C::NetList(common) => one(&common, network::list),
         C::Console(vm) => {
             let store = Store::new(vm.common.state_dir, vm.common.runtime_dir);
             console::attach(&store, &vm.name)
