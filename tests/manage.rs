@@ -819,3 +819,24 @@ fn test_network_bridge_nat_dhcp() {
     assert!(!ns.output("nft", &["list", "tables"]).contains("wisp-lan"));
     env.ok(&["net-undefine", "lan"]);
 }
+
+#[test]
+fn test_start_of_a_guest_that_powers_off_at_once() {
+    require_kvm!();
+    let env = Env::new("manage-quick");
+    env.define("quick", "tests=cmdline", "");
+    let out = env.ok(&["start", "quick"]);
+    assert!(out.contains("started"), "{out}");
+    harness::wait_for_text(
+        &env.console_log("quick"),
+        "PASS cmdline",
+        Duration::from_secs(30),
+    );
+    // It powered off by itself: shut off, and it can be started again.
+    let end = Instant::now() + Duration::from_secs(30);
+    while env.row("quick")["state"] != "shut off" {
+        assert!(Instant::now() < end, "{}", env.row("quick"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    env.ok(&["start", "quick"]);
+}

@@ -157,6 +157,17 @@ pub fn start_locked(store: &Store, name: &str, force_boot: bool) -> anyhow::Resu
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Some(status) = child.try_wait().context("Cannot wait for the VMM")? {
+            // A VMM exits successfully only after running the VM (power off,
+            // reset, stop): the guest was quicker than this loop.
+            if status.success() {
+                return Ok(Done {
+                    text: format!(
+                        "VM '{name}' started and has already stopped: {}",
+                        log_tail(&log_path, 1)
+                    ),
+                    json: json!({ "name": name, "pid": pid, "restored": restored, "stopped": true }),
+                });
+            }
             bail!(
                 "VM '{name}' failed to start: the VMM exited ({status}). Last lines of {}:\n{}",
                 log_path.display(),
