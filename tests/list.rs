@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! `wisp list`: VMMs register in a runtime directory, are listed with their
-//! state, leave no entry after a clean exit, and show as stale after being
-//! killed. `wisp run --name` puts the API socket in that directory.
+//! state, leave no entry after a clean exit, and are pruned after being
+//! killed (a VM that is not defined has nothing to show as crashed).
+//! `wisp run --name` puts the API socket in that directory.
 
 mod harness;
 
@@ -14,6 +15,7 @@ use harness::{guest, http, spawn, wait, wait_for_api, TempDir};
 fn list_json(dir: &Path) -> Vec<serde_json::Value> {
     let out = Command::new(harness::wisp())
         .args(["list", "--json", "--runtime-dir", dir.to_str().unwrap()])
+        .env("WISP_STATE_DIR", dir.join("no-state"))
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -70,36 +72,35 @@ fn test_list_named_vms_stale_and_cleanup() {
     let vms = list_json(&rt);
     assert_eq!(vms.len(), 2, "{vms:?}");
     assert_eq!(vms[0]["name"], "alpha");
-    assert_eq!(vms[0]["state"], "Paused");
+    assert_eq!(vms[0]["state"], "paused");
     assert_eq!(vms[0]["pid"], a.id());
     assert_eq!(vms[0]["vcpus"], 2);
     assert_eq!(vms[0]["mem_mib"], 64);
     assert_eq!(vms[0]["alive"], true);
     assert_eq!(vms[1]["name"], "beta");
-    assert_eq!(vms[1]["state"], "Running");
+    assert_eq!(vms[1]["state"], "running");
+    assert_eq!(vms[1]["defined"], false);
 
     // Human output names both.
     let out = Command::new(harness::wisp())
         .args(["list", "--runtime-dir", rt.to_str().unwrap()])
+        .env("WISP_STATE_DIR", rt.join("no-state"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("alpha") && text.contains("beta") && text.contains("Paused"),
+        text.contains("alpha") && text.contains("beta") && text.contains("paused"),
         "{text}"
     );
 
-    // Killed without cleanup: stale.
+    // Killed without cleanup: the stale entry (and its socket) is pruned.
     // SAFETY: signalling children we spawned.
     unsafe { libc::kill(b.id() as i32, libc::SIGKILL) };
     wait(b, Duration::from_secs(20));
+    assert!(rt.join("beta.json").exists());
     let vms = list_json(&rt);
-    assert_eq!(vms[1]["alive"], false, "{vms:?}");
-    let out = Command::new(harness::wisp())
-        .args(["list", "--runtime-dir", rt.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("stale"));
+    assert!(vms.iter().all(|v| v["name"] != "beta"), "{vms:?}");
+    assert!(!rt.join("beta.json").exists() && !rt.join("beta.sock").exists());
 
     // Clean exit removes the entry and the socket.
     // SAFETY: as above.

@@ -80,8 +80,18 @@ fn irqfd(vm: &Vm, gsi: u32, what: &str) -> Result<EventFd, BuildError> {
     Ok(evt)
 }
 
-fn serial_output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> {
-    Ok(match cfg {
+type SerialOut = (
+    Box<dyn Write + Send>,
+    Option<crate::serial_socket::SerialSocket>,
+);
+
+fn serial_output(cfg: &SerialConfig) -> Result<SerialOut, BuildError> {
+    if let SerialConfig::Socket { path, log } = cfg {
+        let (socket, writer) = crate::serial_socket::SerialSocket::bind(path, log.as_deref())
+            .map_err(dev_err(format!("serial console socket {}", path.display())))?;
+        return Ok((Box::new(writer), Some(socket)));
+    }
+    let out: Box<dyn Write + Send> = match cfg {
         SerialConfig::Stdio => {
             // SAFETY: dup of stdout gives a new fd this File owns; writes go
             // straight to it without std's line buffering.
@@ -99,8 +109,9 @@ fn serial_output(cfg: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError
                 .open(p)
                 .map_err(dev_err(format!("serial output file {}", p.display())))?,
         ),
-        SerialConfig::None => Box::new(std::io::sink()),
-    })
+        SerialConfig::None | SerialConfig::Socket { .. } => Box::new(std::io::sink()),
+    };
+    Ok((out, None))
 }
 
 fn open_checked_kvm(cfg: &VmConfig) -> Result<(kvm_ioctls::Kvm, kvm_bindings::CpuId), BuildError> {
@@ -195,6 +206,7 @@ struct Legacy {
     pio: Bus,
     acpi_pm: Arc<Mutex<AcpiPm>>,
     serial: Arc<Mutex<SerialDevice>>,
+    serial_socket: Option<crate::serial_socket::SerialSocket>,
     i8042: Arc<Mutex<I8042>>,
     ged: Arc<Mutex<Ged>>,
     reset_evt: EventFd,
@@ -210,7 +222,7 @@ fn legacy_devices(
     let reset_evt = eventfd("reset event")?;
     let poweroff_evt = eventfd("power-off event")?;
     let serial_irq = irqfd(vm, COM1_IRQ, "serial")?;
-    let out = serial_output(&cfg.serial)?;
+    let (out, serial_socket) = serial_output(&cfg.serial)?;
     let serial = match saved {
         Some(s) => SerialDevice::from_state(&s.serial, serial_irq, out),
         None => SerialDevice::new(serial_irq, out),
@@ -252,6 +264,7 @@ fn legacy_devices(
         pio,
         acpi_pm,
         serial,
+        serial_socket,
         i8042,
         ged,
         reset_evt,
@@ -293,6 +306,7 @@ fn finish(
         vcpus: handles,
         vcpu_ctx: ctx,
         serial: legacy.serial,
+        serial_socket: legacy.serial_socket,
         i8042: legacy.i8042,
         ged: legacy.ged,
         acpi_pm: legacy.acpi_pm,

@@ -17,6 +17,14 @@ pub enum SerialConfig {
     File(PathBuf),
     /// Discarded.
     None,
+    /// A Unix socket one console client at a time attaches to (`wisp
+    /// console`), output also appended to `log` when given.
+    Socket {
+        /// The socket the VMM listens on.
+        path: PathBuf,
+        /// Where all guest output is also appended.
+        log: Option<PathBuf>,
+    },
 }
 
 impl std::str::FromStr for SerialConfig {
@@ -25,10 +33,25 @@ impl std::str::FromStr for SerialConfig {
         match s {
             "stdio" => Ok(Self::Stdio),
             "none" | "off" => Ok(Self::None),
-            _ => match s.strip_prefix("file=") {
-                Some(p) if !p.is_empty() => Ok(Self::File(p.into())),
-                _ => Err(ConfigError::Serial(s.to_string())),
-            },
+            _ => {
+                if let Some(spec) = s.strip_prefix("socket=") {
+                    let (path, log) = match spec.split_once(",log=") {
+                        Some((p, l)) => (p, Some(l)),
+                        None => (spec, None),
+                    };
+                    if path.is_empty() || log.is_some_and(str::is_empty) {
+                        return Err(ConfigError::Serial(s.to_string()));
+                    }
+                    return Ok(Self::Socket {
+                        path: path.into(),
+                        log: log.map(PathBuf::from),
+                    });
+                }
+                match s.strip_prefix("file=") {
+                    Some(p) if !p.is_empty() => Ok(Self::File(p.into())),
+                    _ => Err(ConfigError::Serial(s.to_string())),
+                }
+            }
         }
     }
 }
@@ -42,7 +65,7 @@ pub enum ConfigError {
     )]
     Size(String),
     /// A bad serial spec.
-    #[error("Invalid serial '{0}': expected stdio, none or file=PATH")]
+    #[error("Invalid serial '{0}': expected stdio, none, file=PATH or socket=PATH[,log=FILE]")]
     Serial(String),
     /// A bad vCPU count.
     #[error("Invalid vCPU count {0}: {1}")]
@@ -396,6 +419,22 @@ mod tests {
             Ok(SerialConfig::File("/tmp/x".into()))
         );
         assert!("file=".parse::<SerialConfig>().is_err());
+        assert_eq!(
+            "socket=/s,log=/l".parse(),
+            Ok(SerialConfig::Socket {
+                path: "/s".into(),
+                log: Some("/l".into())
+            })
+        );
+        assert_eq!(
+            "socket=/s".parse(),
+            Ok(SerialConfig::Socket {
+                path: "/s".into(),
+                log: None
+            })
+        );
+        assert!("socket=".parse::<SerialConfig>().is_err());
+        assert!("socket=/s,log=".parse::<SerialConfig>().is_err());
         assert!("tcp".parse::<SerialConfig>().is_err());
     }
 

@@ -16,8 +16,14 @@ use api::models::{
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 pub struct CtlArgs {
     /// Path of the VM's API socket.
-    #[arg(long = "api-sock", value_name = "PATH")]
-    pub api_sock: PathBuf,
+    #[arg(long = "api-sock", value_name = "PATH", conflicts_with = "vm")]
+    pub api_sock: Option<PathBuf>,
+    /// The VM's name instead of --api-sock (as given to `wisp run --name`, or defined).
+    #[arg(value_name = "NAME")]
+    pub vm: Option<String>,
+    /// Where named VMMs register [env: WISP_RUNTIME_DIR] [default: /run/wisp].
+    #[arg(long = "runtime-dir", value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
     /// Print the API's JSON instead of human-readable text.
     #[arg(long)]
     pub json: bool,
@@ -380,10 +386,45 @@ pub fn render(command: &CtlCommand, json: bool, status: u16, body: &str) -> Outc
     }
 }
 
+/// The API socket `wisp ctl` talks to: `--api-sock`, or that of the VM named.
+pub fn resolve_socket(args: &CtlArgs) -> anyhow::Result<PathBuf> {
+    if let Some(s) = &args.api_sock {
+        return Ok(s.clone());
+    }
+    let Some(name) = &args.vm else {
+        anyhow::bail!("Give the VM's name or --api-sock PATH");
+    };
+    let dir = args
+        .runtime_dir
+        .clone()
+        .or_else(|| std::env::var_os("WISP_RUNTIME_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| vmm::registry::DEFAULT_RUNTIME_DIR.into());
+    if !vmm::registry::valid_name(name) {
+        anyhow::bail!("{}", vmm::registry::RegistryError::BadName(name.clone()));
+    }
+    match vmm::registry::lookup(&dir, name) {
+        Some(l) if l.alive => l.entry.api_sock.ok_or_else(|| {
+            anyhow::anyhow!(
+                "VM '{name}' runs without an API socket (pid {})",
+                l.entry.pid
+            )
+        }),
+        Some(l) => anyhow::bail!(
+            "VM '{name}' is not running (its VMM, pid {}, is gone)",
+            l.entry.pid
+        ),
+        None => anyhow::bail!(
+            "No VM named '{name}' is running (none registered in {})",
+            dir.display()
+        ),
+    }
+}
+
 /// Runs `wisp ctl`; returns the process exit code.
 pub fn run(args: CtlArgs) -> anyhow::Result<i32> {
     let call = build_call(&args.command)?;
-    let client = api::Client::new(&args.api_sock)
+    let sock = resolve_socket(&args)?;
+    let client = api::Client::new(&sock)
         .with_timeout(Some(Duration::from_secs(args.request_timeout.max(1))));
     let (status, body) = client
         .request(call.method, call.path, call.body.as_deref())
@@ -494,6 +535,42 @@ mod tests {
     }
 
     #[test]
+    fn name_or_socket() {
+        let a = |v: &[&str]| T::try_parse_from(v).map(|t| t.ctl);
+        let by_name = a(&["ctl", "web1", "info"]).unwrap();
+        assert_eq!(by_name.vm.as_deref(), Some("web1"));
+        assert_eq!(by_name.command, CtlCommand::Info);
+        let by_name = a(&["ctl", "web1", "shutdown", "--timeout", "3"]).unwrap();
+        assert_eq!(by_name.command, CtlCommand::Shutdown { timeout: Some(3) });
+        assert!(a(&["ctl", "--api-sock", "/s", "web1", "info"]).is_err());
+        let none = a(&["ctl", "info"]).unwrap();
+        assert_eq!(none.vm, None);
+        let e = resolve_socket(&none).unwrap_err().to_string();
+        assert!(e.contains("--api-sock"), "{e}");
+        let dir = std::env::temp_dir().join(format!("wisp-ctl-name-{}", std::process::id()));
+        let mut missing = by_name.clone();
+        missing.runtime_dir = Some(dir.clone());
+        let e = resolve_socket(&missing).unwrap_err().to_string();
+        assert!(e.contains("No VM named 'web1'"), "{e}");
+        let reg = vmm::registry::Registration::register(
+            &dir,
+            vmm::registry::Entry {
+                name: "web1".into(),
+                pid: std::process::id(),
+                state: "Running".into(),
+                vcpus: 1,
+                mem_mib: 64,
+                api_sock: Some(dir.join("web1.sock")),
+                start_time: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(resolve_socket(&missing).unwrap(), dir.join("web1.sock"));
+        drop(reg);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn rendering() {
         let info = r#"{"id":"vm1","state":"Running","vmm_version":"0.1.0","app_name":"wisp"}"#;
         let o = render(&CtlCommand::Info, false, 200, info);
@@ -540,7 +617,9 @@ mod tests {
             }
         });
         let args = |cmd| CtlArgs {
-            api_sock: sock.clone(),
+            api_sock: Some(sock.clone()),
+            vm: None,
+            runtime_dir: None,
             json: false,
             request_timeout: 5,
             command: cmd,

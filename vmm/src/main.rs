@@ -15,6 +15,7 @@ use vmm::Outcome;
 mod ctl;
 mod firecracker;
 mod image;
+mod manage;
 
 /// wisp: a minimal virtual machine monitor on KVM.
 #[derive(Debug, Parser)]
@@ -30,11 +31,12 @@ enum Command {
     Run(Box<RunArgs>),
     /// Control a running VM through its API socket.
     Ctl(ctl::CtlArgs),
-    /// List the microVMs running on this host.
-    List(ListArgs),
     /// Create, inspect, check, convert, resize and clone disk images.
     #[command(subcommand)]
     Image(image::ImageCommand),
+    /// Persistent VMs: list, define, start, shutdown, console, ... (docs/manage.md).
+    #[command(flatten)]
+    Manage(manage::ManageCommand),
 }
 
 #[derive(Debug, Args)]
@@ -55,7 +57,7 @@ struct RunArgs {
     /// Guest memory, e.g. 512M or 4G.
     #[arg(long, default_value = "128M", value_parser = parse_size)]
     memory: u64,
-    /// Serial console: stdio, file=PATH or none.
+    /// Serial console: stdio, file=PATH, socket=PATH[,log=FILE] (for `wisp console`) or none.
     #[arg(long, default_value = "stdio")]
     serial: SerialConfig,
     /// A disk: path=IMG[,readonly=on][,id=NAME][,serial=STR][,format=raw|qcow2]; repeatable.
@@ -102,58 +104,6 @@ struct RunArgs {
     /// machine configuration given must match the sender's.
     #[arg(long, conflicts_with_all = ["kernel", "config_file", "restore"])]
     incoming: Option<String>,
-}
-
-#[derive(Debug, Args)]
-struct ListArgs {
-    /// Runtime directory where VMMs register.
-    #[arg(long, default_value = vmm::registry::DEFAULT_RUNTIME_DIR)]
-    runtime_dir: PathBuf,
-    /// Machine-readable output.
-    #[arg(long)]
-    json: bool,
-}
-
-fn list(a: ListArgs) -> ExitCode {
-    let vms = match vmm::registry::list(&a.runtime_dir) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("wisp: cannot read {}: {e}", a.runtime_dir.display());
-            return ExitCode::FAILURE;
-        }
-    };
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&vms).unwrap_or_else(|_| "[]".into())
-        );
-        return ExitCode::SUCCESS;
-    }
-    println!(
-        "{:<24} {:>8} {:<28} {:>5} {:>9}  SOCKET",
-        "NAME", "PID", "STATE", "VCPUS", "MEMORY"
-    );
-    for v in vms {
-        let state = if v.alive {
-            v.entry.state.clone()
-        } else {
-            "stale (VMM not running)".to_string()
-        };
-        println!(
-            "{:<24} {:>8} {:<28} {:>5} {:>7}Mi  {}",
-            v.entry.name,
-            v.entry.pid,
-            state,
-            v.entry.vcpus,
-            v.entry.mem_mib,
-            v.entry
-                .api_sock
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "-".into())
-        );
-    }
-    ExitCode::SUCCESS
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -348,7 +298,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(a) => run(*a),
-        Command::List(a) => list(a),
+        Command::Manage(cmd) => tool_exit(manage::run(cmd)),
         Command::Image(cmd) => tool_exit(image::run(cmd)),
         Command::Ctl(args) => tool_exit(ctl::run(args)),
     }

@@ -27,6 +27,11 @@ pub struct Entry {
     pub mem_mib: u64,
     /// API socket, if any.
     pub api_sock: Option<PathBuf>,
+    /// The VMM's start time (field 22 of `/proc/PID/stat`, clock ticks since
+    /// boot), so a reused pid is not taken for the VMM. Filled in by
+    /// [`Registration::register`]; absent in entries written by older wisps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<u64>,
 }
 
 /// Why registration failed.
@@ -59,6 +64,7 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
+        && !name.contains("..")
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
@@ -73,6 +79,38 @@ pub fn pid_alive(pid: u32) -> bool {
     unsafe { libc::kill(pid, 0) == 0 || *libc::__errno_location() == libc::EPERM }
 }
 
+/// Fields 3.. of `/proc/PID/stat` (state, ppid, ...).
+fn proc_stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields
+    // after it start past the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`).
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    proc_stat_fields(pid)?.get(22 - 3)?.parse().ok()
+}
+
+/// Whether the VMM an entry describes still runs: its pid exists, is not a
+/// zombie and, when the entry recorded one, has the same start time (pids
+/// are reused).
+pub fn entry_alive(e: &Entry) -> bool {
+    if !pid_alive(e.pid) {
+        return false;
+    }
+    match proc_stat_fields(e.pid) {
+        Some(f) => {
+            f.first().is_none_or(|s| s != "Z")
+                && e.start_time
+                    .is_none_or(|t| f.get(22 - 3).and_then(|v| v.parse().ok()) == Some(t))
+        }
+        // No /proc: trust kill(0).
+        None => e.start_time.is_none(),
+    }
+}
+
 /// A registration, removed on drop.
 #[derive(Debug)]
 pub struct Registration {
@@ -82,7 +120,10 @@ pub struct Registration {
 
 impl Registration {
     /// Registers `entry` in `dir` (created if needed), replacing a stale entry.
-    pub fn register(dir: &Path, entry: Entry) -> Result<Self, RegistryError> {
+    pub fn register(dir: &Path, mut entry: Entry) -> Result<Self, RegistryError> {
+        if entry.start_time.is_none() {
+            entry.start_time = proc_start_time(entry.pid);
+        }
         if !valid_name(&entry.name) {
             return Err(RegistryError::BadName(entry.name));
         }
@@ -92,7 +133,7 @@ impl Registration {
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         if let Some(old) = read_entry(&dir.join(format!("{}.json", entry.name))) {
-            if old.pid != entry.pid && pid_alive(old.pid) {
+            if old.pid != entry.pid && entry_alive(&old) {
                 return Err(RegistryError::InUse {
                     name: entry.name,
                     pid: old.pid,
@@ -176,12 +217,42 @@ pub fn list(dir: &Path) -> std::io::Result<Vec<Listed>> {
         })
         .filter_map(|p| read_entry(&p))
         .map(|entry| Listed {
-            alive: pid_alive(entry.pid),
+            alive: entry_alive(&entry),
             entry,
         })
         .collect();
     out.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
     Ok(out)
+}
+
+/// The entry of VM `name` in `dir`, if registered.
+pub fn lookup(dir: &Path, name: &str) -> Option<Listed> {
+    if !valid_name(name) {
+        return None;
+    }
+    let entry = read_entry(&dir.join(format!("{name}.json")))?;
+    Some(Listed {
+        alive: entry_alive(&entry),
+        entry,
+    })
+}
+
+/// Removes the entry of a VMM that is gone (and its API socket when that is
+/// in `dir`). Refuses, returning false, while the VMM still runs.
+pub fn prune(dir: &Path, name: &str) -> bool {
+    let Some(l) = lookup(dir, name) else {
+        return true;
+    };
+    if l.alive {
+        return false;
+    }
+    if let Some(sock) = &l.entry.api_sock {
+        if sock.parent() == Some(dir) {
+            let _ = std::fs::remove_file(sock);
+        }
+    }
+    let _ = std::fs::remove_file(dir.join(format!("{name}.json")));
+    true
 }
 
 #[cfg(test)]
@@ -196,7 +267,40 @@ mod tests {
             vcpus: 2,
             mem_mib: 128,
             api_sock: None,
+            start_time: None,
         }
+    }
+
+    #[test]
+    fn test_start_time_guards_against_pid_reuse() {
+        let me = std::process::id();
+        let t = proc_start_time(me).unwrap();
+        let mut e = entry("x", me);
+        assert!(entry_alive(&e));
+        e.start_time = Some(t);
+        assert!(entry_alive(&e));
+        e.start_time = Some(t + 1);
+        assert!(!entry_alive(&e), "same pid, other start time: not our VMM");
+        assert!(!valid_name("a..b") && !valid_name("a/b") && valid_name("a.b"));
+    }
+
+    #[test]
+    fn test_prune_removes_only_dead_entries() {
+        let dir = std::env::temp_dir().join(format!("wisp-prune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut dead = entry("dead", 999_999_999);
+        dead.api_sock = Some(dir.join("dead.sock"));
+        std::fs::write(dir.join("dead.sock"), "").unwrap();
+        std::fs::write(dir.join("dead.json"), serde_json::to_string(&dead).unwrap()).unwrap();
+        let reg = Registration::register(&dir, entry("live", std::process::id())).unwrap();
+        assert!(!prune(&dir, "live"));
+        assert!(lookup(&dir, "live").unwrap().alive);
+        assert!(prune(&dir, "dead"));
+        assert!(!dir.join("dead.json").exists() && !dir.join("dead.sock").exists());
+        assert!(lookup(&dir, "dead").is_none());
+        drop(reg);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

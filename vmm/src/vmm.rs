@@ -77,6 +77,8 @@ pub struct Vmm {
     pub kicker: Option<std::thread::JoinHandle<()>>,
     /// COM1.
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// COM1's console socket (`--serial socket=`), until the event loop serves it.
+    pub serial_socket: Option<crate::serial_socket::SerialSocket>,
     /// The keyboard controller.
     pub i8042: Arc<Mutex<I8042>>,
     /// The ACPI Generic Event Device (power button).
@@ -230,6 +232,12 @@ impl Vmm {
         }
         for n in &self.nets {
             em.add_subscriber(n.net.clone());
+        }
+        if let Some(socket) = self.serial_socket.take() {
+            let server = socket
+                .into_subscriber(self.serial.clone())
+                .map_err(|e| format!("Console socket disabled: {e}"))?;
+            em.add_subscriber(Arc::new(Mutex::new(server)));
         }
         if console {
             let drained = lock(&self.serial)

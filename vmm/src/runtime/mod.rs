@@ -204,6 +204,7 @@ impl Runtime {
                     vcpus: opts.preboot.machine.vcpu_count,
                     mem_mib: opts.preboot.machine.mem_size_mib as u64,
                     api_sock: opts.api_sock.clone(),
+                    start_time: None,
                 };
                 match crate::registry::Registration::register(dir, entry) {
                     Ok(r) => Some(r),
@@ -442,9 +443,10 @@ impl Runtime {
             if answer.is_err() {
                 crate::metrics::inc(&crate::metrics::API.errors);
             }
+            // The registry shows the new state before the client hears back.
+            self.sync_registry();
             responder.send(answer);
         }
-        self.sync_registry();
     }
 
     fn dispatch(&mut self, req: ApiRequest) -> ApiResponse {
