@@ -422,6 +422,12 @@ impl Runtime {
             }
         };
         log::info!("microVM ending: {outcome:?}");
+        // A last metrics line, so short runs and the final counts are seen.
+        if self.metrics.is_some() {
+            if let Err(e) = self.flush_metrics() {
+                log::warn!("Cannot write metrics: {e}");
+            }
+        }
         if let Some(mut vmm) = self.vmm.take() {
             vmm.stop();
         }

@@ -426,6 +426,9 @@ where
     let (req, completion) = match request::parse(mem, chain, limits, segs) {
         Ok(req) => {
             let c = request::execute(mem, disk, &req, segs, limits, serial);
+            if c.status == super::VIRTIO_BLK_S_OK {
+                metrics.record_ok(req.kind);
+            }
             (req.status, c)
         }
         Err(ParseError::NoStatus) => {

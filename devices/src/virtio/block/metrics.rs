@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-use super::request::Completion;
+use super::request::{Completion, RequestType};
 use super::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
 
 /// Request counters; updated by the device, readable from any thread.
@@ -25,6 +25,10 @@ pub struct BlockMetrics {
     pub invalid: AtomicU64,
     /// Times the queue was found broken (device needs reset).
     pub broken: AtomicU64,
+    /// Flush requests that completed successfully (reached the backend).
+    pub flushes: AtomicU64,
+    /// Discard and write-zeroes requests that completed successfully.
+    pub discards: AtomicU64,
 }
 
 /// A point-in-time copy of [`BlockMetrics`].
@@ -44,6 +48,10 @@ pub struct BlockMetricsSnapshot {
     pub invalid: u64,
     /// See [`BlockMetrics::broken`].
     pub broken: u64,
+    /// See [`BlockMetrics::flushes`].
+    pub flushes: u64,
+    /// See [`BlockMetrics::discards`].
+    pub discards: u64,
 }
 
 impl BlockMetrics {
@@ -57,6 +65,19 @@ impl BlockMetrics {
 
     pub(super) fn inc_broken(&self) {
         self.broken.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request of `kind` that completed with `VIRTIO_BLK_S_OK`.
+    pub(super) fn record_ok(&self, kind: RequestType) {
+        match kind {
+            RequestType::Flush => {
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                self.discards.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
     }
 
     pub(super) fn record(&self, c: &Completion) {
@@ -88,6 +109,8 @@ impl BlockMetrics {
             unsupported: r(&self.unsupported),
             invalid: r(&self.invalid),
             broken: r(&self.broken),
+            flushes: r(&self.flushes),
+            discards: r(&self.discards),
         }
     }
 }

@@ -312,6 +312,8 @@ fn test_write_and_flush() {
     let (len, status) = h.run(&[hdr, D(STATUS, 1, true)]);
     assert_eq!((len, status), (1, VIRTIO_BLK_S_OK));
     assert_eq!(h.disk.flushes.load(Ordering::SeqCst), 1);
+    let m = h.dev.metrics().snapshot();
+    assert_eq!((m.flushes, m.discards), (1, 0));
 }
 
 #[test]
