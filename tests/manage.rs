@@ -613,9 +613,25 @@ fn test_console_attach_busy_detach() {
     assert_eq!(r.code, Some(0), "{r:?}");
     assert!(r.stderr.contains("Detached"), "{r:?}");
     // A client attached when the VM stops is told so and exits.
-    let mut cmd = env.cmd(&["console", "con"]);
-    cmd.stdin(Stdio::piped());
-    let mut attached = die_with_test(&mut cmd).spawn().unwrap();
+    // The VMM frees the console when it sees the last client's hang-up, a
+    // moment after that client exits: retry while it is still held.
+    let mut tries = 0;
+    let mut attached = loop {
+        let mut cmd = env.cmd(&["console", "con"]);
+        cmd.stdin(Stdio::piped());
+        let mut c = die_with_test(&mut cmd).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        match c.try_wait().unwrap() {
+            Some(_) if tries < 20 => {
+                let mut err = String::new();
+                use std::io::Read;
+                c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                assert!(err.contains("in use by another client"), "{err}");
+                tries += 1;
+            }
+            _ => break c,
+        }
+    };
     let _keep_stdin_open = attached.stdin.take();
     let mut lines = harness::LineReader::new(&mut attached);
     lines.wait_line("tick ", Duration::from_secs(30));
