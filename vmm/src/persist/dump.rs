@@ -14,20 +14,9 @@ use vm_memory::GuestMemoryBackend;
 use super::binding::{MemoryBinding, Trailer, TrailerState, TRAILER_LEN};
 use super::files::{check_target, open_regular, parent_dir, sync_dir, TempFile};
 use super::memory::{
-    bit, check_bitmaps, clone_sparse, region_bytes, touched_pages, write_pages, DumpStats,
-    MemoryFileError, MemoryLayout, Result,
+    bit, check_bitmaps, clone_sparse, io_err, region_bytes, touched_pages, write_pages, DumpStats,
+    MemoryLayout, Result,
 };
-
-fn io_err<'a>(
-    what: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> MemoryFileError + 'a {
-    move |source| MemoryFileError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// Writes all of `mem` into the new, empty `file` (at `path`, for messages)
 /// and sizes it to RAM plus trailer; the trailer itself is not written.
@@ -205,7 +194,7 @@ pub fn dump_memory_diff_atomic(
 mod tests {
     use super::*;
     use crate::persist::memory::test_util::*;
-    use crate::persist::memory::{map_memory_file, PAGE_SIZE};
+    use crate::persist::memory::{map_memory_file, MemoryFileError, PAGE_SIZE};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     const FILE_LEN: u64 = 32 * MIB as u64 + TRAILER_LEN;

@@ -176,7 +176,8 @@ impl DumpStats {
     }
 }
 
-fn io_err<'a>(
+/// Maps an I/O error on `path` while doing `what`.
+pub(super) fn io_err<'a>(
     what: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(std::io::Error) -> MemoryFileError + 'a {
