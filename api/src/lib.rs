@@ -37,6 +37,7 @@ pub mod models;
 pub mod request;
 pub mod routes;
 pub mod server;
+pub mod socket;
 
 pub use client::{Client, ClientError, Connection};
 pub use models::ApiFault;
