@@ -11,6 +11,7 @@
 //! it.
 
 mod harness;
+mod perms;
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -573,4 +574,43 @@ fn test_link_lost_after_go_leaves_source_paused_until_resumed() {
     let text = std::fs::read_to_string(&a.log).unwrap();
     assert!(!text.contains("FAIL"), "{text}");
     let _ = a.child;
+}
+
+#[test]
+fn test_migration_socket_is_never_reachable_by_others_even_under_umask_000() {
+    require_kvm!();
+    if !perms::is_root() {
+        eprintln!("SKIPPED: needs root to probe the socket as nobody");
+        return;
+    }
+    let dir = TempDir::new("mig-perms");
+    let _control = perms::shared_dir(&dir);
+    for i in 0..10 {
+        let name = format!("mig{i}.sock");
+        let path = dir.path(&name);
+        let api = dir.path(&format!("api{i}.sock"));
+        let mut watch = perms::ModeWatch::new(&dir.0);
+        let prober = perms::fork_nobody_prober(&path, Some(Duration::from_secs(20)));
+        let uri = format!("unix:{}", path.display());
+        let mut child = perms::spawn_umask_000(&[
+            "run",
+            "--api-sock",
+            api.to_str().unwrap(),
+            "--incoming",
+            &uri,
+            "--memory",
+            "64M",
+        ]);
+        watch.until(&name);
+        let probe = perms::reap(prober);
+        assert_eq!(perms::connect_as_nobody(&path), libc::EACCES);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            probe,
+            libc::EACCES,
+            "start {i}: nobody reached the migration socket"
+        );
+        assert!(watch.exposed().is_empty(), "start {i}: {:?}", watch.seen);
+    }
 }
