@@ -233,6 +233,7 @@ pub fn build_call(command: &CtlCommand) -> anyhow::Result<Call> {
                 max_downtime_ms: *max_downtime,
                 auto_converge: auto_converge.then_some(true),
                 max_bandwidth_mib_s: *max_bandwidth,
+                token_file: None,
             },
         ),
         CtlCommand::Migration {
@@ -249,7 +250,11 @@ pub fn build_call(command: &CtlCommand) -> anyhow::Result<Call> {
             command: MigrationCommand::Receive { from },
         } => put(
             "/migration/receive",
-            &MigrationReceive { uri: from.clone() },
+            &MigrationReceive {
+                uri: from.clone(),
+                timeout_s: None,
+                token_file: None,
+            },
         ),
     }
 }

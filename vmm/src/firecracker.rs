@@ -176,6 +176,8 @@ pub fn main(argv: &[String]) -> ExitCode {
         metrics_path: a.metrics_path,
         restore: None,
         incoming: None,
+        migration_timeout_s: None,
+        migration_token_file: None,
     })
 }
 

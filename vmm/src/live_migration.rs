@@ -294,15 +294,24 @@ impl MigrationTarget for Target {
     }
 }
 
-/// Accepts one migration on `listener` and receives it, on its own thread.
-pub fn spawn_receiver(listener: migration::Listener, mut target: Target) -> std::io::Result<()> {
+/// Accepts one migration on `listener` and receives it within `opts`, on
+/// its own thread.
+pub fn spawn_receiver(
+    listener: migration::Listener,
+    mut target: Target,
+    opts: migration::ReceiveOptions,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("wisp-migrate-recv".into())
         .spawn(move || {
             let link = target.link.clone();
+            // Waits for the sender as long as it takes: the operator may
+            // start this receiver well ahead. Once connected, the sender has
+            // `opts`' timeouts.
             let result = match listener.accept(None) {
                 Ok(mut stream) => {
-                    migration::receive(&mut stream, &mut target).map_err(|e| e.to_string())
+                    drop(listener);
+                    migration::receive(&mut stream, &mut target, &opts).map_err(|e| e.to_string())
                 }
                 Err(e) => Err(format!("Cannot accept a migration: {e}")),
             };

@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::auth::{AuthBytes, AUTH_LEN};
 use super::config::MigrationConfig;
 
 /// First bytes of every `Hello`.
@@ -19,9 +20,11 @@ pub const MAGIC: [u8; 8] = *b"WISPMIGR";
 /// state format version (`persist::format::FORMAT_VERSION`).
 /// Version 2 added the `Ready`/`Go` commit: version 1 ran the guest on the
 /// receiver before the source knew, so a link break then left two copies.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3 added the `Challenge`/`Auth`/`AuthOk` exchange (the optional
+/// migration token) after the `Hello`s.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Protocol versions this build accepts from a peer.
-pub const SUPPORTED_VERSIONS: &[u32] = &[2];
+pub const SUPPORTED_VERSIONS: &[u32] = &[3];
 /// Page size of `Pages` frames.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one `Pages` frame.
@@ -176,6 +179,24 @@ impl Pages {
 pub enum Message {
     /// Both sides, first: magic and version.
     Hello(Hello),
+    /// Receiver, after its `Hello`: a fresh nonce for the sender's proof.
+    Challenge {
+        /// The receiver's nonce.
+        nonce: AuthBytes,
+    },
+    /// Sender: its own nonce and, if it has a token, its proof.
+    Auth {
+        /// The sender's nonce.
+        nonce: AuthBytes,
+        /// HMAC of both nonces under the token (sender's label).
+        proof: Option<AuthBytes>,
+    },
+    /// Receiver: the sender is accepted; the receiver's proof if it has a
+    /// token.
+    AuthOk {
+        /// HMAC of both nonces under the token (receiver's label).
+        proof: Option<AuthBytes>,
+    },
     /// Sender: what is being migrated.
     Config(MigrationConfig),
     /// Receiver: the configuration fits; send memory.
@@ -237,6 +258,12 @@ pub mod tag {
     pub const READY: u32 = 11;
     /// [`super::Message::Go`].
     pub const GO: u32 = 12;
+    /// [`super::Message::Challenge`].
+    pub const CHALLENGE: u32 = 13;
+    /// [`super::Message::Auth`].
+    pub const AUTH: u32 = 14;
+    /// [`super::Message::AuthOk`].
+    pub const AUTH_OK: u32 = 15;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -249,6 +276,9 @@ impl Message {
     pub fn name(&self) -> &'static str {
         match self {
             Message::Hello(_) => "Hello",
+            Message::Challenge { .. } => "Challenge",
+            Message::Auth { .. } => "Auth",
+            Message::AuthOk { .. } => "AuthOk",
             Message::Config(_) => "Config",
             Message::Accept => "Accept",
             Message::Refuse { .. } => "Refuse",
@@ -275,6 +305,19 @@ impl Message {
                 let v = &v[..v.len().min(MAX_VERSION_STRING)];
                 f.put(&(v.len() as u16).to_le_bytes());
                 f.put(v);
+            }
+            Message::Challenge { nonce } => {
+                f.begin(tag::CHALLENGE);
+                f.put(nonce);
+            }
+            Message::Auth { nonce, proof } => {
+                f.begin(tag::AUTH);
+                f.put(nonce);
+                put_proof(&mut f, proof);
+            }
+            Message::AuthOk { proof } => {
+                f.begin(tag::AUTH_OK);
+                put_proof(&mut f, proof);
             }
             Message::Config(c) => {
                 f.begin(tag::CONFIG);
@@ -331,6 +374,15 @@ impl Message {
         };
         match tag {
             tag::HELLO => decode_hello(payload).map(Message::Hello),
+            tag::CHALLENGE => auth_bytes("Challenge", payload)
+                .and_then(|(nonce, rest)| no_rest("Challenge", rest).map(|()| nonce))
+                .map(|nonce| Message::Challenge { nonce }),
+            tag::AUTH => {
+                let (nonce, rest) = auth_bytes("Auth", payload)?;
+                let proof = decode_proof("Auth", rest)?;
+                Ok(Message::Auth { nonce, proof })
+            }
+            tag::AUTH_OK => decode_proof("AuthOk", payload).map(|proof| Message::AuthOk { proof }),
             tag::CONFIG => postcard_exact("Config", payload).map(Message::Config),
             tag::ACCEPT => empty(Message::Accept),
             tag::REFUSE => postcard_exact::<Reason>("Refuse", payload)
@@ -352,6 +404,50 @@ impl Message {
                 .map(|r| Message::Error { message: r.text }),
             t => Err(ProtocolError::UnknownTag(t)),
         }
+    }
+}
+
+fn put_proof(f: &mut FrameBuf, proof: &Option<AuthBytes>) {
+    match proof {
+        Some(p) => {
+            f.put(&[1]);
+            f.put(p);
+        }
+        None => f.put(&[0]),
+    }
+}
+
+/// The first [`AUTH_LEN`] bytes and the rest.
+fn auth_bytes<'a>(message: &'static str, p: &'a [u8]) -> Result<(AuthBytes, &'a [u8])> {
+    let b = p
+        .get(..AUTH_LEN)
+        .and_then(|s| <AuthBytes>::try_from(s).ok())
+        .ok_or_else(|| malformed(message, "too short"))?;
+    Ok((b, &p[AUTH_LEN..]))
+}
+
+fn no_rest(message: &'static str, rest: &[u8]) -> Result<()> {
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(malformed(message, format!("{} trailing bytes", rest.len())))
+    }
+}
+
+/// A flag byte (0 or 1) and, after a 1, the proof.
+fn decode_proof(message: &'static str, p: &[u8]) -> Result<Option<AuthBytes>> {
+    match p.split_first() {
+        Some((0, rest)) => no_rest(message, rest).map(|()| None),
+        Some((1, rest)) => {
+            let (proof, rest) = auth_bytes(message, rest)?;
+            no_rest(message, rest)?;
+            Ok(Some(proof))
+        }
+        Some((flag, _)) => Err(malformed(
+            message,
+            format!("proof flag {flag} is not 0 or 1"),
+        )),
+        None => Err(malformed(message, "too short")),
     }
 }
 
@@ -532,6 +628,19 @@ mod tests {
     fn all_messages() -> Vec<Message> {
         vec![
             Message::Hello(Hello::ours()),
+            Message::Challenge { nonce: [7; 32] },
+            Message::Auth {
+                nonce: [8; 32],
+                proof: Some([9; 32]),
+            },
+            Message::Auth {
+                nonce: [8; 32],
+                proof: None,
+            },
+            Message::AuthOk {
+                proof: Some([10; 32]),
+            },
+            Message::AuthOk { proof: None },
             Message::Config(MigrationConfig {
                 memory: vec![RegionSpec {
                     guest_addr: 0x1000_0000,
@@ -691,6 +800,19 @@ mod tests {
             ProtocolError::Malformed { .. }
         ));
         assert!(read_message(&mut pages(3, &[0b100], PAGE_SIZE).as_slice()).is_ok());
+        // Auth messages: short nonces, bad flags, short or long proofs.
+        for bad in [
+            frame(tag::CHALLENGE, &[0; 31]),
+            frame(tag::CHALLENGE, &[0; 33]),
+            frame(tag::AUTH, &[0; 32]),
+            frame(tag::AUTH, &[[0; 32].as_slice(), &[2]].concat()),
+            frame(tag::AUTH, &[[0; 32].as_slice(), &[1], &[0; 31]].concat()),
+            frame(tag::AUTH, &[[0; 32].as_slice(), &[0], &[0]].concat()),
+            frame(tag::AUTH_OK, &[]),
+            frame(tag::AUTH_OK, &[[1].as_slice(), &[0; 33]].concat()),
+        ] {
+            assert!(matches!(e(bad), ProtocolError::Malformed { .. }));
+        }
         let mut over = vec![0u8; MAX_STATE_CHUNK + 1];
         over[0] = 1;
         assert!(matches!(
@@ -703,8 +825,9 @@ mod tests {
     fn test_protocol_hello_version_check() {
         let mut h = Hello::ours();
         h.check().unwrap();
-        // Version 1 had no Ready/Go commit: refused.
-        for old in [1, 3] {
+        // Version 1 had no Ready/Go commit, version 2 no Challenge/Auth:
+        // refused, like a future one.
+        for old in [1, 2, 4] {
             h.protocol_version = old;
             let m = Message::Hello(h.clone());
             let Message::Hello(back) = read_message(&mut m.encode().as_slice()).unwrap() else {

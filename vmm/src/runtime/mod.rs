@@ -43,6 +43,13 @@ pub struct RuntimeOptions {
     pub restore: Option<(PathBuf, PathBuf, bool)>,
     /// Wait for an incoming live migration on this URI.
     pub incoming: Option<String>,
+    /// Receiver timeout, seconds, for the handshake and each frame
+    /// (`--migration-timeout`; default 30). The API's receive request may
+    /// override it.
+    pub migration_timeout_s: Option<u64>,
+    /// Migration token file for receives and sends
+    /// (`--migration-token-file`). The API's requests may override it.
+    pub migration_token_file: Option<PathBuf>,
 }
 
 /// Why the runtime could not start.
@@ -146,6 +153,10 @@ struct MigrationCtl {
     uri: Option<String>,
     /// The migration paused the VM (and must resume it on failure).
     paused_vm: bool,
+    /// Receiver timeout from the command line.
+    timeout: std::time::Duration,
+    /// Token from the command line.
+    token: Option<crate::migration::Token>,
 }
 
 /// How often metrics are written without being asked.
@@ -232,6 +243,17 @@ impl Runtime {
             role: None,
             uri: None,
             paused_vm: false,
+            timeout: opts
+                .migration_timeout_s
+                .map(std::time::Duration::from_secs)
+                .unwrap_or(crate::migration::receiver::DEFAULT_TIMEOUT),
+            token: match &opts.migration_token_file {
+                Some(p) => Some(
+                    crate::migration::Token::from_file(p)
+                        .map_err(|e| RuntimeError::Boot(e.to_string()))?,
+                ),
+                None => None,
+            },
         };
         em.add_subscriber(Arc::new(Mutex::new(Wakeups {
             signal_fd: signal_evt.as_raw_fd(),
@@ -264,7 +286,8 @@ impl Runtime {
             rt.load_snapshot(snap, mem, false, *resume)
                 .map_err(RuntimeError::Boot)?;
         } else if let Some(uri) = &opts.incoming {
-            rt.start_receive(uri).map_err(RuntimeError::Boot)?;
+            rt.start_receive(uri, None, None)
+                .map_err(RuntimeError::Boot)?;
         }
         rt.sync_registry();
         Ok(rt)
@@ -533,10 +556,12 @@ impl Runtime {
             }
             ApiRequest::PatchVm(v) => self.patch_vm(v.state),
             ApiRequest::CreateSnapshot(p) => self.create_snapshot(p),
-            ApiRequest::MigrationReceive(m) => match self.start_receive(&m.uri) {
-                Ok(()) => Ok(None),
-                Err(e) => fault(e),
-            },
+            ApiRequest::MigrationReceive(m) => {
+                match self.start_receive(&m.uri, m.timeout_s, m.token_file.as_deref()) {
+                    Ok(()) => Ok(None),
+                    Err(e) => fault(e),
+                }
+            }
             ApiRequest::MigrationSend(m) => self.start_send(m),
             ApiRequest::GetMigrationStatus => api::json_response(&self.migration_status()),
             ApiRequest::MigrationCancel => {
