@@ -570,3 +570,42 @@ fn test_api_socket_is_never_reachable_by_others_even_under_umask_000() {
         assert!(watch.exposed().is_empty(), "start {i}: {:?}", watch.seen);
     }
 }
+
+/// The `Seccomp:` mode (0 none, 2 filter) of `pid`'s thread named `comm`.
+fn thread_seccomp_mode(pid: u32, comm: &str) -> Option<u32> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let t = t.ok()?.path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if name.trim_end() == comm {
+            let status = std::fs::read_to_string(t.join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .and_then(|v| v.trim().parse().ok());
+        }
+    }
+    None
+}
+
+#[test]
+fn test_api_thread_runs_under_its_seccomp_filter_unless_no_seccomp() {
+    let dir = TempDir::new("api-seccomp");
+    for (flag, want) in [(None, 2), (Some("--no-seccomp"), 0)] {
+        let sock = dir.path("api.sock");
+        let mut args = vec!["run", "--api-sock", sock.to_str().unwrap()];
+        args.extend(flag);
+        let mut child = spawn(&args);
+        wait_for_api(&sock);
+        // Answered (so the server thread runs), through every path of a
+        // request, under the filter.
+        assert_eq!(http(&sock, "GET", "/", None).0, 200);
+        assert_eq!(http(&sock, "PUT", "/boot-source", Some("{bad")).0, 400);
+        assert_eq!(
+            thread_seccomp_mode(child.id(), "wisp-api"),
+            Some(want),
+            "{flag:?}"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}

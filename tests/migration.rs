@@ -610,6 +610,14 @@ fn test_migration_socket_is_never_reachable_by_others_even_under_umask_000() {
         watch.until(&name);
         let probe = perms::reap(prober);
         assert_eq!(perms::connect_as_nobody(&path), libc::EACCES);
+        if i == 0 {
+            // The receiver thread, waiting to accept, is under its filter.
+            assert_eq!(
+                seccomp_mode_of(child.id(), "wisp-migrate-re"),
+                Some(2),
+                "receiver thread not sandboxed"
+            );
+        }
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(
@@ -845,4 +853,27 @@ fn test_migration_token_right_one_migrates_missing_or_wrong_refused() {
     let at = last_tick(&a.log);
     wait_tick(&b.log, at + 5);
     let _ = b.child;
+}
+
+/// The `Seccomp:` mode (0 none, 2 filter) of `pid`'s thread named `comm`
+/// (waits up to 5 s for the thread to exist).
+fn seccomp_mode_of(pid: u32, comm: &str) -> Option<u32> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if name.trim_end() == comm {
+                let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+                return status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Seccomp:"))
+                    .and_then(|v| v.trim().parse().ok());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
 }

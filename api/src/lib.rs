@@ -44,5 +44,5 @@ pub use models::ApiFault;
 pub use request::{json_response, ApiRequest, ApiResponse};
 pub use routes::{route, MAX_BODY_LEN};
 pub use server::{
-    ApiCall, ApiError, ApiServer, ApiServerHandle, ResponseSender, ServerOptions, Waker,
+    ApiCall, ApiError, ApiServer, ApiServerHandle, ResponseSender, Sandbox, ServerOptions, Waker,
 };

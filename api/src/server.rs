@@ -74,6 +74,9 @@ pub enum ApiError {
     /// The thread or its runtime could not be created.
     #[error("cannot start the API thread")]
     Thread(#[source] io::Error),
+    /// The sandbox hook failed on the server thread.
+    #[error("cannot sandbox the API thread: {0}")]
+    Sandbox(String),
 }
 
 /// Gives the VMM's answer back to the waiting HTTP connection.
@@ -105,7 +108,14 @@ pub struct ServerOptions {
     pub body_timeout: Duration,
     /// Connections open at once; past it the longest-idle one is closed.
     pub max_connections: usize,
+    /// Run on the server thread once its runtime and listener are set up and
+    /// before any client is served, e.g. to install a seccomp filter. An
+    /// error stops the server: [`ApiServer::start_with_options`] fails.
+    pub sandbox: Option<Sandbox>,
 }
+
+/// See [`ServerOptions::sandbox`].
+pub type Sandbox = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl Default for ServerOptions {
     fn default() -> Self {
@@ -114,6 +124,7 @@ impl Default for ServerOptions {
             header_timeout: HEADER_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
+            sandbox: None,
         }
     }
 }
@@ -125,6 +136,7 @@ impl std::fmt::Debug for ServerOptions {
             .field("header_timeout", &self.header_timeout)
             .field("body_timeout", &self.body_timeout)
             .field("max_connections", &self.max_connections)
+            .field("sandbox", &self.sandbox.is_some())
             .finish()
     }
 }
@@ -213,10 +225,20 @@ impl ApiServer {
         let (stop_tx, stop_rx) = oneshot::channel();
         let open = Arc::new(AtomicUsize::new(0));
         let open2 = open.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("wisp-api".into())
-            .spawn(move || serve_thread(listener, tx, options, stop_rx, open2))
+            .spawn(move || serve_thread(listener, tx, options, stop_rx, open2, ready_tx))
             .map_err(ApiError::Thread)?;
+        let ready = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(ApiError::Sandbox("the API thread ended".into())));
+        if let Err(e) = ready {
+            // The thread has returned (or is about to): nothing to serve.
+            let _ = thread.join();
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok((
             ApiServerHandle {
                 path,
@@ -263,6 +285,7 @@ fn serve_thread(
     options: ServerOptions,
     stop: oneshot::Receiver<()>,
     open: Arc<AtomicUsize>,
+    ready: Sender<Result<(), ApiError>>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -271,18 +294,29 @@ fn serve_thread(
     {
         Ok(rt) => rt,
         Err(e) => {
-            log::error!("API server: cannot build runtime: {e}");
+            let _ = ready.send(Err(ApiError::Thread(e)));
             return;
         }
     };
-    rt.block_on(async move {
-        let listener = match tokio::net::UnixListener::from_std(listener) {
+    let listener = {
+        let _guard = rt.enter();
+        match tokio::net::UnixListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
-                log::error!("API server: cannot register listener: {e}");
+                let _ = ready.send(Err(ApiError::Thread(e)));
                 return;
             }
-        };
+        }
+    };
+    if let Some(sandbox) = &options.sandbox {
+        if let Err(e) = sandbox() {
+            let _ = ready.send(Err(ApiError::Sandbox(e)));
+            return;
+        }
+    }
+    // The starter may have gone (it waits for this): then serve anyway.
+    let _ = ready.send(Ok(()));
+    rt.block_on(async move {
         tokio::select! {
             _ = stop => {}
             _ = accept_loop(listener, tx, options, open) => {}

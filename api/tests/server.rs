@@ -601,3 +601,44 @@ fn test_half_closed_client_still_gets_its_answer() {
     assert!(outs[1].starts_with("HTTP/1.1 400"), "{:?}", outs[1]);
     assert!(outs[1].contains("not running"), "{:?}", outs[1]);
 }
+
+#[test]
+fn test_sandbox_runs_on_the_server_thread_before_serving_and_its_failure_stops_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir);
+    let ran_on = Arc::new(std::sync::Mutex::new(None));
+    let r2 = ran_on.clone();
+    let (_handle, rx) = ApiServer::start_with_options(
+        &path,
+        api::ServerOptions {
+            sandbox: Some(Arc::new(move || {
+                *r2.lock().unwrap() = std::thread::current().name().map(String::from);
+                Ok(())
+            })),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // It has run by the time start returns.
+    assert_eq!(ran_on.lock().unwrap().as_deref(), Some("wisp-api"));
+    let _vmm = fake_vmm(rx);
+    assert_eq!(Client::new(&path).get("/").unwrap().0, 200);
+
+    let path2 = dir.path().join("refused.sock");
+    let e = ApiServer::start_with_options(
+        &path2,
+        api::ServerOptions {
+            sandbox: Some(Arc::new(|| Err("no seccomp here".into()))),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Sandbox(m) if m.contains("no seccomp here")),
+        "{e}"
+    );
+    assert!(
+        !path2.exists(),
+        "the socket of a server that never served is removed"
+    );
+}

@@ -111,6 +111,9 @@ struct RunArgs {
     /// file must not be readable by group or others.
     #[arg(long, value_name = "FILE")]
     migration_token_file: Option<PathBuf>,
+    /// Do not install the seccomp filters of the API and migration threads.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 #[derive(Debug, Args)]
@@ -336,6 +339,7 @@ fn run(a: RunArgs) -> ExitCode {
         incoming: a.incoming,
         migration_timeout_s: a.migration_timeout,
         migration_token_file: a.migration_token_file,
+        seccomp: !a.no_seccomp,
     })
 }
 

@@ -54,7 +54,7 @@ impl Runtime {
             memory,
             link: self.migration.link.clone(),
         };
-        live_migration::spawn_receiver(listener, target, opts)
+        live_migration::spawn_receiver(listener, target, opts, self.migration.filters.clone())
             .map_err(|e| format!("Cannot start the migration thread: {e}"))?;
         self.migration.status = migration::MigrationStatus::new();
         self.migration.role = Some("Receiving");
@@ -92,9 +92,14 @@ impl Runtime {
             link: self.migration.link.clone(),
         };
         let status = migration::MigrationStatus::new();
-        if let Err(e) =
-            live_migration::spawn_sender(uri, source, opts, status.clone(), m.max_bandwidth_mib_s)
-        {
+        if let Err(e) = live_migration::spawn_sender(
+            uri,
+            source,
+            opts,
+            status.clone(),
+            m.max_bandwidth_mib_s,
+            self.migration.filters.clone(),
+        ) {
             return Err(ApiFault::internal(format!(
                 "Cannot start the migration thread: {e}"
             )));

@@ -50,6 +50,9 @@ pub struct RuntimeOptions {
     /// Migration token file for receives and sends
     /// (`--migration-token-file`). The API's requests may override it.
     pub migration_token_file: Option<PathBuf>,
+    /// Install the seccomp filters of `crate::seccomp` (off with
+    /// `--no-seccomp`).
+    pub seccomp: bool,
 }
 
 /// Why the runtime could not start.
@@ -157,6 +160,8 @@ struct MigrationCtl {
     timeout: std::time::Duration,
     /// Token from the command line.
     token: Option<crate::migration::Token>,
+    /// seccomp filters for the migration threads (`None`: `--no-seccomp`).
+    filters: Option<crate::seccomp::Filters>,
 }
 
 /// How often metrics are written without being asked.
@@ -213,6 +218,14 @@ impl Runtime {
             }
             None => None,
         };
+        let filters = if opts.seccomp {
+            Some(
+                crate::seccomp::Filters::embedded()
+                    .map_err(|e| RuntimeError::Boot(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let (api, api_evt) = match &opts.api_sock {
             Some(path) => {
                 let evt = EventFd::new(libc::EFD_NONBLOCK)
@@ -220,11 +233,22 @@ impl Runtime {
                 let waker_evt = evt
                     .try_clone()
                     .map_err(|e| RuntimeError::EventLoop(e.to_string()))?;
-                let (handle, rx) = api::ApiServer::start_with_waker(
+                let api_filters = filters.clone();
+                let (handle, rx) = api::ApiServer::start_with_options(
                     path,
-                    Some(Arc::new(move || {
-                        let _ = waker_evt.write(1);
-                    })),
+                    api::ServerOptions {
+                        waker: Some(Arc::new(move || {
+                            let _ = waker_evt.write(1);
+                        })),
+                        sandbox: Some(Arc::new(move || {
+                            crate::seccomp::install(
+                                api_filters.as_ref(),
+                                crate::seccomp::ThreadKind::Api,
+                            )
+                            .map_err(|e| e.to_string())
+                        })),
+                        ..api::ServerOptions::default()
+                    },
                 )?;
                 (Some((handle, rx)), Some(evt))
             }
@@ -254,6 +278,7 @@ impl Runtime {
                 ),
                 None => None,
             },
+            filters,
         };
         em.add_subscriber(Arc::new(Mutex::new(Wakeups {
             signal_fd: signal_evt.as_raw_fd(),
