@@ -456,9 +456,10 @@ impl Runtime {
             if answer.is_err() {
                 crate::metrics::inc(&crate::metrics::API.errors);
             }
+            // `wisp list` shows the new state before the client hears back.
+            self.sync_registry();
             responder.send(answer);
         }
-        self.sync_registry();
     }
 
     fn dispatch(&mut self, req: ApiRequest) -> ApiResponse {
