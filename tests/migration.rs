@@ -877,3 +877,50 @@ fn seccomp_mode_of(pid: u32, comm: &str) -> Option<u32> {
     }
     None
 }
+
+#[test]
+fn test_bad_token_files_and_timeouts_refused_up_front() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("mig-badflags");
+    let sock = dir.path("api.sock");
+    let sock = sock.to_str().unwrap();
+    let open = token_file(&dir, "open.token", "0123456789abcdef");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let short = token_file(&dir, "short.token", "short");
+    let absent = dir.path("absent.token");
+    for (file, why) in [
+        (&open, "chmod 600"),
+        (&short, "must be 16 to 4096 bytes"),
+        (&absent, "No such file"),
+    ] {
+        let f = file.to_str().unwrap();
+        let r = harness::run(
+            &["run", "--api-sock", sock, "--migration-token-file", f],
+            Duration::from_secs(10),
+        );
+        assert_eq!(r.code, Some(1), "{}", r.stderr);
+        assert!(
+            r.stderr.contains(f) && r.stderr.contains(why),
+            "{}",
+            r.stderr
+        );
+    }
+    let r = harness::run(
+        &["run", "--api-sock", sock, "--migration-timeout", "0"],
+        Duration::from_secs(10),
+    );
+    assert_ne!(r.code, Some(0));
+    assert!(r.stderr.contains("--migration-timeout"), "{}", r.stderr);
+    // Through the API: a bad timeout is a 400 naming the field.
+    let (sock, log, args) = base_args(&dir, "api2");
+    let b = start(sock.clone(), log, &args, spawn);
+    let (c, body) = http(
+        &sock,
+        "PUT",
+        "/migration/receive",
+        Some(r#"{"uri": "unix:/tmp/x.sock", "timeout_s": 0}"#),
+    );
+    assert_eq!(c, 400, "{body}");
+    assert!(body.contains("timeout_s"), "{body}");
+    let _ = b.child;
+}
