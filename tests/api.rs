@@ -5,6 +5,7 @@
 //! answered with a 4xx and a fault message while the VMM stays usable.
 
 mod harness;
+mod perms;
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -537,4 +538,74 @@ fn test_send_ctrl_alt_del_reaches_guest_keyboard() {
     let out = lines.rest();
     assert!(st.success(), "{out}");
     assert!(out.contains("PASS ctrl_alt_del"), "{out}");
+}
+
+#[test]
+fn test_api_socket_is_never_reachable_by_others_even_under_umask_000() {
+    if !perms::is_root() {
+        eprintln!("SKIPPED: needs root to probe the socket as nobody");
+        return;
+    }
+    let dir = TempDir::new("api-perms");
+    let _control = perms::shared_dir(&dir);
+    for i in 0..30 {
+        let name = format!("api{i}.sock");
+        let sock = dir.path(&name);
+        let mut watch = perms::ModeWatch::new(&dir.0);
+        // Spins connecting as nobody from before wisp starts.
+        let prober = perms::fork_nobody_prober(&sock, Some(Duration::from_secs(20)));
+        let mut child = perms::spawn_umask_000(&["run", "--api-sock", sock.to_str().unwrap()]);
+        watch.until(&name);
+        let probe = perms::reap(prober);
+        wait_for_api(&sock);
+        assert_eq!(http(&sock, "GET", "/", None).0, 200, "the owner is served");
+        assert_eq!(perms::connect_as_nobody(&sock), libc::EACCES);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            probe,
+            libc::EACCES,
+            "start {i}: nobody reached the API socket"
+        );
+        assert!(watch.exposed().is_empty(), "start {i}: {:?}", watch.seen);
+    }
+}
+
+/// The `Seccomp:` mode (0 none, 2 filter) of `pid`'s thread named `comm`.
+fn thread_seccomp_mode(pid: u32, comm: &str) -> Option<u32> {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let t = t.ok()?.path();
+        let name = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if name.trim_end() == comm {
+            let status = std::fs::read_to_string(t.join("status")).ok()?;
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .and_then(|v| v.trim().parse().ok());
+        }
+    }
+    None
+}
+
+#[test]
+fn test_api_thread_runs_under_its_seccomp_filter_unless_no_seccomp() {
+    let dir = TempDir::new("api-seccomp");
+    for (flag, want) in [(None, 2), (Some("--no-seccomp"), 0)] {
+        let sock = dir.path("api.sock");
+        let mut args = vec!["run", "--api-sock", sock.to_str().unwrap()];
+        args.extend(flag);
+        let mut child = spawn(&args);
+        wait_for_api(&sock);
+        // Answered (so the server thread runs), through every path of a
+        // request, under the filter.
+        assert_eq!(http(&sock, "GET", "/", None).0, 200);
+        assert_eq!(http(&sock, "PUT", "/boot-source", Some("{bad")).0, 400);
+        assert_eq!(
+            thread_seccomp_mode(child.id(), "wisp-api"),
+            Some(want),
+            "{flag:?}"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

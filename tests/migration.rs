@@ -11,6 +11,7 @@
 //! it.
 
 mod harness;
+mod perms;
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -540,6 +541,12 @@ fn test_link_lost_after_go_leaves_source_paused_until_resumed() {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     assert!(matches!(read_message(&mut s).unwrap(), Message::Hello(_)));
     write_message(&mut s, &Message::Hello(Hello::ours())).unwrap();
+    write_message(&mut s, &Message::Challenge { nonce: [3; 32] }).unwrap();
+    assert!(matches!(
+        read_message(&mut s).unwrap(),
+        Message::Auth { .. }
+    ));
+    write_message(&mut s, &Message::AuthOk { proof: None }).unwrap();
     assert!(matches!(read_message(&mut s).unwrap(), Message::Config(_)));
     write_message(&mut s, &Message::Accept).unwrap();
     while read_message(&mut s).unwrap() != Message::Complete {}
@@ -573,4 +580,347 @@ fn test_link_lost_after_go_leaves_source_paused_until_resumed() {
     let text = std::fs::read_to_string(&a.log).unwrap();
     assert!(!text.contains("FAIL"), "{text}");
     let _ = a.child;
+}
+
+#[test]
+fn test_migration_socket_is_never_reachable_by_others_even_under_umask_000() {
+    require_kvm!();
+    if !perms::is_root() {
+        eprintln!("SKIPPED: needs root to probe the socket as nobody");
+        return;
+    }
+    let dir = TempDir::new("mig-perms");
+    let _control = perms::shared_dir(&dir);
+    for i in 0..10 {
+        let name = format!("mig{i}.sock");
+        let path = dir.path(&name);
+        let api = dir.path(&format!("api{i}.sock"));
+        let mut watch = perms::ModeWatch::new(&dir.0);
+        let prober = perms::fork_nobody_prober(&path, Some(Duration::from_secs(20)));
+        let uri = format!("unix:{}", path.display());
+        let mut child = perms::spawn_umask_000(&[
+            "run",
+            "--api-sock",
+            api.to_str().unwrap(),
+            "--incoming",
+            &uri,
+            "--memory",
+            "64M",
+        ]);
+        watch.until(&name);
+        let probe = perms::reap(prober);
+        assert_eq!(perms::connect_as_nobody(&path), libc::EACCES);
+        if i == 0 {
+            // The receiver thread, waiting to accept, is under its filter.
+            assert_eq!(
+                seccomp_mode_of(child.id(), "wisp-migrate-re"),
+                Some(2),
+                "receiver thread not sandboxed"
+            );
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(
+            probe,
+            libc::EACCES,
+            "start {i}: nobody reached the migration socket"
+        );
+        assert!(watch.exposed().is_empty(), "start {i}: {:?}", watch.seen);
+    }
+}
+
+/// Waits for the receiver's migration socket to appear (without probing it:
+/// the listener accepts one connection).
+fn wait_for_socket(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no migration socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn test_receiver_gives_up_on_a_silent_peer() {
+    require_kvm!();
+    let dir = TempDir::new("mig-silent");
+    // From the command line...
+    let path = dir.path("mig.sock");
+    let uri = format!("unix:{}", path.display());
+    let b = receiver(
+        &dir,
+        "dst",
+        &uri,
+        "1",
+        "256M",
+        &["--migration-timeout".into(), "1".into()],
+    );
+    wait_for_socket(&path);
+    let _peer = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let r = wait(b.child, Duration::from_secs(30));
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("Timed out after 1s waiting for the sender's Hello"),
+        "{}",
+        r.stderr
+    );
+    // ... and through the API's receive request.
+    let (sock, log, args) = base_args(&dir, "api");
+    let b = start(sock.clone(), log, &args, spawn);
+    let path = dir.path("mig2.sock");
+    let body = format!(r#"{{"uri": "unix:{}", "timeout_s": 1}}"#, path.display());
+    let (c, body) = http(&sock, "PUT", "/migration/receive", Some(&body));
+    assert_eq!(c, 204, "{body}");
+    wait_for_socket(&path);
+    let _peer = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    let r = wait(b.child, Duration::from_secs(30));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("waiting for the sender's Hello"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn test_receiver_gives_up_on_a_peer_stalling_mid_frame() {
+    use std::io::Write;
+    use vmm::migration::protocol::{read_message, write_message, Hello, Message};
+    require_kvm!();
+    let dir = TempDir::new("mig-stall");
+    let path = dir.path("mig.sock");
+    let uri = format!("unix:{}", path.display());
+    let b = receiver(
+        &dir,
+        "dst",
+        &uri,
+        "1",
+        "256M",
+        &["--migration-timeout".into(), "1".into()],
+    );
+    wait_for_socket(&path);
+    let mut s = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write_message(&mut s, &Message::Hello(Hello::ours())).unwrap();
+    assert!(matches!(read_message(&mut s).unwrap(), Message::Hello(_)));
+    assert!(matches!(
+        read_message(&mut s).unwrap(),
+        Message::Challenge { .. }
+    ));
+    // Half an Auth frame, then silence with the connection open.
+    let auth = Message::Auth {
+        nonce: [0; 32],
+        proof: None,
+    }
+    .encode();
+    s.write_all(&auth[..auth.len() / 2]).unwrap();
+    let r = wait(b.child, Duration::from_secs(30));
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("Timed out after 1s waiting for the sender's Auth"),
+        "{}",
+        r.stderr
+    );
+    // The peer was told why before the receiver closed.
+    match read_message(&mut s) {
+        Ok(Message::Error { message }) => assert!(message.contains("Timed out"), "{message}"),
+        other => panic!("expected an Error, got {other:?}"),
+    }
+}
+
+/// Writes `token` to DIR/NAME, mode 0600, and returns the path.
+fn token_file(dir: &TempDir, name: &str, token: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.path(name);
+    std::fs::write(&p, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// Sends `a`'s VM to a fresh receiver started with `receiver_token` (a
+/// `--migration-token-file`), the send carrying `send_token_file`; expects
+/// it refused: the receiver exits 1 naming `why`, the source keeps running.
+fn refused_by_token(
+    dir: &TempDir,
+    a: &Vm,
+    tag: &str,
+    receiver_token: Option<&Path>,
+    send_token_file: Option<&Path>,
+    why: &str,
+) {
+    let path = dir.path(&format!("{tag}.mig"));
+    let uri = format!("unix:{}", path.display());
+    let extra: Vec<String> = receiver_token
+        .map(|t| vec!["--migration-token-file".into(), t.display().to_string()])
+        .unwrap_or_default();
+    let b = receiver(dir, tag, &uri, "1", "256M", &extra);
+    let tf = send_token_file
+        .map(|t| format!(r#", "token_file": "{}""#, t.display()))
+        .unwrap_or_default();
+    let body = format!(r#"{{"uri": "{uri}", "max_downtime_ms": 100{tf}}}"#);
+    let (c, body) = http(&a.sock, "PUT", "/migration/send", Some(&body));
+    assert_eq!(c, 204, "{body}");
+    let r = wait(b.child, Duration::from_secs(30));
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(1), "receiver: {}", r.stderr);
+    assert!(r.stderr.contains(why), "receiver: {}", r.stderr);
+    wait_state(&a.sock, "Failed", 30);
+    let st = status(&a.sock);
+    assert!(st["error"].as_str().unwrap_or("").contains(why), "{st}");
+    assert_eq!(st["pages_sent"], 0, "no memory moved: {st}");
+    let at = last_tick(&a.log);
+    wait_tick(&a.log, at + 5);
+}
+
+#[test]
+fn test_migration_token_right_one_migrates_missing_or_wrong_refused() {
+    require_kvm!();
+    let dir = TempDir::new("mig-token");
+    let good = token_file(&dir, "good.token", "2f4e0c55a1b6d4e8a9f3c7b2d1e0f9a8");
+    let bad = token_file(&dir, "bad.token", "00000000000000000000000000000000");
+    let a = source(
+        &dir,
+        "src",
+        "1",
+        "tests=tick tick_ms=20 verify_every=5",
+        &[],
+    );
+    wait_tick(&a.log, 5);
+    // The receiver wants a token: none, then a wrong one, is refused.
+    refused_by_token(
+        &dir,
+        &a,
+        "r1",
+        Some(&good),
+        None,
+        "the sender presented no migration token",
+    );
+    refused_by_token(
+        &dir,
+        &a,
+        "r2",
+        Some(&good),
+        Some(&bad),
+        "migration token does not match",
+    );
+    // The sender wants one and the receiver has none.
+    refused_by_token(
+        &dir,
+        &a,
+        "r3",
+        None,
+        Some(&good),
+        "the receiver has no migration token",
+    );
+    // A world-readable token file is refused up front.
+    use std::os::unix::fs::PermissionsExt;
+    let open = token_file(&dir, "open.token", "2f4e0c55a1b6d4e8a9f3c7b2d1e0f9a8");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let body = format!(
+        r#"{{"uri": "unix:/nonexistent", "token_file": "{}"}}"#,
+        open.display()
+    );
+    let (c, body) = http(&a.sock, "PUT", "/migration/send", Some(&body));
+    assert_eq!(c, 400, "{body}");
+    assert!(body.contains("chmod 600"), "{body}");
+    // The right token on both sides (the source's from the API request).
+    let path = dir.path("ok.mig");
+    let uri = format!("unix:{}", path.display());
+    let b = receiver(
+        &dir,
+        "dst",
+        &uri,
+        "1",
+        "256M",
+        &["--migration-token-file".into(), good.display().to_string()],
+    );
+    let body = format!(
+        r#"{{"uri": "{uri}", "max_downtime_ms": 100, "token_file": "{}"}}"#,
+        good.display()
+    );
+    let (c, body) = http(&a.sock, "PUT", "/migration/send", Some(&body));
+    assert_eq!(c, 204, "{body}");
+    let r = wait(a.child, Duration::from_secs(120));
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(0), "source: {}", r.stderr);
+    assert!(r.stderr.contains("was migrated to"), "{}", r.stderr);
+    let at = last_tick(&a.log);
+    wait_tick(&b.log, at + 5);
+    let _ = b.child;
+}
+
+/// The `Seccomp:` mode (0 none, 2 filter) of `pid`'s thread named `comm`
+/// (waits up to 5 s for the thread to exist).
+fn seccomp_mode_of(pid: u32, comm: &str) -> Option<u32> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if name.trim_end() == comm {
+                let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+                return status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Seccomp:"))
+                    .and_then(|v| v.trim().parse().ok());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+#[test]
+fn test_bad_token_files_and_timeouts_refused_up_front() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("mig-badflags");
+    let sock = dir.path("api.sock");
+    let sock = sock.to_str().unwrap();
+    let open = token_file(&dir, "open.token", "0123456789abcdef");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let short = token_file(&dir, "short.token", "short");
+    let absent = dir.path("absent.token");
+    for (file, why) in [
+        (&open, "chmod 600"),
+        (&short, "must be 16 to 4096 bytes"),
+        (&absent, "No such file"),
+    ] {
+        let f = file.to_str().unwrap();
+        let r = harness::run(
+            &["run", "--api-sock", sock, "--migration-token-file", f],
+            Duration::from_secs(10),
+        );
+        assert_eq!(r.code, Some(1), "{}", r.stderr);
+        assert!(
+            r.stderr.contains(f) && r.stderr.contains(why),
+            "{}",
+            r.stderr
+        );
+    }
+    let r = harness::run(
+        &["run", "--api-sock", sock, "--migration-timeout", "0"],
+        Duration::from_secs(10),
+    );
+    assert_ne!(r.code, Some(0));
+    assert!(r.stderr.contains("--migration-timeout"), "{}", r.stderr);
+    // Through the API: a bad timeout is a 400 naming the field.
+    let (sock, log, args) = base_args(&dir, "api2");
+    let b = start(sock.clone(), log, &args, spawn);
+    let (c, body) = http(
+        &sock,
+        "PUT",
+        "/migration/receive",
+        Some(r#"{"uri": "unix:/tmp/x.sock", "timeout_s": 0}"#),
+    );
+    assert_eq!(c, 400, "{body}");
+    assert!(body.contains("timeout_s"), "{body}");
+    let _ = b.child;
 }

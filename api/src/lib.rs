@@ -37,11 +37,12 @@ pub mod models;
 pub mod request;
 pub mod routes;
 pub mod server;
+pub mod socket;
 
 pub use client::{Client, ClientError, Connection};
 pub use models::ApiFault;
 pub use request::{json_response, ApiRequest, ApiResponse};
 pub use routes::{route, MAX_BODY_LEN};
 pub use server::{
-    ApiCall, ApiError, ApiServer, ApiServerHandle, ResponseSender, ServerOptions, Waker,
+    ApiCall, ApiError, ApiServer, ApiServerHandle, ResponseSender, Sandbox, ServerOptions, Waker,
 };

@@ -4,12 +4,15 @@
 //! It runs on one thread of its own with a single-threaded tokio runtime and
 //! hyper, so every connection is a cheap task: clients that connect and never
 //! send do not stall the others, and are dropped after [`HEADER_TIMEOUT`].
+//! At most [`MAX_CONNECTIONS`] are open; past that a new connection closes
+//! the longest-idle one (see `connections.rs`), so idle or slow clients can
+//! never lock the API out.
 //! Each routed request is handed to the VMM through an `mpsc` channel with a
 //! [`ResponseSender`]; the server task waits (asynchronously) for the answer.
 
 use std::convert::Infallible;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,12 +32,17 @@ use crate::models::ApiFault;
 use crate::request::{ApiRequest, ApiResponse};
 use crate::routes::{route, MAX_BODY_LEN};
 
+mod connections;
+use connections::{Admission, Connections, Tracker};
+
 /// How long a connection may take to send a request's headers.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's body.
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most connections served at once; more are closed at once.
-pub const MAX_CONNECTIONS: usize = 256;
+/// Most connections open at once; a new one past this evicts the longest-idle
+/// one (one with no request at the VMM). Well under the usual 1024-descriptor
+/// limit, which the VM's own descriptors share.
+pub const MAX_CONNECTIONS: usize = 512;
 /// Read buffer limit per connection (bounds the request head).
 const MAX_BUF: usize = 16 * 1024;
 
@@ -63,17 +71,12 @@ pub enum ApiError {
         /// Cause.
         source: io::Error,
     },
-    /// chmod failed.
-    #[error("cannot set mode 0600 on API socket {path}")]
-    Chmod {
-        /// Socket path.
-        path: PathBuf,
-        /// Cause.
-        source: io::Error,
-    },
     /// The thread or its runtime could not be created.
     #[error("cannot start the API thread")]
     Thread(#[source] io::Error),
+    /// The sandbox hook failed on the server thread.
+    #[error("cannot sandbox the API thread: {0}")]
+    Sandbox(String),
 }
 
 /// Gives the VMM's answer back to the waiting HTTP connection.
@@ -103,9 +106,16 @@ pub struct ServerOptions {
     pub header_timeout: Duration,
     /// Time allowed to send a request's body.
     pub body_timeout: Duration,
-    /// Connections served at once; further ones are closed at once.
+    /// Connections open at once; past it the longest-idle one is closed.
     pub max_connections: usize,
+    /// Run on the server thread once its runtime and listener are set up and
+    /// before any client is served, e.g. to install a seccomp filter. An
+    /// error stops the server: [`ApiServer::start_with_options`] fails.
+    pub sandbox: Option<Sandbox>,
 }
+
+/// See [`ServerOptions::sandbox`].
+pub type Sandbox = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl Default for ServerOptions {
     fn default() -> Self {
@@ -114,6 +124,7 @@ impl Default for ServerOptions {
             header_timeout: HEADER_TIMEOUT,
             body_timeout: BODY_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
+            sandbox: None,
         }
     }
 }
@@ -125,6 +136,7 @@ impl std::fmt::Debug for ServerOptions {
             .field("header_timeout", &self.header_timeout)
             .field("body_timeout", &self.body_timeout)
             .field("max_connections", &self.max_connections)
+            .field("sandbox", &self.sandbox.is_some())
             .finish()
     }
 }
@@ -213,10 +225,20 @@ impl ApiServer {
         let (stop_tx, stop_rx) = oneshot::channel();
         let open = Arc::new(AtomicUsize::new(0));
         let open2 = open.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("wisp-api".into())
-            .spawn(move || serve_thread(listener, tx, options, stop_rx, open2))
+            .spawn(move || serve_thread(listener, tx, options, stop_rx, open2, ready_tx))
             .map_err(ApiError::Thread)?;
+        let ready = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(ApiError::Sandbox("the API thread ended".into())));
+        if let Err(e) = ready {
+            // The thread has returned (or is about to): nothing to serve.
+            let _ = thread.join();
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok((
             ApiServerHandle {
                 path,
@@ -243,17 +265,10 @@ fn bind(path: &Path) -> Result<StdUnixListener, ApiError> {
             source,
         })?;
     }
-    let listener = StdUnixListener::bind(path).map_err(|source| ApiError::Bind {
+    // Mode 0600 from the first instant, without touching the umask.
+    let listener = crate::socket::bind_owner_only(path).map_err(|source| ApiError::Bind {
         path: path.to_path_buf(),
         source,
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        // Best effort: do not leave a socket we will not serve.
-        let _ = std::fs::remove_file(path);
-        ApiError::Chmod {
-            path: path.to_path_buf(),
-            source,
-        }
     })?;
     listener
         .set_nonblocking(true)
@@ -270,6 +285,7 @@ fn serve_thread(
     options: ServerOptions,
     stop: oneshot::Receiver<()>,
     open: Arc<AtomicUsize>,
+    ready: Sender<Result<(), ApiError>>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -278,18 +294,29 @@ fn serve_thread(
     {
         Ok(rt) => rt,
         Err(e) => {
-            log::error!("API server: cannot build runtime: {e}");
+            let _ = ready.send(Err(ApiError::Thread(e)));
             return;
         }
     };
-    rt.block_on(async move {
-        let listener = match tokio::net::UnixListener::from_std(listener) {
+    let listener = {
+        let _guard = rt.enter();
+        match tokio::net::UnixListener::from_std(listener) {
             Ok(l) => l,
             Err(e) => {
-                log::error!("API server: cannot register listener: {e}");
+                let _ = ready.send(Err(ApiError::Thread(e)));
                 return;
             }
-        };
+        }
+    };
+    if let Some(sandbox) = &options.sandbox {
+        if let Err(e) = sandbox() {
+            let _ = ready.send(Err(ApiError::Sandbox(e)));
+            return;
+        }
+    }
+    // The starter may have gone (it waits for this): then serve anyway.
+    let _ = ready.send(Ok(()));
+    rt.block_on(async move {
         tokio::select! {
             _ = stop => {}
             _ = accept_loop(listener, tx, options, open) => {}
@@ -303,42 +330,95 @@ async fn accept_loop(
     options: ServerOptions,
     open: Arc<AtomicUsize>,
 ) {
-    let limit = Arc::new(tokio::sync::Semaphore::new(options.max_connections));
+    let table = Connections::new(options.max_connections);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
                 log::warn!("API server: accept failed: {e}");
-                // Typically EMFILE: back off instead of spinning.
+                // Typically EMFILE: free a descriptor held by an idle client
+                // if there is one, and back off instead of spinning.
+                table.evict_one();
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            log::warn!("API server: too many connections, closing a new one");
-            drop(stream);
-            continue;
+        let (tracker, evicted) = match table.admit() {
+            Admission::Admitted(t, rx) => (t, rx),
+            Admission::Full => {
+                log::warn!(
+                    "API server: every connection has a request in flight, closing a new one"
+                );
+                drop(stream);
+                continue;
+            }
         };
-        let tx = tx.clone();
-        let waker = options.waker.clone();
-        let body_timeout = options.body_timeout;
-        let open = open.clone();
         open.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                handle(req, tx.clone(), waker.clone(), body_timeout)
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(options.header_timeout)
-                .max_buf_size(MAX_BUF)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
+        tokio::spawn(serve_connection(
+            stream,
+            tx.clone(),
+            options.clone(),
+            tracker,
+            evicted,
+            open.clone(),
+        ));
+    }
+}
+
+/// Frees the connection's slot and count however its task ends.
+struct ConnectionGuard {
+    tracker: Tracker,
+    open: Arc<AtomicUsize>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.tracker.release();
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one connection until it ends, times out or is evicted.
+async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    tx: Sender<ApiCall>,
+    options: ServerOptions,
+    tracker: Tracker,
+    evicted: oneshot::Receiver<()>,
+    open: Arc<AtomicUsize>,
+) {
+    let _guard = ConnectionGuard {
+        tracker: tracker.clone(),
+        open,
+    };
+    let waker = options.waker.clone();
+    let body_timeout = options.body_timeout;
+    let service = hyper::service::service_fn(move |req| {
+        handle(
+            req,
+            tx.clone(),
+            waker.clone(),
+            body_timeout,
+            tracker.clone(),
+        )
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout)
+        .max_buf_size(MAX_BUF)
+        // A client may shut down its write side after its request and
+        // still wait for the answer.
+        .half_close(true)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        r = conn => {
+            if let Err(e) = r {
                 log::debug!("API connection ended: {e}");
             }
-            open.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        });
+        }
+        // Only idle connections are evicted: dropping `conn` closes the
+        // socket without losing an answer.
+        _ = evicted => log::debug!("API connection evicted"),
     }
 }
 
@@ -379,7 +459,9 @@ async fn handle(
     tx: Sender<ApiCall>,
     waker: Option<Waker>,
     body_timeout: Duration,
+    tracker: Tracker,
 ) -> Result<Resp, Infallible> {
+    tracker.active();
     let too_large = || {
         ApiFault::new(
             413,
@@ -432,21 +514,29 @@ async fn handle(
         }
     };
     log::debug!("API {method} {path}");
+    tracker.busy();
+    let answer = ask_vmm(request, &tx, waker.as_ref()).await;
+    tracker.idle();
+    Ok(answer)
+}
+
+/// Hands `request` to the VMM and waits for its answer.
+async fn ask_vmm(request: ApiRequest, tx: &Sender<ApiCall>, waker: Option<&Waker>) -> Resp {
     let (rtx, rrx) = oneshot::channel();
     if tx.send((request, ResponseSender(rtx))).is_err() {
-        return Ok(fault_response(
+        return fault_response(
             &ApiFault::new(503, "the VMM is not accepting requests"),
             false,
-        ));
+        );
     }
-    if let Some(w) = &waker {
+    if let Some(w) = waker {
         w();
     }
-    Ok(match rrx.await {
+    match rrx.await {
         Ok(r) => to_http(r),
         Err(_) => fault_response(
             &ApiFault::internal("the VMM dropped the request without answering"),
             false,
         ),
-    })
+    }
 }

@@ -393,10 +393,10 @@ fn timeouts_and_connection_limit() {
 }
 
 #[test]
-fn connection_limit() {
+fn connection_limit_evicts_the_longest_idle_connection() {
     let dir = tempfile::tempdir().unwrap();
     let path = sock(&dir);
-    let (_handle, rx) = ApiServer::start_with_options(
+    let (handle, rx) = ApiServer::start_with_options(
         &path,
         api::ServerOptions {
             max_connections: 4,
@@ -405,18 +405,240 @@ fn connection_limit() {
     )
     .unwrap();
     let _vmm = fake_vmm(rx);
-    // Past the limit, new connections are closed; once they go, service resumes.
+    // Four idle hogs fill the table; a new client is still served, and the
+    // oldest hog is the one closed to make room.
     let hogs: Vec<_> = (0..4)
-        .map(|_| UnixStream::connect(&path).unwrap())
+        .map(|_| {
+            let s = UnixStream::connect(&path).unwrap();
+            wait_open(&handle, 1);
+            s
+        })
         .collect();
-    assert!(Client::new(&path).get("/").is_err());
-    drop(hogs);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match Client::new(&path).get("/") {
-            Ok((200, _)) => break,
-            other => assert!(Instant::now() < deadline, "not served again: {other:?}"),
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    wait_open(&handle, 4);
+    let c = Client::new(&path).with_timeout(Some(Duration::from_secs(5)));
+    assert_eq!(c.get("/").unwrap().0, 200);
+    assert!(closed_within(
+        hogs[0].try_clone().unwrap(),
+        Duration::from_secs(5)
+    ));
+    for h in &hogs[1..] {
+        assert!(still_open(h), "a newer idle connection was closed");
     }
+}
+
+/// Waits (5 s at most) until the server has at least `n` connections.
+fn wait_open(handle: &api::ApiServerHandle, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while handle.open_connections() < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} open",
+            handle.open_connections()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The server has neither closed `s` nor sent anything on it.
+fn still_open(s: &UnixStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1];
+    let r = (&*s).read(&mut buf);
+    s.set_nonblocking(false).unwrap();
+    matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+#[test]
+fn test_256_idle_connections_do_not_lock_the_api_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir);
+    let (handle, rx) = ApiServer::start(&path).unwrap();
+    let _vmm = fake_vmm(rx);
+    // Half silent, half stuck in the middle of a request head.
+    let idle: Vec<_> = (0..256)
+        .map(|i| {
+            let mut s = UnixStream::connect(&path).unwrap();
+            if i % 2 == 1 {
+                s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .unwrap();
+            }
+            s
+        })
+        .collect();
+    wait_open(&handle, 256);
+    // The 5 s client timeout only guards against a hang.
+    let c = Client::new(&path).with_timeout(Some(Duration::from_secs(5)));
+    for _ in 0..5 {
+        assert_eq!(c.get("/").unwrap().0, 200);
+    }
+    // Answered while every idle connection is still open.
+    for (i, s) in idle.iter().enumerate() {
+        assert!(still_open(s), "idle connection {i} was closed");
+    }
+}
+
+#[test]
+fn test_reconnecting_client_cannot_lock_the_api_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir);
+    let (_handle, rx) = ApiServer::start_with_options(
+        &path,
+        api::ServerOptions {
+            max_connections: 32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let _vmm = fake_vmm(rx);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opened = Arc::new(AtomicUsize::new(0));
+    let storm = {
+        let (path, stop, opened) = (path.clone(), stop.clone(), opened.clone());
+        std::thread::spawn(move || {
+            // Keeps 64 idle connections, replacing the oldest every 1 ms.
+            let mut held = std::collections::VecDeque::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(s) = UnixStream::connect(&path) {
+                    held.push_back(s);
+                    opened.fetch_add(1, Ordering::Relaxed);
+                }
+                if held.len() > 64 {
+                    held.pop_front();
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    // The storm has filled the table (32) and is evicting its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while opened.load(Ordering::Relaxed) < 100 {
+        assert!(Instant::now() < deadline, "the storm does not get going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let c = Client::new(&path).with_timeout(Some(Duration::from_secs(5)));
+    for i in 0..20 {
+        // A request can lose a race with the storm only if its client stalls
+        // between connecting and sending for 32 of the storm's connections.
+        let answered = (0..3).any(|_| matches!(c.get("/"), Ok((200, _))));
+        assert!(answered, "request {i} not answered in 3 attempts");
+    }
+    stop.store(true, Ordering::Relaxed);
+    storm.join().unwrap();
+}
+
+#[test]
+fn test_requests_in_flight_are_never_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir);
+    let (handle, rx) = ApiServer::start_with_options(
+        &path,
+        api::ServerOptions {
+            max_connections: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // A VMM that holds the first two requests until told to answer.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (arrived_tx, arrived_rx) = std::sync::mpsc::channel::<()>();
+    let vmm = std::thread::spawn(move || {
+        let held: Vec<_> = rx.iter().take(2).collect();
+        arrived_tx.send(()).unwrap();
+        go_rx.recv().unwrap();
+        for (_, resp) in held {
+            resp.send(Ok(None));
+        }
+        for (_, resp) in rx {
+            resp.send(Ok(None));
+        }
+    });
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let c = Client::new(&path).with_timeout(Some(Duration::from_secs(10)));
+                c.put("/actions", r#"{"action_type":"FlushMetrics"}"#)
+                    .map(|r| r.0)
+            })
+        })
+        .collect();
+    arrived_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // Both slots are busy: the newcomer is refused, nobody is evicted.
+    let r = Client::new(&path)
+        .with_timeout(Some(Duration::from_secs(5)))
+        .get("/");
+    assert!(r.is_err(), "third connection served: {r:?}");
+    assert_eq!(handle.open_connections(), 2);
+    go_tx.send(()).unwrap();
+    for c in clients {
+        assert_eq!(c.join().unwrap().unwrap(), 204);
+    }
+    drop(handle);
+    vmm.join().unwrap();
+}
+
+#[test]
+fn test_half_closed_client_still_gets_its_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir);
+    let (_handle, rx) = ApiServer::start(&path).unwrap();
+    let _vmm = fake_vmm(rx);
+    let mut outs = Vec::new();
+    for req in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"PUT /actions HTTP/1.1\r\nHost: x\r\nContent-Length: 30\r\n\r\n{\"action_type\":\"FlushMetrics\"}",
+    ] {
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(req).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        outs.push(out);
+    }
+    // The fake VMM answers GET / and refuses actions (no VM running).
+    assert!(outs[0].starts_with("HTTP/1.1 200"), "{:?}", outs[0]);
+    assert!(outs[1].starts_with("HTTP/1.1 400"), "{:?}", outs[1]);
+    assert!(outs[1].contains("not running"), "{:?}", outs[1]);
+}
+
+#[test]
+fn test_sandbox_runs_on_the_server_thread_before_serving_and_its_failure_stops_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sock(&dir);
+    let ran_on = Arc::new(std::sync::Mutex::new(None));
+    let r2 = ran_on.clone();
+    let (_handle, rx) = ApiServer::start_with_options(
+        &path,
+        api::ServerOptions {
+            sandbox: Some(Arc::new(move || {
+                *r2.lock().unwrap() = std::thread::current().name().map(String::from);
+                Ok(())
+            })),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // It has run by the time start returns.
+    assert_eq!(ran_on.lock().unwrap().as_deref(), Some("wisp-api"));
+    let _vmm = fake_vmm(rx);
+    assert_eq!(Client::new(&path).get("/").unwrap().0, 200);
+
+    let path2 = dir.path().join("refused.sock");
+    let e = ApiServer::start_with_options(
+        &path2,
+        api::ServerOptions {
+            sandbox: Some(Arc::new(|| Err("no seccomp here".into()))),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Sandbox(m) if m.contains("no seccomp here")),
+        "{e}"
+    );
+    assert!(
+        !path2.exists(),
+        "the socket of a server that never served is removed"
+    );
 }

@@ -13,7 +13,9 @@ use devices::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestAddress;
 use vmm::migration::protocol::{self, FrameBuf, Hello, Message};
-use vmm::migration::{receive, CpuFeatures, HookError, MigrationConfig, MigrationTarget};
+use vmm::migration::{
+    receive, Connection, CpuFeatures, HookError, MigrationConfig, MigrationTarget, ReceiveOptions,
+};
 
 struct Target {
     mem: GuestMemoryMmap,
@@ -52,6 +54,16 @@ impl Read for Script {
     }
 }
 
+impl Connection for Script {
+    fn set_read_timeout(&mut self, _: Option<std::time::Duration>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn set_write_timeout(&mut self, _: Option<std::time::Duration>) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Write for Script {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         Ok(buf.len())
@@ -82,7 +94,7 @@ fn reframe(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut f = FrameBuf::default();
     while data.len() >= 3 {
-        let tag = u32::from(data[0] % 14);
+        let tag = u32::from(data[0] % 17);
         let len = (usize::from(u16::from_le_bytes([data[1], data[2]]))).min(data.len() - 3);
         f.begin(tag);
         f.put(&data[3..3 + len]);
@@ -95,6 +107,13 @@ fn reframe(mut data: &[u8]) -> Vec<u8> {
 
 fn handshake(t: &Target) -> Vec<u8> {
     let mut input = Message::Hello(Hello::ours()).encode();
+    input.extend(
+        Message::Auth {
+            nonce: [0; 32],
+            proof: None,
+        }
+        .encode(),
+    );
     input.extend(Message::Config(t.config.clone()).encode());
     input
 }
@@ -111,6 +130,7 @@ fuzz_target!(|data: &[u8]| {
             input: Cursor::new(data.to_vec()),
         },
         &mut t,
+        &ReceiveOptions::default(),
     );
 
     // The receiver behind a valid handshake, raw and re-framed.
@@ -123,6 +143,7 @@ fuzz_target!(|data: &[u8]| {
                 input: Cursor::new(input),
             },
             &mut t,
+            &ReceiveOptions::default(),
         );
     }
 });

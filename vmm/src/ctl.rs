@@ -76,6 +76,9 @@ pub enum CtlCommand {
         /// Cap the migration stream's bandwidth, MiB/s.
         #[arg(long = "max-bandwidth", value_name = "MIB_S")]
         max_bandwidth: Option<u64>,
+        /// Migration token file (read by the VMM; see docs/migration.md).
+        #[arg(long = "token-file", value_name = "FILE")]
+        token_file: Option<String>,
     },
     /// Inspect or control a migration.
     Migration {
@@ -129,6 +132,12 @@ pub enum MigrationCommand {
         /// Where to listen: unix:PATH or tcp:HOST:PORT.
         #[arg(long, value_name = "URI")]
         from: String,
+        /// Give up if the handshake or any frame takes longer, seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// Migration token file (read by the VMM; see docs/migration.md).
+        #[arg(long = "token-file", value_name = "FILE")]
+        token_file: Option<String>,
     },
 }
 
@@ -232,6 +241,7 @@ pub fn build_call(command: &CtlCommand) -> anyhow::Result<Call> {
             max_downtime,
             auto_converge,
             max_bandwidth,
+            token_file,
         } => put(
             "/migration/send",
             &MigrationSend {
@@ -239,6 +249,7 @@ pub fn build_call(command: &CtlCommand) -> anyhow::Result<Call> {
                 max_downtime_ms: *max_downtime,
                 auto_converge: auto_converge.then_some(true),
                 max_bandwidth_mib_s: *max_bandwidth,
+                token_file: token_file.clone(),
             },
         ),
         CtlCommand::Migration {
@@ -252,10 +263,19 @@ pub fn build_call(command: &CtlCommand) -> anyhow::Result<Call> {
             body: None,
         }),
         CtlCommand::Migration {
-            command: MigrationCommand::Receive { from },
+            command:
+                MigrationCommand::Receive {
+                    from,
+                    timeout,
+                    token_file,
+                },
         } => put(
             "/migration/receive",
-            &MigrationReceive { uri: from.clone() },
+            &MigrationReceive {
+                uri: from.clone(),
+                timeout_s: *timeout,
+                token_file: token_file.clone(),
+            },
         ),
     }
 }
@@ -509,6 +529,22 @@ mod tests {
             call(&["migration", "receive", "--from", "tcp:0.0.0.0:1"]).2["uri"],
             "tcp:0.0.0.0:1"
         );
+        let (_, _, b) = call(&[
+            "migration",
+            "receive",
+            "--from",
+            "unix:/m",
+            "--timeout",
+            "5",
+            "--token-file",
+            "/t",
+        ]);
+        assert_eq!(
+            (b["timeout_s"].clone(), b["token_file"].clone()),
+            (5.into(), "/t".into())
+        );
+        let (_, _, b) = call(&["migrate", "--to", "unix:/m", "--token-file", "/t"]);
+        assert_eq!(b["token_file"], "/t");
         // Every body the CLI builds passes the server's own router.
         for args in [
             &["pause"][..],
@@ -523,6 +559,23 @@ mod tests {
                 "/b",
             ],
             &["migrate", "--to", "unix:/m"],
+            &["migrate", "--to", "unix:/m", "--token-file", "/t"],
+            &[
+                "migration",
+                "receive",
+                "--from",
+                "unix:/m",
+                "--timeout",
+                "5",
+            ],
+            &[
+                "migration",
+                "receive",
+                "--from",
+                "unix:/m",
+                "--token-file",
+                "/t",
+            ],
             &["migration", "cancel"],
         ] {
             let c = build_call(&parse(args).command).unwrap();

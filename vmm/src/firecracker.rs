@@ -46,7 +46,7 @@ struct FcArgs {
     /// Metrics file or FIFO.
     #[arg(long)]
     metrics_path: Option<PathBuf>,
-    /// wisp installs no seccomp filter; accepted for compatibility.
+    /// Do not install wisp's seccomp filters (API and migration threads).
     #[arg(long)]
     no_seccomp: bool,
     /// Start time set by the jailer (informational).
@@ -176,6 +176,9 @@ pub fn main(argv: &[String]) -> ExitCode {
         metrics_path: a.metrics_path,
         restore: None,
         incoming: None,
+        migration_timeout_s: None,
+        migration_token_file: None,
+        seccomp: !a.no_seccomp,
     })
 }
 

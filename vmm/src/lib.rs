@@ -14,6 +14,7 @@ pub mod persist;
 pub mod preboot;
 pub mod registry;
 pub mod runtime;
+pub mod seccomp;
 pub mod serial_socket;
 pub mod signals;
 pub mod tap_handover;

@@ -229,21 +229,33 @@ pub fn spawn_sender(
     opts: SendOptions,
     status: MigrationStatus,
     max_mib_s: Option<u64>,
+    filters: Option<crate::seccomp::Filters>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("wisp-migrate-send".into())
         .spawn(move || {
             let link = source.link.clone();
             let result = match migration::connect(&uri, opts.handshake_timeout) {
-                Ok(inner) => {
-                    let mut conn = Paced {
-                        inner,
-                        bytes_per_s: max_mib_s.map(|m| m.saturating_mul(1 << 20)),
-                        start: std::time::Instant::now(),
-                        written: 0,
-                    };
-                    migration::send(&mut conn, &mut source, &opts, &status)
-                }
+                // Sandboxed once connected (name resolution and connecting
+                // need more), before anything is read from the peer.
+                Ok(inner) => match crate::seccomp::install(
+                    filters.as_ref(),
+                    crate::seccomp::ThreadKind::MigrationSender,
+                ) {
+                    Err(e) => Err(migration::MigrationError::Source {
+                        what: "sandbox the migration thread",
+                        source: Box::new(e),
+                    }),
+                    Ok(()) => {
+                        let mut conn = Paced {
+                            inner,
+                            bytes_per_s: max_mib_s.map(|m| m.saturating_mul(1 << 20)),
+                            start: std::time::Instant::now(),
+                            written: 0,
+                        };
+                        migration::send(&mut conn, &mut source, &opts, &status)
+                    }
+                },
                 Err(e) => Err(migration::MigrationError::Transport(e)),
             };
             let _ = link.send(MainRequest::SenderDone(result));
@@ -294,15 +306,33 @@ impl MigrationTarget for Target {
     }
 }
 
-/// Accepts one migration on `listener` and receives it, on its own thread.
-pub fn spawn_receiver(listener: migration::Listener, mut target: Target) -> std::io::Result<()> {
+/// Accepts one migration on `listener` and receives it within `opts`, on
+/// its own thread.
+pub fn spawn_receiver(
+    listener: migration::Listener,
+    mut target: Target,
+    opts: migration::ReceiveOptions,
+    filters: Option<crate::seccomp::Filters>,
+) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("wisp-migrate-recv".into())
         .spawn(move || {
             let link = target.link.clone();
+            let sandbox = crate::seccomp::install(
+                filters.as_ref(),
+                crate::seccomp::ThreadKind::MigrationReceiver,
+            );
+            if let Err(e) = sandbox {
+                let _ = link.send(MainRequest::ReceiverDone(Err(e.to_string())));
+                return;
+            }
+            // Waits for the sender as long as it takes: the operator may
+            // start this receiver well ahead. Once connected, the sender has
+            // `opts`' timeouts.
             let result = match listener.accept(None) {
                 Ok(mut stream) => {
-                    migration::receive(&mut stream, &mut target).map_err(|e| e.to_string())
+                    drop(listener);
+                    migration::receive(&mut stream, &mut target, &opts).map_err(|e| e.to_string())
                 }
                 Err(e) => Err(format!("Cannot accept a migration: {e}")),
             };

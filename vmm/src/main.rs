@@ -104,6 +104,18 @@ struct RunArgs {
     /// machine configuration given must match the sender's.
     #[arg(long, conflicts_with_all = ["kernel", "config_file", "restore"])]
     incoming: Option<String>,
+    /// Receiving a migration: give up (exit status 1) if the handshake, or
+    /// any later frame, takes longer than SECS seconds [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    migration_timeout: Option<u64>,
+    /// Shared secret for migrations, sent and received: each side proves it
+    /// knows the token (HMAC challenge-response) before anything moves. The
+    /// file must not be readable by group or others.
+    #[arg(long, value_name = "FILE")]
+    migration_token_file: Option<PathBuf>,
+    /// Do not install the seccomp filters of the API and migration threads.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -275,6 +287,9 @@ fn run(a: RunArgs) -> ExitCode {
         metrics_path: a.metrics_path,
         restore,
         incoming: a.incoming,
+        migration_timeout_s: a.migration_timeout,
+        migration_token_file: a.migration_token_file,
+        seccomp: !a.no_seccomp,
     })
 }
 

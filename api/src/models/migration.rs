@@ -44,12 +44,42 @@ pub fn validate_uri(uri: &str) -> Result<(), ModelError> {
 pub struct MigrationReceive {
     /// Where to listen: `unix:PATH` or `tcp:HOST:PORT`.
     pub uri: String,
+    /// Give up if the handshake, or any later frame, takes longer than this
+    /// many seconds (default: the VMM's `--migration-timeout`, else 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// A file holding the migration token the sender must prove it knows
+    /// (default: the VMM's `--migration-token-file`, if any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
 }
 
 impl MigrationReceive {
-    /// Checks the URI.
+    /// Longest `timeout_s` accepted.
+    pub const MAX_TIMEOUT_S: u64 = 3600;
+
+    /// Checks the URI, timeout and token file name.
     pub fn validate(&self) -> Result<(), ModelError> {
-        validate_uri(&self.uri)
+        validate_uri(&self.uri)?;
+        if let Some(t) = self.timeout_s {
+            if t == 0 || t > Self::MAX_TIMEOUT_S {
+                return Err(ModelError::invalid(
+                    "timeout_s",
+                    format!("{t} is outside 1..={}", Self::MAX_TIMEOUT_S),
+                ));
+            }
+        }
+        validate_token_file(self.token_file.as_deref())
+    }
+}
+
+/// Checks a `token_file`: a non-empty path without NUL.
+fn validate_token_file(f: Option<&str>) -> Result<(), ModelError> {
+    match f {
+        Some(f) if f.is_empty() || f.contains('\0') || f.len() > MAX_URI_LEN => Err(
+            ModelError::invalid("token_file", "empty, too long or contains NUL"),
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -68,6 +98,10 @@ pub struct MigrationSend {
     /// Cap on the migration stream's bandwidth, MiB/s (unlimited if absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bandwidth_mib_s: Option<u64>,
+    /// A file holding the migration token; the receiver must prove it knows
+    /// it (default: the VMM's `--migration-token-file`, if any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
 }
 
 impl MigrationSend {
@@ -93,7 +127,7 @@ impl MigrationSend {
                 ));
             }
         }
-        Ok(())
+        validate_token_file(self.token_file.as_deref())
     }
 }
 
@@ -172,6 +206,25 @@ mod tests {
         let r: MigrationReceive = serde_json::from_str(r#"{"uri":"tcp:0.0.0.0:7"}"#).unwrap();
         assert!(r.validate().is_ok());
         assert!(serde_json::from_str::<MigrationReceive>(r#"{}"#).is_err());
+        let r: MigrationReceive =
+            serde_json::from_str(r#"{"uri":"unix:/m","timeout_s":5,"token_file":"/t"}"#).unwrap();
+        assert_eq!(
+            (r.timeout_s, r.token_file.as_deref()),
+            (Some(5), Some("/t"))
+        );
+        r.validate().unwrap();
+        for bad in [
+            r#"{"uri":"unix:/m","timeout_s":0}"#,
+            r#"{"uri":"unix:/m","timeout_s":3601}"#,
+            r#"{"uri":"unix:/m","token_file":""}"#,
+        ] {
+            let r: MigrationReceive = serde_json::from_str(bad).unwrap();
+            assert!(r.validate().is_err(), "{bad}");
+        }
+        let s: MigrationSend =
+            serde_json::from_str(r#"{"uri":"unix:/m","token_file":"/t"}"#).unwrap();
+        assert_eq!(s.token_file.as_deref(), Some("/t"));
+        s.validate().unwrap();
         let st = MigrationStatus::default();
         let v = serde_json::to_value(&st).unwrap();
         assert_eq!(v["state"], "None");

@@ -4,6 +4,7 @@
 //! [`MigrationSource`] and [`MigrationTarget`] traits and watches progress
 //! through a shared [`MigrationStatus`]. See `docs/migration.md`.
 
+pub mod auth;
 pub mod config;
 pub mod protocol;
 pub mod receiver;
@@ -14,9 +15,10 @@ pub mod uri;
 
 use std::time::Duration;
 
+pub use auth::{Token, TokenError};
 pub use config::{CpuFeatures, DeviceSummary, MigrationConfig, RegionSpec};
 pub use protocol::{ProtocolError, PROTOCOL_VERSION};
-pub use receiver::{receive, MigrationTarget, ReceiveReport, WrittenPages};
+pub use receiver::{receive, MigrationTarget, ReceiveOptions, ReceiveReport, WrittenPages};
 pub use sender::{send, MigrationSource, SendOptions, SendReport};
 pub use status::{MigrationState, MigrationStatus, StatusSnapshot};
 pub use transport::{connect, listen, Connection, Listener, Stream, TransportError};
@@ -121,6 +123,12 @@ pub enum MigrationError {
          source only if the receiver is not running the guest"
     )]
     InDoubt(String),
+    /// The peer did not prove it knows the migration token.
+    #[error("Migration peer not authenticated: {0}")]
+    Unauthenticated(String),
+    /// The token file or the nonce could not be had.
+    #[error(transparent)]
+    Token(#[from] auth::TokenError),
     /// Setting socket options failed.
     #[error("Cannot configure the migration stream: {0}")]
     Socket(#[source] std::io::Error),
@@ -154,22 +162,18 @@ pub fn send_to(
 }
 
 /// Listens on `uri`, accepts one connection within `accept_timeout` (or
-/// waits forever), and receives a VM into `target`, waiting at most
-/// `io_timeout` for each message. See [`receive`] for the outcome.
+/// waits forever), and receives a VM into `target` within `opts`' timeouts.
+/// See [`receive`] for the outcome.
 pub fn receive_from(
     uri: &MigrationUri,
     accept_timeout: Option<Duration>,
-    io_timeout: Duration,
+    opts: &ReceiveOptions,
     target: &mut dyn MigrationTarget,
 ) -> Result<ReceiveReport> {
     let listener = transport::listen(uri)?;
     let mut stream = listener.accept(accept_timeout)?;
     drop(listener);
-    stream
-        .set_read_timeout(Some(io_timeout))
-        .and_then(|()| stream.set_write_timeout(Some(io_timeout)))
-        .map_err(MigrationError::Socket)?;
-    receive(&mut stream, target)
+    receive(&mut stream, target, opts)
 }
 
 #[cfg(test)]

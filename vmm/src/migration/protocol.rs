@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::auth::{AuthBytes, AUTH_LEN};
 use super::config::MigrationConfig;
 
 /// First bytes of every `Hello`.
@@ -19,9 +20,11 @@ pub const MAGIC: [u8; 8] = *b"WISPMIGR";
 /// state format version (`persist::format::FORMAT_VERSION`).
 /// Version 2 added the `Ready`/`Go` commit: version 1 ran the guest on the
 /// receiver before the source knew, so a link break then left two copies.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version 3 added the `Challenge`/`Auth`/`AuthOk` exchange (the optional
+/// migration token) after the `Hello`s.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Protocol versions this build accepts from a peer.
-pub const SUPPORTED_VERSIONS: &[u32] = &[2];
+pub const SUPPORTED_VERSIONS: &[u32] = &[3];
 /// Page size of `Pages` frames.
 pub const PAGE_SIZE: usize = 4096;
 /// Most pages in one `Pages` frame.
@@ -176,6 +179,24 @@ impl Pages {
 pub enum Message {
     /// Both sides, first: magic and version.
     Hello(Hello),
+    /// Receiver, after its `Hello`: a fresh nonce for the sender's proof.
+    Challenge {
+        /// The receiver's nonce.
+        nonce: AuthBytes,
+    },
+    /// Sender: its own nonce and, if it has a token, its proof.
+    Auth {
+        /// The sender's nonce.
+        nonce: AuthBytes,
+        /// HMAC of both nonces under the token (sender's label).
+        proof: Option<AuthBytes>,
+    },
+    /// Receiver: the sender is accepted; the receiver's proof if it has a
+    /// token.
+    AuthOk {
+        /// HMAC of both nonces under the token (receiver's label).
+        proof: Option<AuthBytes>,
+    },
     /// Sender: what is being migrated.
     Config(MigrationConfig),
     /// Receiver: the configuration fits; send memory.
@@ -237,6 +258,12 @@ pub mod tag {
     pub const READY: u32 = 11;
     /// [`super::Message::Go`].
     pub const GO: u32 = 12;
+    /// [`super::Message::Challenge`].
+    pub const CHALLENGE: u32 = 13;
+    /// [`super::Message::Auth`].
+    pub const AUTH: u32 = 14;
+    /// [`super::Message::AuthOk`].
+    pub const AUTH_OK: u32 = 15;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -249,6 +276,9 @@ impl Message {
     pub fn name(&self) -> &'static str {
         match self {
             Message::Hello(_) => "Hello",
+            Message::Challenge { .. } => "Challenge",
+            Message::Auth { .. } => "Auth",
+            Message::AuthOk { .. } => "AuthOk",
             Message::Config(_) => "Config",
             Message::Accept => "Accept",
             Message::Refuse { .. } => "Refuse",
@@ -275,6 +305,19 @@ impl Message {
                 let v = &v[..v.len().min(MAX_VERSION_STRING)];
                 f.put(&(v.len() as u16).to_le_bytes());
                 f.put(v);
+            }
+            Message::Challenge { nonce } => {
+                f.begin(tag::CHALLENGE);
+                f.put(nonce);
+            }
+            Message::Auth { nonce, proof } => {
+                f.begin(tag::AUTH);
+                f.put(nonce);
+                put_proof(&mut f, proof);
+            }
+            Message::AuthOk { proof } => {
+                f.begin(tag::AUTH_OK);
+                put_proof(&mut f, proof);
             }
             Message::Config(c) => {
                 f.begin(tag::CONFIG);
@@ -331,6 +374,15 @@ impl Message {
         };
         match tag {
             tag::HELLO => decode_hello(payload).map(Message::Hello),
+            tag::CHALLENGE => auth_bytes("Challenge", payload)
+                .and_then(|(nonce, rest)| no_rest("Challenge", rest).map(|()| nonce))
+                .map(|nonce| Message::Challenge { nonce }),
+            tag::AUTH => {
+                let (nonce, rest) = auth_bytes("Auth", payload)?;
+                let proof = decode_proof("Auth", rest)?;
+                Ok(Message::Auth { nonce, proof })
+            }
+            tag::AUTH_OK => decode_proof("AuthOk", payload).map(|proof| Message::AuthOk { proof }),
             tag::CONFIG => postcard_exact("Config", payload).map(Message::Config),
             tag::ACCEPT => empty(Message::Accept),
             tag::REFUSE => postcard_exact::<Reason>("Refuse", payload)
@@ -352,6 +404,50 @@ impl Message {
                 .map(|r| Message::Error { message: r.text }),
             t => Err(ProtocolError::UnknownTag(t)),
         }
+    }
+}
+
+fn put_proof(f: &mut FrameBuf, proof: &Option<AuthBytes>) {
+    match proof {
+        Some(p) => {
+            f.put(&[1]);
+            f.put(p);
+        }
+        None => f.put(&[0]),
+    }
+}
+
+/// The first [`AUTH_LEN`] bytes and the rest.
+fn auth_bytes<'a>(message: &'static str, p: &'a [u8]) -> Result<(AuthBytes, &'a [u8])> {
+    let b = p
+        .get(..AUTH_LEN)
+        .and_then(|s| <AuthBytes>::try_from(s).ok())
+        .ok_or_else(|| malformed(message, "too short"))?;
+    Ok((b, &p[AUTH_LEN..]))
+}
+
+fn no_rest(message: &'static str, rest: &[u8]) -> Result<()> {
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(malformed(message, format!("{} trailing bytes", rest.len())))
+    }
+}
+
+/// A flag byte (0 or 1) and, after a 1, the proof.
+fn decode_proof(message: &'static str, p: &[u8]) -> Result<Option<AuthBytes>> {
+    match p.split_first() {
+        Some((0, rest)) => no_rest(message, rest).map(|()| None),
+        Some((1, rest)) => {
+            let (proof, rest) = auth_bytes(message, rest)?;
+            no_rest(message, rest)?;
+            Ok(Some(proof))
+        }
+        Some((flag, _)) => Err(malformed(
+            message,
+            format!("proof flag {flag} is not 0 or 1"),
+        )),
+        None => Err(malformed(message, "too short")),
     }
 }
 
@@ -525,199 +621,4 @@ pub fn read_message<R: Read + ?Sized>(r: &mut R) -> Result<Message> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::migration::config::{CpuFeatures, DeviceSummary, RegionSpec};
-
-    fn all_messages() -> Vec<Message> {
-        vec![
-            Message::Hello(Hello::ours()),
-            Message::Config(MigrationConfig {
-                memory: vec![RegionSpec {
-                    guest_addr: 0x1000_0000,
-                    size: 1 << 30,
-                }],
-                vcpus: 4,
-                devices: vec![DeviceSummary {
-                    kind: "net".into(),
-                    id: "eth0".into(),
-                }],
-                cpu: CpuFeatures {
-                    vendor: "AuthenticAMD".into(),
-                    leaf1_ecx: 1,
-                    leaf1_edx: 2,
-                    leaf7_ebx: 3,
-                    leaf7_ecx: 4,
-                    leaf7_edx: 5,
-                },
-            }),
-            Message::Accept,
-            Message::Refuse {
-                reason: "vCPU count differs".into(),
-            },
-            Message::Pages(Pages {
-                region: 1,
-                first_page: 77,
-                count: 10,
-                present: vec![0b0000_0101, 0b10],
-                data: (0..3 * PAGE_SIZE).map(|i| i as u8).collect(),
-            }),
-            Message::State(vec![9; 1000]),
-            Message::State(vec![]),
-            Message::Complete,
-            Message::Ready,
-            Message::Go,
-            Message::Running,
-            Message::Cancel {
-                reason: "user".into(),
-            },
-            Message::Error {
-                message: "restore failed".into(),
-            },
-        ]
-    }
-
-    #[test]
-    fn test_protocol_every_message_round_trips() {
-        let mut stream = Vec::new();
-        for m in all_messages() {
-            write_message(&mut stream, &m).unwrap();
-        }
-        let mut r = stream.as_slice();
-        for m in all_messages() {
-            assert_eq!(read_message(&mut r).unwrap(), m);
-        }
-        assert!(matches!(
-            read_message(&mut r),
-            Err(ProtocolError::Truncated)
-        ));
-    }
-
-    #[test]
-    fn test_protocol_every_truncation_is_an_error() {
-        for m in all_messages() {
-            let f = m.encode();
-            for cut in 0..f.len() {
-                let e = read_message(&mut &f[..cut]).unwrap_err();
-                assert!(
-                    matches!(e, ProtocolError::Truncated),
-                    "{} cut {cut}: {e}",
-                    m.name()
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn test_protocol_every_bit_flip_is_an_error() {
-        for m in all_messages() {
-            let f = m.encode();
-            // Flip one bit per byte (every byte for small frames).
-            let step = (f.len() / 512).max(1);
-            for i in (0..f.len()).step_by(step) {
-                let mut g = f.clone();
-                g[i] ^= 1 << (i % 8);
-                assert!(
-                    read_message(&mut g.as_slice()).is_err(),
-                    "{} byte {i}",
-                    m.name()
-                );
-            }
-        }
-    }
-
-    fn frame(tag: u32, payload: &[u8]) -> Vec<u8> {
-        let mut f = FrameBuf::default();
-        f.begin(tag);
-        f.put(payload);
-        f.finish();
-        f.buf
-    }
-
-    #[test]
-    fn test_protocol_hostile_frames_rejected() {
-        let e = |b: Vec<u8>| read_message(&mut b.as_slice()).unwrap_err();
-        assert!(matches!(e(frame(99, b"")), ProtocolError::UnknownTag(99)));
-        let mut big = 5u32.to_le_bytes().to_vec();
-        big.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(e(big), ProtocolError::Oversize { .. }));
-        assert!(matches!(
-            e(frame(tag::ACCEPT, b"x")),
-            ProtocolError::Malformed { .. }
-        ));
-        let mut hello = frame(tag::HELLO, b"");
-        hello.truncate(0);
-        hello.extend(frame(tag::HELLO, b"NOTWISP!\x01\0\0\0\0\0"));
-        assert!(matches!(e(hello), ProtocolError::BadMagic(_)));
-        assert!(matches!(
-            e(frame(tag::HELLO, b"WISPMIGR\x01")),
-            ProtocolError::Malformed { .. }
-        ));
-        assert!(matches!(
-            e(frame(tag::CONFIG, &[0xff; 7])),
-            ProtocolError::Malformed { .. }
-        ));
-        assert!(matches!(
-            e(frame(tag::ERROR, &[5, b'a'])),
-            ProtocolError::Malformed { .. }
-        ));
-        // Pages: zero count, too many, data length mismatch, stray bitmap bits.
-        let pages = |count: u32, map: &[u8], data: usize| {
-            let mut p = 0u32.to_le_bytes().to_vec();
-            p.extend_from_slice(&0u64.to_le_bytes());
-            p.extend_from_slice(&count.to_le_bytes());
-            p.extend_from_slice(map);
-            p.extend(std::iter::repeat_n(1u8, data));
-            frame(tag::PAGES, &p)
-        };
-        assert!(matches!(
-            e(pages(0, &[], 0)),
-            ProtocolError::Malformed { .. }
-        ));
-        assert!(matches!(
-            e(pages(257, &[0; 33], 0)),
-            ProtocolError::Malformed { .. }
-        ));
-        assert!(matches!(
-            e(pages(8, &[1], 0)),
-            ProtocolError::Malformed { .. }
-        ));
-        assert!(matches!(
-            e(pages(8, &[1], PAGE_SIZE + 1)),
-            ProtocolError::Malformed { .. }
-        ));
-        assert!(matches!(
-            e(pages(3, &[0b1000], 0)),
-            ProtocolError::Malformed { .. }
-        ));
-        assert!(read_message(&mut pages(3, &[0b100], PAGE_SIZE).as_slice()).is_ok());
-        let mut over = vec![0u8; MAX_STATE_CHUNK + 1];
-        over[0] = 1;
-        assert!(matches!(
-            e(frame(tag::STATE, &over)),
-            ProtocolError::Malformed { .. }
-        ));
-    }
-
-    #[test]
-    fn test_protocol_hello_version_check() {
-        let mut h = Hello::ours();
-        h.check().unwrap();
-        // Version 1 had no Ready/Go commit: refused.
-        for old in [1, 3] {
-            h.protocol_version = old;
-            let m = Message::Hello(h.clone());
-            let Message::Hello(back) = read_message(&mut m.encode().as_slice()).unwrap() else {
-                panic!()
-            };
-            let e = back.check().unwrap_err();
-            assert!(
-                matches!(e, ProtocolError::UnsupportedVersion { theirs, .. } if theirs == old),
-                "{e}"
-            );
-            assert!(e.to_string().contains(&format!("version {old}")), "{e}");
-        }
-        h.magic = *b"XXXXXXXX";
-        assert!(matches!(h.check(), Err(ProtocolError::BadMagic(_))));
-    }
-}
+mod tests;

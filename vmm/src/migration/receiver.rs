@@ -5,18 +5,91 @@
 //! `Go`. Before `Go` every failure leaves the guest to the source; after it
 //! the guest is this side's to run.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::time::{Duration, Instant};
 
 use devices::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+use super::auth::{self, AuthBytes, Token};
 use super::config::{CpuFeatures, MigrationConfig};
-use super::protocol::{self, Hello, Message, Pages, PAGE_SIZE};
+use super::protocol::{self, Hello, Message, Pages, ProtocolError, PAGE_SIZE};
+use super::transport::Connection;
 use super::{HookError, MigrationError, Result};
 
 /// Largest device state accepted (the snapshot format's own limit).
 pub const MAX_STATE_LEN: usize = 64 << 20;
+
+/// Default of both receiver timeouts (`--migration-timeout`).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the receiver waits for its sender, and whom it accepts.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// Longest the whole handshake may take, from the connection to the
+    /// sender's `Config`.
+    pub handshake_timeout: Duration,
+    /// Longest any later frame may take to arrive whole, from the moment it
+    /// is awaited (a peer trickling bytes does not reset it).
+    pub frame_timeout: Duration,
+    /// If set, the sender must prove it knows this token before anything
+    /// else is accepted.
+    pub token: Option<Token>,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self::with_timeout(DEFAULT_TIMEOUT)
+    }
+}
+
+impl ReceiveOptions {
+    /// Both timeouts `t`, no token.
+    pub fn with_timeout(t: Duration) -> Self {
+        Self {
+            handshake_timeout: t,
+            frame_timeout: t,
+            token: None,
+        }
+    }
+}
+
+/// A stream whose reads must complete by a deadline: each read may block only
+/// for what is left of it.
+struct Deadline<'a, S: Connection + ?Sized> {
+    inner: &'a mut S,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl<S: Connection + ?Sized> Deadline<'_, S> {
+    /// From now, the next reads must finish within `timeout`.
+    fn arm(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+        self.deadline = Instant::now() + timeout;
+    }
+
+    /// Reads one message by the deadline; a late one is a
+    /// [`MigrationError::Timeout`] naming what was awaited.
+    fn next(&mut self, waiting_for: &'static str) -> Result<Message> {
+        match protocol::read_message(self) {
+            Ok(m) => Ok(m),
+            Err(ProtocolError::Timeout) => Err(MigrationError::Timeout(self.timeout, waiting_for)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl<S: Connection + ?Sized> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.inner.set_read_timeout(Some(left))?;
+        self.inner.read(buf)
+    }
+}
 
 /// What the receiver needs from the VM being built. Implemented by the VMM.
 pub trait MigrationTarget {
@@ -51,15 +124,25 @@ pub struct ReceiveReport {
 /// Receives a VM over `stream` into `target`. Returns once the guest runs
 /// here (`Go` received, [`MigrationTarget::run`] done; `Running` sent if the
 /// link still works). On any failure sends `Error` (best effort) and returns
-/// the error; the guest never ran here and the caller should exit. Set the
-/// stream's read timeout first to bound waits for the sender.
-pub fn receive<S: Read + Write + ?Sized>(
+/// the error; the guest never ran here and the caller should exit. Waits
+/// for the sender are bounded by `opts`' timeouts; with a token, a sender
+/// that cannot prove it is refused before its configuration is even read.
+pub fn receive<S: Connection + ?Sized>(
     stream: &mut S,
     target: &mut dyn MigrationTarget,
+    opts: &ReceiveOptions,
 ) -> Result<ReceiveReport> {
     let mut report = ReceiveReport::default();
     let started = Instant::now();
-    match receive_inner(stream, target, &mut report) {
+    stream
+        .set_write_timeout(Some(opts.frame_timeout))
+        .map_err(MigrationError::Socket)?;
+    let mut timed = Deadline {
+        inner: stream,
+        deadline: started + opts.handshake_timeout,
+        timeout: opts.handshake_timeout,
+    };
+    match receive_inner(&mut timed, target, opts, &mut report) {
         Ok(()) => {
             report.total = started.elapsed();
             Ok(report)
@@ -67,11 +150,14 @@ pub fn receive<S: Read + Write + ?Sized>(
         Err(e) => {
             let silent = matches!(
                 e,
-                MigrationError::Cancelled(_) | MigrationError::Peer(_) | MigrationError::Refused(_)
+                MigrationError::Cancelled(_)
+                    | MigrationError::Peer(_)
+                    | MigrationError::Refused(_)
+                    | MigrationError::Unauthenticated(_)
             );
             if !silent {
                 let _ = protocol::write_message(
-                    stream,
+                    timed.inner,
                     &Message::Error {
                         message: e.to_string(),
                     },
@@ -82,25 +168,28 @@ pub fn receive<S: Read + Write + ?Sized>(
     }
 }
 
-fn receive_inner<S: Read + Write + ?Sized>(
-    stream: &mut S,
+fn receive_inner<S: Connection + ?Sized>(
+    stream: &mut Deadline<'_, S>,
     target: &mut dyn MigrationTarget,
+    opts: &ReceiveOptions,
     report: &mut ReceiveReport,
 ) -> Result<()> {
-    match next(stream)? {
+    // The handshake, up to `Config`, is bounded as a whole.
+    match stream.next("the sender's Hello")? {
         Message::Hello(h) => h.check()?,
         m => return Err(unexpected("Hello", m)),
     }
-    protocol::write_message(stream, &Message::Hello(Hello::ours()))?;
+    write(stream, &Message::Hello(Hello::ours()))?;
+    authenticate(stream, opts.token.as_ref())?;
 
-    let theirs = match next(stream)? {
+    let theirs = match stream.next("the sender's Config")? {
         Message::Config(c) => c,
         m => return Err(unexpected("Config", m)),
     };
     let differences = theirs.differences(&target.config(), &target.host_cpu());
     if !differences.is_empty() {
         let reason = differences.join("; ");
-        protocol::write_message(
+        write(
             stream,
             &Message::Refuse {
                 reason: reason.clone(),
@@ -108,13 +197,14 @@ fn receive_inner<S: Read + Write + ?Sized>(
         )?;
         return Err(MigrationError::Refused(reason));
     }
-    protocol::write_message(stream, &Message::Accept)?;
+    write(stream, &Message::Accept)?;
 
     let mut state: Vec<u8> = Vec::new();
     let mut in_state = false;
     let mut written = WrittenPages::new(target.memory());
     loop {
-        match next(stream)? {
+        stream.arm(opts.frame_timeout);
+        match stream.next("the next Pages, State or Complete frame")? {
             Message::Pages(p) if !in_state => {
                 write_pages(target.memory(), &mut written, &p)?;
                 report.pages += p.count as u64;
@@ -139,8 +229,9 @@ fn receive_inner<S: Read + Write + ?Sized>(
             what: "restore the VM",
             source,
         })?;
-    protocol::write_message(stream, &Message::Ready)?;
-    match next(stream)? {
+    write(stream, &Message::Ready)?;
+    stream.arm(opts.frame_timeout);
+    match stream.next("Go")? {
         Message::Go => {}
         m => return Err(unexpected("Go", m)),
     }
@@ -149,15 +240,49 @@ fn receive_inner<S: Read + Write + ?Sized>(
         what: "run the VM",
         source,
     })?;
-    if let Err(e) = protocol::write_message(stream, &Message::Running) {
+    if let Err(e) = write(stream, &Message::Running) {
         // The source committed with `Go`; it waits paused for the operator.
         log::warn!("migration: the guest runs here but the source did not hear it: {e}");
     }
     Ok(())
 }
 
-fn next<S: Read + ?Sized>(stream: &mut S) -> Result<Message> {
-    Ok(protocol::read_message(stream)?)
+fn write<S: Connection + ?Sized>(stream: &mut Deadline<'_, S>, m: &Message) -> Result<()> {
+    Ok(protocol::write_message(stream.inner, m)?)
+}
+
+/// Challenges the sender and checks its proof; refuses it (`Refuse`) if this
+/// receiver has a token and the proof is missing or wrong.
+fn authenticate<S: Connection + ?Sized>(
+    stream: &mut Deadline<'_, S>,
+    token: Option<&Token>,
+) -> Result<()> {
+    let ours: AuthBytes = auth::nonce()?;
+    write(stream, &Message::Challenge { nonce: ours })?;
+    let (theirs, proof) = match stream.next("the sender's Auth")? {
+        Message::Auth { nonce, proof } => (nonce, proof),
+        m => return Err(unexpected("Auth", m)),
+    };
+    if let Some(token) = token {
+        let refusal = match proof {
+            None => Some("the sender presented no migration token (this receiver requires one)"),
+            Some(p) if !token.verify_sender(&ours, &theirs, &p) => {
+                Some("the sender's migration token does not match this receiver's")
+            }
+            Some(_) => None,
+        };
+        if let Some(reason) = refusal {
+            write(
+                stream,
+                &Message::Refuse {
+                    reason: reason.into(),
+                },
+            )?;
+            return Err(MigrationError::Unauthenticated(reason.into()));
+        }
+    }
+    let proof = token.map(|t| t.receiver_proof(&ours, &theirs));
+    write(stream, &Message::AuthOk { proof })
 }
 
 fn unexpected(expected: &'static str, m: Message) -> MigrationError {

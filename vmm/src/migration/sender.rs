@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use devices::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
+use super::auth::{self, Token};
 use super::config::MigrationConfig;
 use super::protocol::{
     self, FrameBuf, Hello, Message, ProtocolError, MAX_PAGES_PER_FRAME, MAX_STATE_CHUNK, PAGE_SIZE,
@@ -88,6 +89,9 @@ pub struct SendOptions {
     pub running_timeout: Duration,
     /// Longest a single write may block.
     pub write_timeout: Duration,
+    /// If set, the receiver must prove it knows this token (and this sender
+    /// proves it too) before the configuration or any memory is sent.
+    pub token: Option<Token>,
 }
 
 impl Default for SendOptions {
@@ -99,6 +103,7 @@ impl Default for SendOptions {
             handshake_timeout: Duration::from_secs(10),
             running_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
+            token: None,
         }
     }
 }
@@ -393,11 +398,41 @@ impl<C: Connection + ?Sized> Sender<'_, C> {
             Message::Hello(h) => h.check()?,
             m => return Err(self.unexpected("Hello", m)),
         }
+        self.authenticate()?;
         self.send(&Message::Config(self.source.config()))?;
         match self.reply("Accept", self.opts.handshake_timeout)? {
             Message::Accept => Ok(()),
             Message::Refuse { reason } => Err(MigrationError::Refused(reason)),
             m => Err(self.unexpected("Accept", m)),
+        }
+    }
+
+    /// Answers the receiver's challenge and, with a token, checks its proof.
+    fn authenticate(&mut self) -> Result<()> {
+        let theirs = match self.reply("Challenge", self.opts.handshake_timeout)? {
+            Message::Challenge { nonce } => nonce,
+            m => return Err(self.unexpected("Challenge", m)),
+        };
+        let ours = auth::nonce()?;
+        let token = self.opts.token.clone();
+        let proof = token.as_ref().map(|t| t.sender_proof(&theirs, &ours));
+        self.send(&Message::Auth { nonce: ours, proof })?;
+        let proof = match self.reply("AuthOk", self.opts.handshake_timeout)? {
+            Message::AuthOk { proof } => proof,
+            Message::Refuse { reason } => return Err(MigrationError::Refused(reason)),
+            m => return Err(self.unexpected("AuthOk", m)),
+        };
+        let Some(token) = token else {
+            return Ok(());
+        };
+        match proof {
+            Some(p) if token.verify_receiver(&theirs, &ours, &p) => Ok(()),
+            Some(_) => Err(MigrationError::Unauthenticated(
+                "the receiver's migration token does not match this sender's".into(),
+            )),
+            None => Err(MigrationError::Unauthenticated(
+                "the receiver has no migration token (this sender requires one)".into(),
+            )),
         }
     }
 

@@ -396,7 +396,7 @@ fn spawn_receiver(
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
-        let r = receive(&mut stream, &mut target);
+        let r = receive(&mut stream, &mut target, &ReceiveOptions::default());
         (r, target)
     })
 }
@@ -610,6 +610,7 @@ fn accept_handshake(s: &mut Stream) {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let _hello = protocol::read_message(s).unwrap();
     protocol::write_message(s, &Message::Hello(Hello::ours())).unwrap();
+    receiver_auth(s);
     let _config = protocol::read_message(s).unwrap();
     protocol::write_message(s, &Message::Accept).unwrap();
 }
@@ -846,6 +847,34 @@ impl Write for Script {
     }
 }
 
+impl Connection for Script {
+    fn set_read_timeout(&mut self, _: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn set_write_timeout(&mut self, _: Option<Duration>) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A token-less sender's answer to any challenge.
+fn no_auth() -> Message {
+    Message::Auth {
+        nonce: [0x5a; 32],
+        proof: None,
+    }
+}
+
+/// Plays a token-less receiver's part of the auth exchange on `s`.
+fn receiver_auth(s: &mut Stream) {
+    protocol::write_message(s, &Message::Challenge { nonce: [0xa5; 32] }).unwrap();
+    assert!(matches!(
+        protocol::read_message(s).unwrap(),
+        Message::Auth { .. }
+    ));
+    protocol::write_message(s, &Message::AuthOk { proof: None }).unwrap();
+}
+
 fn small_target() -> FakeTarget {
     FakeTarget::new(&[(GuestAddress(0), MIB)])
 }
@@ -854,6 +883,7 @@ fn small_target() -> FakeTarget {
 fn valid_stream(pages: &[Pages]) -> Vec<u8> {
     let t = small_target();
     let mut v = Message::Hello(Hello::ours()).encode();
+    v.extend(no_auth().encode());
     v.extend(Message::Config(t.config.clone()).encode());
     for p in pages {
         v.extend(Message::Pages(p.clone()).encode());
@@ -880,7 +910,7 @@ fn run_script(input: Vec<u8>) -> (Result<ReceiveReport>, FakeTarget, Vec<u8>) {
         input: Cursor::new(input),
         output: Vec::new(),
     };
-    let r = receive(&mut s, &mut t);
+    let r = receive(&mut s, &mut t, &ReceiveOptions::default());
     (r, t, s.output)
 }
 
@@ -905,6 +935,8 @@ fn test_receiver_valid_script_runs_guest() {
         rep[..],
         [
             Message::Hello(_),
+            Message::Challenge { .. },
+            Message::AuthOk { proof: None },
             Message::Accept,
             Message::Ready,
             Message::Running
@@ -1045,6 +1077,7 @@ fn test_receiver_out_of_order_messages_rejected() {
         // Pages after State.
         [
             Message::Hello(Hello::ours()).encode(),
+            no_auth().encode(),
             Message::Config(t.config.clone()).encode(),
             Message::State(vec![1]).encode(),
             Message::Pages(one_page(0, 0, 1)).encode(),
@@ -1204,6 +1237,7 @@ fn test_migration_sender_reports_receiver_error() {
 fn test_receiver_state_over_limit_rejected() {
     let t = small_target();
     let mut s = Message::Hello(Hello::ours()).encode();
+    s.extend(no_auth().encode());
     s.extend(Message::Config(t.config.clone()).encode());
     let chunk = Message::State(vec![0xab; protocol::MAX_STATE_CHUNK]).encode();
     for _ in 0..=(receiver::MAX_STATE_LEN / protocol::MAX_STATE_CHUNK) {
@@ -1231,7 +1265,7 @@ fn test_migration_send_to_and_receive_from_uri() {
         let r = receive_from(
             &u2,
             Some(Duration::from_secs(10)),
-            Duration::from_secs(10),
+            &ReceiveOptions::with_timeout(Duration::from_secs(10)),
             &mut t,
         );
         (r, t)
@@ -1275,7 +1309,7 @@ fn test_migration_send_to_and_receive_from_uri() {
     let e = receive_from(
         &uri,
         Some(Duration::from_millis(100)),
-        Duration::from_secs(1),
+        &ReceiveOptions::with_timeout(Duration::from_secs(1)),
         &mut t,
     )
     .unwrap_err();
@@ -1300,6 +1334,7 @@ fn test_migration_stalled_receiver_write_timeout_resumes_source() {
         b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         protocol::read_message(&mut b).unwrap();
         protocol::write_message(&mut b, &Message::Hello(Hello::ours())).unwrap();
+        receiver_auth(&mut b);
         protocol::read_message(&mut b).unwrap();
         protocol::write_message(&mut b, &Message::Accept).unwrap();
         // Stop reading, keep the socket open until the sender gave up.
@@ -1325,3 +1360,5 @@ fn test_migration_stalled_receiver_write_timeout_resumes_source() {
     assert_eq!(source.resumes.load(Ordering::SeqCst), 1);
     assert_eq!(status.snapshot().state, MigrationState::Failed);
 }
+
+mod security;

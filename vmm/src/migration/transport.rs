@@ -168,13 +168,17 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
-/// Starts listening on `uri`. A stale Unix socket file (nobody accepting) is
-/// replaced; a live one, or a path that is not a socket, is refused.
+/// Starts listening on `uri`. A Unix socket is only reachable by its owner
+/// (mode 0600, never wider even for an instant). A stale Unix socket file
+/// (nobody accepting) is replaced; a live one, or a path that is not a
+/// socket, is refused.
 pub fn listen(uri: &MigrationUri) -> Result<Listener> {
     match uri {
         MigrationUri::Unix(path) => {
             remove_stale_socket(path)?;
-            let l = UnixListener::bind(path).map_err(io_err("listen on", uri))?;
+            // Mode 0600 from its first instant: a peer on this host must be
+            // the socket's owner (see `api::socket` for how, without umask).
+            let l = api::socket::bind_owner_only(path).map_err(io_err("listen on", uri))?;
             Ok(Listener::Unix(l, path.clone()))
         }
         MigrationUri::Tcp { host, port } => {
@@ -381,10 +385,18 @@ mod tests {
         let uri = MigrationUri::Unix(path.clone());
         let l = listen(&uri).unwrap();
         assert_eq!(l.local_uri().unwrap(), uri);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         let t = echo(l);
         round_trip(&uri);
         t.join().unwrap();
         assert!(!path.exists(), "listener drop removes the socket file");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing left behind"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use devices::bus::lock;
 
 use super::{chain, fault, Runtime};
 use crate::live_migration::{self, MainRequest, Source, Target};
-use crate::migration::{self, MigrationUri, SendOptions};
+use crate::migration::{self, MigrationUri, ReceiveOptions, SendOptions};
 use crate::vmm::Outcome;
 
 /// Longest the main thread waits for the sender's outcome once it has handed
@@ -20,8 +20,14 @@ const FINAL_PHASE_LIMIT: Duration = Duration::from_secs(180);
 
 impl Runtime {
     /// Listens on `uri` and receives a migration on a thread; the VM starts
-    /// when the state arrives.
-    pub(super) fn start_receive(&mut self, uri: &str) -> Result<(), String> {
+    /// when the state arrives. `timeout_s` and `token_file` override the
+    /// command line's `--migration-timeout` and `--migration-token-file`.
+    pub(super) fn start_receive(
+        &mut self,
+        uri: &str,
+        timeout_s: Option<u64>,
+        token_file: Option<&str>,
+    ) -> Result<(), String> {
         if self.vmm.is_some() {
             return Err("A migration can only be received before the microVM starts".into());
         }
@@ -29,6 +35,14 @@ impl Runtime {
             return Err("A migration is already in progress".into());
         }
         let parsed: MigrationUri = uri.parse().map_err(|e| chain(&e))?;
+        let opts = ReceiveOptions {
+            token: self.migration_token(token_file)?,
+            ..ReceiveOptions::with_timeout(
+                timeout_s
+                    .map(Duration::from_secs)
+                    .unwrap_or(self.migration.timeout),
+            )
+        };
         let cfg = self.preboot.to_vm_config_for_incoming();
         let kvm_cpuid = host_cpuid()?;
         let memory =
@@ -40,7 +54,7 @@ impl Runtime {
             memory,
             link: self.migration.link.clone(),
         };
-        live_migration::spawn_receiver(listener, target)
+        live_migration::spawn_receiver(listener, target, opts, self.migration.filters.clone())
             .map_err(|e| format!("Cannot start the migration thread: {e}"))?;
         self.migration.status = migration::MigrationStatus::new();
         self.migration.role = Some("Receiving");
@@ -66,6 +80,10 @@ impl Runtime {
             opts.max_downtime = Duration::from_millis(ms);
         }
         opts.auto_converge = m.auto_converge.unwrap_or(false);
+        opts.token = match self.migration_token(m.token_file.as_deref()) {
+            Ok(t) => t,
+            Err(e) => return fault(e),
+        };
         let source = Source {
             config: live_migration::migration_config(&vmm.config, &vmm.host_cpuid),
             memory: vmm.vm.memory.clone(),
@@ -74,9 +92,14 @@ impl Runtime {
             link: self.migration.link.clone(),
         };
         let status = migration::MigrationStatus::new();
-        if let Err(e) =
-            live_migration::spawn_sender(uri, source, opts, status.clone(), m.max_bandwidth_mib_s)
-        {
+        if let Err(e) = live_migration::spawn_sender(
+            uri,
+            source,
+            opts,
+            status.clone(),
+            m.max_bandwidth_mib_s,
+            self.migration.filters.clone(),
+        ) {
             return Err(ApiFault::internal(format!(
                 "Cannot start the migration thread: {e}"
             )));
@@ -89,6 +112,16 @@ impl Runtime {
         self.migration.uri = Some(m.uri.clone());
         log::info!("migrating to {}", m.uri);
         Ok(None)
+    }
+
+    /// The token in `file` if given, else the command line's, if any.
+    fn migration_token(&self, file: Option<&str>) -> Result<Option<migration::Token>, String> {
+        match file {
+            Some(f) => migration::Token::from_file(std::path::Path::new(f))
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            None => Ok(self.migration.token.clone()),
+        }
     }
 
     /// `GET /migration`: the API's status fields plus wisp's progress details.

@@ -43,6 +43,16 @@ pub struct RuntimeOptions {
     pub restore: Option<(PathBuf, PathBuf, bool)>,
     /// Wait for an incoming live migration on this URI.
     pub incoming: Option<String>,
+    /// Receiver timeout, seconds, for the handshake and each frame
+    /// (`--migration-timeout`; default 30). The API's receive request may
+    /// override it.
+    pub migration_timeout_s: Option<u64>,
+    /// Migration token file for receives and sends
+    /// (`--migration-token-file`). The API's requests may override it.
+    pub migration_token_file: Option<PathBuf>,
+    /// Install the seccomp filters of `crate::seccomp` (off with
+    /// `--no-seccomp`).
+    pub seccomp: bool,
 }
 
 /// Why the runtime could not start.
@@ -150,6 +160,12 @@ struct MigrationCtl {
     uri: Option<String>,
     /// The migration paused the VM (and must resume it on failure).
     paused_vm: bool,
+    /// Receiver timeout from the command line.
+    timeout: std::time::Duration,
+    /// Token from the command line.
+    token: Option<crate::migration::Token>,
+    /// seccomp filters for the migration threads (`None`: `--no-seccomp`).
+    filters: Option<crate::seccomp::Filters>,
 }
 
 /// How often metrics are written without being asked.
@@ -217,6 +233,14 @@ impl Runtime {
             }
             None => None,
         };
+        let filters = if opts.seccomp {
+            Some(
+                crate::seccomp::Filters::embedded()
+                    .map_err(|e| RuntimeError::Boot(e.to_string()))?,
+            )
+        } else {
+            None
+        };
         let (api, api_evt) = match &opts.api_sock {
             Some(path) => {
                 let evt = EventFd::new(libc::EFD_NONBLOCK)
@@ -224,11 +248,22 @@ impl Runtime {
                 let waker_evt = evt
                     .try_clone()
                     .map_err(|e| RuntimeError::EventLoop(e.to_string()))?;
-                let (handle, rx) = api::ApiServer::start_with_waker(
+                let api_filters = filters.clone();
+                let (handle, rx) = api::ApiServer::start_with_options(
                     path,
-                    Some(Arc::new(move || {
-                        let _ = waker_evt.write(1);
-                    })),
+                    api::ServerOptions {
+                        waker: Some(Arc::new(move || {
+                            let _ = waker_evt.write(1);
+                        })),
+                        sandbox: Some(Arc::new(move || {
+                            crate::seccomp::install(
+                                api_filters.as_ref(),
+                                crate::seccomp::ThreadKind::Api,
+                            )
+                            .map_err(|e| e.to_string())
+                        })),
+                        ..api::ServerOptions::default()
+                    },
                 )?;
                 (Some((handle, rx)), Some(evt))
             }
@@ -247,6 +282,18 @@ impl Runtime {
             role: None,
             uri: None,
             paused_vm: false,
+            timeout: opts
+                .migration_timeout_s
+                .map(std::time::Duration::from_secs)
+                .unwrap_or(crate::migration::receiver::DEFAULT_TIMEOUT),
+            token: match &opts.migration_token_file {
+                Some(p) => Some(
+                    crate::migration::Token::from_file(p)
+                        .map_err(|e| RuntimeError::Boot(e.to_string()))?,
+                ),
+                None => None,
+            },
+            filters,
         };
         em.add_subscriber(Arc::new(Mutex::new(Wakeups {
             signal_fd: signal_evt.as_raw_fd(),
@@ -282,7 +329,8 @@ impl Runtime {
             rt.load_snapshot(snap, mem, None, *resume)
                 .map_err(RuntimeError::Boot)?;
         } else if let Some(uri) = &opts.incoming {
-            rt.start_receive(uri).map_err(RuntimeError::Boot)?;
+            rt.start_receive(uri, None, None)
+                .map_err(RuntimeError::Boot)?;
         }
         rt.sync_registry();
         Ok(rt)
@@ -449,7 +497,7 @@ impl Runtime {
             if answer.is_err() {
                 crate::metrics::inc(&crate::metrics::API.errors);
             }
-            // The registry shows the new state before the client hears back.
+            // `wisp list` shows the new state before the client hears back.
             self.sync_registry();
             responder.send(answer);
         }
@@ -575,10 +623,12 @@ impl Runtime {
             }
             ApiRequest::PatchVm(v) => self.patch_vm(v.state),
             ApiRequest::CreateSnapshot(p) => self.create_snapshot(p),
-            ApiRequest::MigrationReceive(m) => match self.start_receive(&m.uri) {
-                Ok(()) => Ok(None),
-                Err(e) => fault(e),
-            },
+            ApiRequest::MigrationReceive(m) => {
+                match self.start_receive(&m.uri, m.timeout_s, m.token_file.as_deref()) {
+                    Ok(()) => Ok(None),
+                    Err(e) => fault(e),
+                }
+            }
             ApiRequest::MigrationSend(m) => self.start_send(m),
             ApiRequest::GetMigrationStatus => api::json_response(&self.migration_status()),
             ApiRequest::MigrationCancel => {
