@@ -132,6 +132,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), DiskError> {
         compression: header::Compression::Deflate,
         backing_file: opts.backing_file.clone(),
         backing_format: opts.backing_format.map(|f| f.name().to_string()),
+        bitmaps: None,
     };
     if let Some(name) = &h.backing_file {
         if name.is_empty() || name.len() > header::MAX_BACKING_NAME as usize || name.contains('\0')
@@ -202,7 +203,7 @@ impl Qcow2Disk {
             }
             let off = self.alloc(1)?;
             if full {
-                self.file.write_all_at(&zeros, off)?;
+                self.write_data(&zeros, off)?;
             }
             self.set_l2_entry(l2off, l2i, off | COPIED)?;
         }
@@ -238,6 +239,7 @@ impl Qcow2Disk {
             }
             let clusters = (needed * 8).div_ceil(cs);
             let new_off = self.alloc(clusters)?;
+            self.add_meta(super::Meta::L1, new_off, clusters * cs)?;
             let mut l1 = self.l1.clone();
             l1.resize(needed as usize, 0);
             let mut raw: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
@@ -252,6 +254,7 @@ impl Qcow2Disk {
             self.file.sync_data()?;
             let old_bytes = u64::from(self.header.l1_size) * 8;
             if self.header.l1_table_offset != 0 && old_bytes > 0 {
+                self.meta.remove(self.header.l1_table_offset);
                 self.pending_free
                     .push((self.header.l1_table_offset, old_bytes.next_multiple_of(cs)));
             }

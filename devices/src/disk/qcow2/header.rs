@@ -44,6 +44,9 @@ pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 const EXT_ENCRYPTION: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Autoclear feature bit: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 /// Byte offsets of the header fields wisp rewrites in place.
 pub const OFF_SIZE: u64 = 24;
@@ -57,6 +60,14 @@ pub const OFF_AUTOCLEAR: u64 = 88;
 pub enum Compression {
     Deflate,
     Zstd,
+}
+
+/// The bitmaps header extension: where the bitmap directory lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
 }
 
 /// A parsed and validated qcow2 header.
@@ -84,15 +95,17 @@ pub struct Header {
     pub backing_file: Option<String>,
     /// Backing format from the header extension.
     pub backing_format: Option<String>,
+    /// The bitmaps extension, as stored (valid only with [`AUTOCLEAR_BITMAPS`]).
+    pub bitmaps: Option<BitmapsExt>,
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[off..off + 4]);
     u32::from_be_bytes(a)
 }
 
-fn be64(b: &[u8], off: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[off..off + 8]);
     u64::from_be_bytes(a)
@@ -175,6 +188,7 @@ impl Header {
             compression: Compression::Deflate,
             backing_file: None,
             backing_format: None,
+            bitmaps: None,
         };
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&h.cluster_bits) {
             return Err(Qcow2Error::ClusterBits(h.cluster_bits));
@@ -315,6 +329,15 @@ impl Header {
                     read_exact(file, &mut name, data_off, "backing format")?;
                     let name = String::from_utf8(name).map_err(|_| Qcow2Error::BackingName)?;
                     self.backing_format = Some(name);
+                }
+                EXT_BITMAPS if len >= 24 => {
+                    let mut b = [0u8; 24];
+                    read_exact(file, &mut b, data_off, "bitmaps extension")?;
+                    self.bitmaps = Some(BitmapsExt {
+                        nb_bitmaps: be32(&b, 0),
+                        directory_size: be64(&b, 8),
+                        directory_offset: be64(&b, 16),
+                    });
                 }
                 EXT_ENCRYPTION => return Err(Qcow2Error::Encrypted),
                 EXT_DATA_FILE => return Err(Qcow2Error::ExternalDataFile),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::disk::testutil::TempDir;
-use crate::disk::{open_disk, DiskOptions};
+use crate::disk::{open_disk, DiskError, DiskOptions};
 
 const CS: u64 = 64 << 10;
 /// Layout of a fresh 64 KiB-cluster image: header, reftable, refblock, L1.
@@ -61,6 +61,24 @@ fn qcow2_error(path: &Path) -> Qcow2Error {
 
 fn metadata(path: &Path, read_only: bool) -> Qcow2Disk {
     crate::disk::open_qcow2_metadata(path, read_only).unwrap()
+}
+
+/// Writable without the open-time consistency checks (as `check -r`), so
+/// tests reach the run-time guards behind them.
+pub(super) fn repair_open(path: &Path) -> Qcow2Disk {
+    crate::disk::open_qcow2_for_repair(path).unwrap()
+}
+
+/// Asserts a read-write open is refused as inconsistent.
+pub(super) fn assert_refused_inconsistent(path: &Path) {
+    match open(path, false) {
+        Err(DiskError::Qcow2 {
+            source: Qcow2Error::Inconsistent(msg),
+            ..
+        }) => assert!(msg.contains("wisp image check -r all"), "{msg}"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("inconsistent image opened read-write"),
+    }
 }
 
 /// An image with one written cluster at guest offset 0.
@@ -594,8 +612,15 @@ fn test_qcow2_hostile_misaligned_data_cluster_is_read_error() {
     let dir = TempDir::new();
     let p = written(&dir);
     patch(&p, L2_OFF, &((DATA_OFF + 512) | COPIED).to_be_bytes());
-    let mut d = open(&p, false).unwrap();
+    assert_refused_inconsistent(&p);
     let mut buf = [0u8; 8];
+    let mut ro = open(&p, true).unwrap();
+    assert_eq!(
+        ro.read_at(&mut buf, 0).unwrap_err().kind(),
+        io::ErrorKind::InvalidData
+    );
+    drop(ro);
+    let mut d = repair_open(&p);
     let err = d.read_at(&mut buf, 0).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     assert_eq!(
@@ -622,7 +647,8 @@ fn test_qcow2_hostile_data_cluster_past_eof_is_write_error() {
     let dir = TempDir::new();
     let p = written(&dir);
     patch(&p, L2_OFF, &((1u64 << 45) | COPIED).to_be_bytes());
-    let mut d = open(&p, false).unwrap();
+    assert_refused_inconsistent(&p);
+    let mut d = repair_open(&p);
     let err = d.write_at(b"x", 0).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidData);
 }
@@ -710,13 +736,19 @@ fn test_qcow2_hostile_data_cluster_over_l1_is_write_error() {
     let dir = TempDir::new();
     let p = written(&dir);
     patch(&p, L2_OFF, &(L1_OFF | COPIED).to_be_bytes());
-    let mut d = open(&p, false).unwrap();
+    assert_refused_inconsistent(&p);
+    let mut d = repair_open(&p);
     let err = d.write_at(b"x", 0).unwrap_err();
-    assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    assert_eq!(err.kind(), io::ErrorKind::Other, "{err}");
+    assert!(d.is_corrupt());
+    drop(d);
+    let mut l1 = [0u8; 8];
+    File::open(&p).unwrap().read_exact_at(&mut l1, L1_OFF).unwrap();
+    assert_eq!(u64::from_be_bytes(l1), L2_OFF | COPIED, "L1 table untouched");
 }
 
 #[test]
-fn test_qcow2_hostile_shared_l2_table_is_reported_once_walked() {
+fn test_qcow2_hostile_shared_l2_table_counts_every_reference() {
     let dir = TempDir::new();
     let p = image(
         &dir,
@@ -734,9 +766,10 @@ fn test_qcow2_hostile_shared_l2_table_is_reported_once_walked() {
         patch(&p, L1_OFF + 8 * i, &(L2_OFF | COPIED).to_be_bytes());
     }
     let report = metadata(&p, true).check(false).unwrap();
-    // The L2 table is referenced 8 times (one refcount error, and eight L1
-    // entries wrongly flagged COPIED); its entries are walked once.
-    assert_eq!(report.corruptions, 9);
+    // The L2 table is referenced 8 times, as is its data cluster (as QEMU
+    // counts them): two refcount errors, eight L1 entries and one L2 entry
+    // wrongly flagged COPIED. The table is read once.
+    assert_eq!(report.corruptions, 11, "{:?}", report.messages);
 }
 
 #[test]
@@ -745,7 +778,8 @@ fn test_qcow2_hostile_zero_refcounts_never_hand_out_metadata() {
     let p = written(&dir);
     // Claim clusters 0..=5 (header, tables, L2, data) are all free.
     patch(&p, 2 * CS, &[0u8; 12]);
-    let mut d = open(&p, false).unwrap();
+    assert_refused_inconsistent(&p);
+    let mut d = repair_open(&p);
     d.write_at(&[0x77; 4096], 3 * CS).unwrap();
     d.flush().unwrap();
     drop(d);
@@ -811,7 +845,7 @@ fn test_qcow2_check_repairs_missing_copied_flag() {
     let dir = TempDir::new();
     let p = written(&dir);
     patch(&p, L2_OFF, &DATA_OFF.to_be_bytes());
-    let report = metadata(&p, false).check(true).unwrap();
+    let report = repair_open(&p).check(true).unwrap();
     assert_eq!((report.corruptions, report.corruptions_fixed), (1, 1));
     assert!(metadata(&p, true).check(false).unwrap().is_clean());
 }
