@@ -286,16 +286,22 @@ impl Qcow2Disk {
     fn count_l2(&mut self, w: &mut Walk, l2off: u64, count: u64) -> io::Result<()> {
         let cs = self.cs();
         w.mark(Use::L2, "L2 table", l2off, cs, count);
+        if l2off >= self.next_free {
+            return Ok(()); // Reported by mark; it would read as zeros.
+        }
         self.load_l2(l2off)?;
         let Some(table) = self.l2.get(l2off).cloned() else {
             return Ok(());
         };
         for (l2i, &entry) in table.iter().enumerate() {
-            let at = format!("L2 table {l2off:#x} entry {l2i}");
+            if entry == 0 {
+                continue;
+            }
+            let at = || format!("L2 table {l2off:#x} entry {l2i}");
             let m = self.mapping(entry);
             if entry & super::COMPRESSED == 0 && entry & L2_RESERVED != 0 {
                 w.report
-                    .corrupt(format!("{at} ({entry:#x}) has reserved bits set"));
+                    .corrupt(format!("{} ({entry:#x}) has reserved bits set", at()));
                 w.unsafe_to_repair("an L2 entry has reserved bits set");
             }
             match m {
@@ -307,14 +313,14 @@ impl Qcow2Disk {
                 Ok(Mapping::Compressed { off, len }) => {
                     if entry & COPIED != 0 {
                         w.report
-                            .corrupt(format!("{at}: compressed cluster flagged COPIED"));
+                            .corrupt(format!("{}: compressed cluster flagged COPIED", at()));
                         w.unsafe_to_repair("a compressed cluster is flagged COPIED");
                     }
                     w.mark(Use::Data, "compressed cluster", off, len, count)
                 }
                 Ok(_) => {}
                 Err(err) => {
-                    w.report.corrupt(format!("{at}: {err}"));
+                    w.report.corrupt(format!("{}: {err}", at()));
                     w.unsafe_to_repair("an L2 entry is invalid");
                 }
             }
@@ -376,7 +382,7 @@ impl Qcow2Disk {
             let Some(table) = self.l2.get(l2off).cloned() else {
                 continue;
             };
-            for (l2i, &entry) in table.iter().enumerate() {
+            for (l2i, &entry) in table.iter().enumerate().filter(|(_, &e)| e != 0) {
                 let off = match self.mapping(entry) {
                     Ok(Mapping::Data { off, .. })
                     | Ok(Mapping::Zero {

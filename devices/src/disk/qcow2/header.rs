@@ -151,8 +151,15 @@ impl Header {
         size.div_ceil(1u64 << l2_coverage_bits)
     }
 
-    /// Reads and validates the header of `file` (of `file_len` bytes).
+    /// Reads and validates the header of `file`.
     pub fn read(file: &File) -> Result<Header, Qcow2Error> {
+        Self::read_with(file, false)
+    }
+
+    /// Reads and validates the header; `lenient` lets the L1 and refcount
+    /// tables overlap the header cluster (read-only opens, so that `check`
+    /// can report such damage rather than give up, as QEMU does).
+    pub fn read_with(file: &File, lenient: bool) -> Result<Header, Qcow2Error> {
         let file_len = crate::disk::raw::file_size(file).map_err(|source| Qcow2Error::Io {
             what: "header",
             offset: 0,
@@ -223,14 +230,15 @@ impl Header {
                 return Err(Qcow2Error::CompressionType(1));
             }
         }
-        h.validate(file_len)?;
+        h.validate(file_len, lenient)?;
         h.read_extensions(file)?;
         h.read_backing_name(file)?;
         Ok(h)
     }
 
-    fn validate(&self, file_len: u64) -> Result<(), Qcow2Error> {
+    fn validate(&self, file_len: u64, lenient: bool) -> Result<(), Qcow2Error> {
         let cs = self.cluster_size();
+        let min = if lenient { 0 } else { cs };
         if self.crypt_method != 0 {
             return Err(Qcow2Error::Encrypted);
         }
@@ -266,7 +274,7 @@ impl Header {
             });
         }
         if self.l1_size > 0 {
-            check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_len)?;
+            check_table("L1 table", self.l1_table_offset, l1_bytes, cs, min, file_len)?;
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes == 0 {
@@ -286,6 +294,7 @@ impl Header {
             self.refcount_table_offset,
             rt_bytes,
             cs,
+            min,
             file_len,
         )?;
         if self.backing_file_offset != 0 {
@@ -420,15 +429,17 @@ impl Header {
     }
 }
 
-/// Checks a table is cluster-aligned, outside the header cluster and inside the file.
+/// Checks a table is cluster-aligned, at or above `min` and inside the file.
 fn check_table(
     table: &'static str,
     offset: u64,
     bytes: u64,
     cs: u64,
+    min: u64,
     file_len: u64,
 ) -> Result<(), Qcow2Error> {
-    if !placed_in_file(offset, bytes, cs, file_len) {
+    let inside = offset.checked_add(bytes).is_some_and(|end| end <= file_len);
+    if offset < min || !offset.is_multiple_of(cs) || !inside {
         return Err(Qcow2Error::TableOutOfBounds { table, offset });
     }
     Ok(())

@@ -64,7 +64,7 @@ impl Qcow2Disk {
             source,
         };
         let strict = mode == OpenMode::ReadWrite;
-        let header = Header::read(&file).map_err(qerr)?;
+        let header = Header::read_with(&file, mode == OpenMode::ReadOnly).map_err(qerr)?;
         if strict && header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
             return Err(qerr(Qcow2Error::Corrupt));
         }

@@ -135,7 +135,16 @@ impl Refcounts {
         }
     }
 
+    /// The block at `off` for modification (it becomes dirty).
     fn block<'a>(&'a mut self, file: &File, off: u64) -> io::Result<&'a mut Vec<u8>> {
+        self.load_block(file, off)?;
+        self.blocks
+            .get_mut(off)
+            .ok_or_else(|| invalid("refcount block vanished from the cache".into()))
+    }
+
+    /// Caches the block at `off` (clean) if it is not cached yet.
+    fn load_block(&mut self, file: &File, off: u64) -> io::Result<()> {
         if !self.blocks.contains(off) {
             let mut buf = vec![0u8; self.cs() as usize];
             read_full(file, &mut buf, off)?;
@@ -143,9 +152,7 @@ impl Refcounts {
                 file.write_all_at(&v, k)?;
             }
         }
-        self.blocks
-            .get_mut(off)
-            .ok_or_else(|| invalid("refcount block vanished from the cache".into()))
+        Ok(())
     }
 
     /// Refcount of host cluster number `cluster`.
@@ -159,9 +166,7 @@ impl Refcounts {
             return Ok(0);
         }
         let order = self.order;
-        if !self.blocks.contains(off) {
-            self.block(file, off)?;
-        }
+        self.load_block(file, off)?;
         let block = self
             .blocks
             .get(off)
