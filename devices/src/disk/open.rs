@@ -87,6 +87,10 @@ pub fn resize_image(
         path: path.to_path_buf(),
         source,
     };
+    // Whole sectors, as qemu-img creates them (a guest sees no partial sector).
+    let new_size = new_size
+        .checked_next_multiple_of(qcow2::create::SECTOR)
+        .ok_or_else(|| DiskError::InvalidOptions(format!("new size {new_size} is too large")))?;
     match format {
         ImageFormat::Raw => {
             let file = open_file(path, false)?;

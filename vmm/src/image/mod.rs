@@ -218,6 +218,10 @@ fn create(
     let Some(size) = size.or(backing_size) else {
         bail!("Missing image size");
     };
+    // Whole 512-byte sectors, rounded up as `qemu-img create` does.
+    let size = size
+        .checked_next_multiple_of(qcow2::create::SECTOR)
+        .context("Image size is too large")?;
     match format {
         ImageFormat::Raw => create_raw(path, size, preallocation),
         ImageFormat::Qcow2 => {

@@ -10,6 +10,9 @@ use super::refcount::set_entry;
 use super::{invalid, Qcow2Disk, Qcow2Error, COPIED};
 use crate::disk::{open::open_file, DiskError, ImageFormat};
 
+/// Virtual sizes are whole 512-byte sectors (rounded up, as qemu-img does).
+pub const SECTOR: u64 = 512;
+
 /// How much of a new image is allocated up front.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Preallocation {
@@ -84,14 +87,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), DiskError> {
     if opts.size > header::MAX_VIRTUAL_SIZE {
         return Err(bad(path, Qcow2Error::VirtualSize(opts.size)));
     }
+    // Whole sectors, as qemu-img rounds: QEMU would see a smaller disk.
+    let size = opts.size.next_multiple_of(SECTOR);
     if opts.backing_file.is_some() && opts.preallocation != Preallocation::Off {
         return Err(DiskError::InvalidOptions(
             "preallocation cannot be combined with a backing file".into(),
         ));
     }
-    let l1_entries = Header::l1_entries_for(opts.size, cluster_bits);
+    let l1_entries = Header::l1_entries_for(size, cluster_bits);
     if l1_entries * 8 > header::MAX_L1_BYTES {
-        return Err(bad(path, Qcow2Error::VirtualSize(opts.size)));
+        return Err(bad(path, Qcow2Error::VirtualSize(size)));
     }
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let per_block = (cs * 8) >> refcount_order;
@@ -116,7 +121,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), DiskError> {
         backing_file_offset: 0,
         backing_file_size: 0,
         cluster_bits,
-        size: opts.size,
+        size,
         crypt_method: 0,
         l1_size: l1_entries as u32,
         l1_table_offset: if l1_entries > 0 { l1_off } else { 0 },
@@ -212,9 +217,13 @@ impl Qcow2Disk {
         self.flush_metadata()
     }
 
-    /// Grows the virtual size to `new_size`, moving the L1 table if it must grow.
+    /// Grows the virtual size to `new_size` (rounded up to whole sectors),
+    /// moving the L1 table if it must grow.
     pub fn resize(&mut self, new_size: u64) -> io::Result<()> {
         self.check_writable()?;
+        let new_size = new_size.checked_next_multiple_of(SECTOR).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "virtual size is too large")
+        })?;
         if new_size < self.header.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -158,7 +158,9 @@ impl Qcow2Disk {
             OpenMode::Repair => disk.clear_unknown_autoclear().map_err(io_err(path))?,
             OpenMode::ReadWrite => {
                 if let Some(why) = overlap {
-                    return Err(qerr(Qcow2Error::Inconsistent(why)));
+                    return Err(qerr(Qcow2Error::Inconsistent(format!(
+                        "{why}; run `wisp image check -r all` on it"
+                    ))));
                 }
                 disk.prepare_for_writes().map_err(|e| match e.kind() {
                     io::ErrorKind::InvalidData => qerr(Qcow2Error::Inconsistent(e.to_string())),
