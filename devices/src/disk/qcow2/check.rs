@@ -113,6 +113,14 @@ impl Walk {
     }
 }
 
+/// A refcount that differs from the references.
+struct RefcountFix {
+    cluster: u64,
+    want: u64,
+    /// The refcount is above the references (QEMU calls that a leak).
+    leak: bool,
+}
+
 /// A table entry whose COPIED flag disagrees with its cluster's refcount.
 enum FlagFix {
     L1(usize, u64),
@@ -138,8 +146,18 @@ impl Qcow2Disk {
         }
         self.flush_metadata()?;
         let (mut walk, l2_refs) = self.walk()?;
-        let flag_fixes = self.check_copied_flags(&mut walk, &l2_refs)?;
-        let fixes = self.compare_refcounts(&mut walk)?;
+        let mut fixes = self.compare_refcounts(&mut walk)?;
+        // Fixes the repair will apply (QEMU: refcounts above the references
+        // are leaks, below them errors); COPIED flags are judged against
+        // the refcounts as they will be.
+        fixes.retain(|f| match repair {
+            _ if walk.unrepairable.is_some() => false,
+            None => false,
+            Some(Repair::Leaks) => f.leak,
+            Some(Repair::All) => true,
+        });
+        let after_fix: HashMap<u64, u64> = fixes.iter().map(|f| (f.cluster, f.want)).collect();
+        let flag_fixes = self.check_copied_flags(&mut walk, &l2_refs, &after_fix)?;
         let mut report = std::mem::take(&mut walk.report);
         let flagged = self.header.incompatible_features & header::INCOMPAT_CORRUPT != 0;
         if flagged {
@@ -167,12 +185,9 @@ impl Qcow2Disk {
                 fixed_c += 1;
             }
         }
-        for (c, want) in fixes {
-            if want != 0 && mode == Repair::Leaks {
-                continue;
-            }
-            self.rc_set(c, want)?;
-            if want == 0 {
+        for f in fixes {
+            self.rc_set(f.cluster, f.want)?;
+            if f.leak {
                 fixed_l += 1;
             } else {
                 fixed_c += 1;
@@ -181,10 +196,10 @@ impl Qcow2Disk {
         self.data_dirty = true;
         self.flush_metadata()?;
         let mut after = self.check_and_repair(None)?;
-        if mode == Repair::All && flagged && after.corruptions == 1 {
+        if mode == Repair::All && after.corruptions == u64::from(flagged) {
             self.clear_incompat(header::INCOMPAT_CORRUPT | header::INCOMPAT_DIRTY)?;
             after.corruptions = 0;
-            fixed_c += 1;
+            fixed_c += u64::from(flagged);
         }
         let mut messages = report.messages;
         messages.extend(after.messages);
@@ -237,6 +252,10 @@ impl Qcow2Disk {
             } else if e != 0 {
                 w.mark(Use::Meta, "refcount block", e, cs, 1);
             }
+        }
+        if let Some(e) = &self.snapshots_error {
+            w.report.corrupt(format!("snapshot table: {e}"));
+            w.unsafe_to_repair("the snapshot table is damaged");
         }
         let mut l2_refs = HashMap::new();
         let l1 = self.l1.clone();
@@ -353,16 +372,23 @@ impl Qcow2Disk {
         Ok(())
     }
 
+    /// The refcount of the cluster at `off` once `after_fix` is applied.
+    fn refcount_after(&mut self, off: u64, after_fix: &HashMap<u64, u64>) -> io::Result<u64> {
+        let c = off >> self.cluster_bits;
+        match after_fix.get(&c) {
+            Some(&v) => Ok(v),
+            None => self.rc.get(&self.file, c),
+        }
+    }
+
     /// COPIED must be set exactly on active L1/L2 entries whose cluster has
-    /// refcount one (as the references count it).
+    /// refcount one (the stored one, as QEMU checks, or the repaired one).
     fn check_copied_flags(
         &mut self,
         w: &mut Walk,
         l2_refs: &HashMap<u64, u64>,
+        after_fix: &HashMap<u64, u64>,
     ) -> io::Result<Vec<FlagFix>> {
-        let bits = self.cluster_bits;
-        let refs = std::mem::take(&mut w.refs);
-        let sole = |off: u64| refs.get((off >> bits) as usize) == Some(&1);
         let mut fixes = Vec::new();
         let mut walked = std::collections::HashSet::new();
         for (l1i, &e) in self.l1.clone().iter().enumerate() {
@@ -370,7 +396,8 @@ impl Qcow2Disk {
             if l2off == 0 || !l2_refs.contains_key(&l2off) {
                 continue;
             }
-            let want = if sole(l2off) { e | COPIED } else { e & !COPIED };
+            let sole = self.refcount_after(l2off, after_fix)? == 1;
+            let want = if sole { e | COPIED } else { e & !COPIED };
             if want != e {
                 w.report.corrupt(format!("L1 entry {l1i}: wrong COPIED flag"));
                 fixes.push(FlagFix::L1(l1i, want));
@@ -391,7 +418,8 @@ impl Qcow2Disk {
                     }) => off,
                     _ => continue,
                 };
-                let want = if sole(off) {
+                let sole = self.refcount_after(off, after_fix)? == 1;
+                let want = if sole {
                     entry | COPIED
                 } else {
                     entry & !COPIED
@@ -404,13 +432,13 @@ impl Qcow2Disk {
                 }
             }
         }
-        w.refs = refs;
         Ok(fixes)
     }
 
-    /// Compares stored refcounts with the references; returns the fixes
-    /// (cluster, wanted refcount), leaks being those that want zero.
-    fn compare_refcounts(&mut self, w: &mut Walk) -> io::Result<Vec<(u64, u64)>> {
+    /// Compares stored refcounts with the references; returns the fixes.
+    /// (Refcounts of clusters past the end of the file are not looked at,
+    /// as by QEMU: allocation overwrites them.)
+    fn compare_refcounts(&mut self, w: &mut Walk) -> io::Result<Vec<RefcountFix>> {
         let mut fixes = Vec::new();
         let max = self.rc.max_value();
         for c in 0..w.refs.len() {
@@ -420,10 +448,12 @@ impl Qcow2Disk {
                 continue;
             }
             let off = (c as u64) << self.cluster_bits;
-            if want == 0 {
+            let leak = have > want;
+            if leak {
                 w.report.leaks += 1;
-                w.report
-                    .note(format!("Leaked cluster {off:#x} refcount={have} reference=0"));
+                w.report.note(format!(
+                    "Leaked cluster {off:#x} refcount={have} reference={want}"
+                ));
             } else if want > max {
                 w.report.corrupt(format!(
                     "cluster {off:#x} has {want} references, more than the refcount width holds"
@@ -435,30 +465,11 @@ impl Qcow2Disk {
                     "cluster {off:#x} refcount={have} reference={want}"
                 ));
             }
-            fixes.push((c as u64, want));
-        }
-        // Refcounts of clusters past the end of the file, in the block that
-        // covers the end, are leaks too. (Blocks wholly past the end are not
-        // walked: a hostile table could make that unbounded.)
-        let n = w.refs.len() as u64;
-        let per = self.rc.per_block();
-        let last = n / per;
-        let has_block = self
-            .rc
-            .table
-            .get(last as usize)
-            .is_some_and(|e| e & OFFSET_MASK != 0);
-        if has_block {
-            for c in n..(last + 1) * per {
-                if self.rc.get(&self.file, c)? != 0 {
-                    w.report.leaks += 1;
-                    w.report.note(format!(
-                        "Leaked cluster {:#x} past the end of the file",
-                        c << self.cluster_bits
-                    ));
-                    fixes.push((c, 0));
-                }
-            }
+            fixes.push(RefcountFix {
+                cluster: c as u64,
+                want,
+                leak,
+            });
         }
         w.report.allocated_clusters = w.refs.iter().filter(|&&r| r > 0).count() as u64;
         w.report.image_end_offset = self.next_free;

@@ -209,8 +209,9 @@ impl Header {
             h.autoclear_features = be64(&v3, 16);
             h.refcount_order = be32(&v3, 24);
             h.header_length = be32(&v3, 28);
+            // Lenient as QEMU: the spec wants a multiple of 8, QEMU does not check.
             if h.header_length < V3_HEADER_LEN
-                || !h.header_length.is_multiple_of(8)
+                || (!lenient && !h.header_length.is_multiple_of(8))
                 || u64::from(h.header_length) > cs
             {
                 return Err(Qcow2Error::HeaderLength(h.header_length));
@@ -274,7 +275,9 @@ impl Header {
             });
         }
         if self.l1_size > 0 {
-            check_table("L1 table", self.l1_table_offset, l1_bytes, cs, min, file_len)?;
+            // Lenient: an L1 table past the end reads as zeros (and `check` reports it).
+            let l1_file_len = if lenient { u64::MAX } else { file_len };
+            check_table("L1 table", self.l1_table_offset, l1_bytes, cs, min, l1_file_len)?;
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes == 0 {

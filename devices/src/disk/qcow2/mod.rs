@@ -106,9 +106,11 @@ pub struct Qcow2Disk {
     /// Every metadata cluster: data writes and allocations must miss them.
     meta: MetaMap,
     snapshots: tables::Snapshots,
+    /// Why the snapshot table could not be read (`check` reports it).
+    snapshots_error: Option<String>,
     bitmaps: Option<tables::Bitmaps>,
-    /// Why the snapshot table or bitmap directory could not be read
-    /// (read-only opens only: `check` then cannot complete).
+    /// Why the bitmap directory could not be read (read-only opens only:
+    /// `check` then cannot complete).
     tables_error: Option<String>,
     /// A write would have overwritten metadata: nothing is written any more.
     corrupt: bool,

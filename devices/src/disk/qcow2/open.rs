@@ -74,8 +74,12 @@ impl Qcow2Disk {
         let file_len = crate::disk::raw::file_size(&file).map_err(io_err(path))?;
         let cs = header.cluster_size();
         let mut raw = vec![0u8; header.l1_size as usize * 8];
-        file.read_exact_at(&mut raw, header.l1_table_offset)
-            .map_err(|source| {
+        if strict {
+            file.read_exact_at(&mut raw, header.l1_table_offset)
+        } else {
+            super::read_full(&file, &mut raw, header.l1_table_offset)
+        }
+        .map_err(|source| {
                 qerr(Qcow2Error::Io {
                     what: "L1 table",
                     offset: header.l1_table_offset,
@@ -108,11 +112,16 @@ impl Qcow2Disk {
                 source,
             })
         })?;
-        let tables = tables::read_snapshots(&file, &header)
-            .and_then(|s| Ok((s, tables::read_bitmaps(&file, &header)?)));
-        let (snapshots, bitmaps, tables_error) = match tables {
-            Ok((s, b)) => (s, b, None),
-            Err(e) if mode == OpenMode::ReadOnly => (Default::default(), None, Some(e.to_string())),
+        // Read-only, a broken snapshot table is reported by `check` (as
+        // QEMU does); a broken bitmap directory stops it (QEMU cannot open).
+        let (snapshots, snapshots_error) = match tables::read_snapshots(&file, &header) {
+            Ok(s) => (s, None),
+            Err(e) if !strict => (Default::default(), Some(e.to_string())),
+            Err(e) => return Err(qerr(Qcow2Error::Tables(e.to_string()))),
+        };
+        let (bitmaps, tables_error) = match tables::read_bitmaps(&file, &header) {
+            Ok(b) => (b, None),
+            Err(e) if mode == OpenMode::ReadOnly => (None, Some(e.to_string())),
             Err(e) => return Err(qerr(Qcow2Error::Tables(e.to_string()))),
         };
         let backing = match &header.backing_file {
@@ -147,6 +156,7 @@ impl Qcow2Disk {
             backing,
             unpacked: None,
             snapshots,
+            snapshots_error,
             bitmaps,
             tables_error,
             corrupt: false,

@@ -181,9 +181,19 @@ pub fn bitmap_data(file: &File, b: &Bitmap) -> io::Result<Vec<u64>> {
         b.table_offset,
         "bitmap table",
     )?;
-    Ok(super::header::be64_table(&raw)
-        .into_iter()
-        .map(|e| e & OFFSET_MASK)
-        .filter(|&o| o != 0)
-        .collect())
+    let mut data = Vec::new();
+    for (i, e) in super::header::be64_table(&raw).into_iter().enumerate() {
+        let off = e & OFFSET_MASK;
+        // Bit 0 alone means "all ones"; any other low or high bit is reserved.
+        if e & !OFFSET_MASK & !1 != 0 || (e & 1 != 0 && off != 0) {
+            return Err(invalid(format!(
+                "bitmap '{}' table entry {i} ({e:#x}) is invalid",
+                b.name
+            )));
+        }
+        if off != 0 {
+            data.push(off);
+        }
+    }
+    Ok(data)
 }
