@@ -119,7 +119,10 @@ fn patch(path: &Path, offset: u64, bytes: &[u8]) {
 
 fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut b = vec![0u8; len];
-    File::open(path).unwrap().read_exact_at(&mut b, offset).unwrap();
+    File::open(path)
+        .unwrap()
+        .read_exact_at(&mut b, offset)
+        .unwrap();
     b
 }
 
@@ -170,7 +173,10 @@ fn aliased_metadata_is_never_overwritten(target: u64) {
         .unwrap();
     let why = report.repair_refused.expect("repair must be refused");
     assert!(why.contains("aliased"), "{why}");
-    assert!(std::fs::read(&img).unwrap() == before, "refused repair wrote");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "refused repair wrote"
+    );
     assert_eq!(qemu_check(&img).0, 2);
 
     // Behind the open-time check (a repair open), the run-time guard.
@@ -178,7 +184,10 @@ fn aliased_metadata_is_never_overwritten(target: u64) {
     let err = disk.write_at(&[0x55; 4096], 0).unwrap_err();
     assert!(err.to_string().contains("corruption"), "{err}");
     assert!(disk.is_corrupt());
-    assert!(disk.write_at(&[0x55; 512], 8 << 20).is_err(), "stays stopped");
+    assert!(
+        disk.write_at(&[0x55; 512], 8 << 20).is_err(),
+        "stays stopped"
+    );
     assert!(disk.flush().is_err(), "no metadata write-back once corrupt");
     drop(disk);
     let after = std::fs::read(&img).unwrap();

@@ -83,7 +83,12 @@ fn code(out: &Output) -> i32 {
 }
 
 fn qemu_check(img: &Path) -> i32 {
-    code(&Command::new("qemu-img").args(["check", s(img)]).output().unwrap())
+    code(
+        &Command::new("qemu-img")
+            .args(["check", s(img)])
+            .output()
+            .unwrap(),
+    )
 }
 
 fn virtual_size(img: &Path) -> u64 {
@@ -128,8 +133,16 @@ fn damages() -> Vec<(&'static str, u64, Vec<u8>)> {
         ("misaligned data cluster", L2, q((DATA + 512) | COPIED)),
         ("missing COPIED flag", L2, q(DATA)),
         ("l1 table past the end", 40, q(64 << 20)),
-        ("leaked cluster", REFBLOCK + 6 * 2, 1u16.to_be_bytes().to_vec()),
-        ("refcount above references", REFBLOCK + 5 * 2, 2u16.to_be_bytes().to_vec()),
+        (
+            "leaked cluster",
+            REFBLOCK + 6 * 2,
+            1u16.to_be_bytes().to_vec(),
+        ),
+        (
+            "refcount above references",
+            REFBLOCK + 5 * 2,
+            2u16.to_be_bytes().to_vec(),
+        ),
     ]
 }
 
@@ -221,7 +234,10 @@ fn test_cli_check_bitmaps_and_snapshots_have_no_false_leaks() {
     assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stdout));
     let before = std::fs::read(&img).unwrap();
     assert_eq!(code(&wisp(&["check", "-r", "all", s(&img)])), 0);
-    assert!(std::fs::read(&img).unwrap() == before, "a clean repair writes nothing");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "a clean repair writes nothing"
+    );
     let list = run("qemu-img", &["snapshot", "-l", s(&img)]);
     assert!(list.contains("s1") && list.contains("s2"), "{list}");
 }
@@ -235,7 +251,9 @@ fn test_cli_create_and_resize_round_up_to_sectors_like_qemu_img() {
     for fmt in ["qcow2", "raw"] {
         let ours = d.join(&format!("w.{fmt}"));
         let theirs = d.join(&format!("q.{fmt}"));
-        assert!(wisp(&["create", "-f", fmt, s(&ours), "1000"]).status.success());
+        assert!(wisp(&["create", "-f", fmt, s(&ours), "1000"])
+            .status
+            .success());
         run("qemu-img", &["create", "-q", "-f", fmt, s(&theirs), "1000"]);
         assert_eq!(virtual_size(&ours), virtual_size(&theirs), "{fmt}");
         assert_eq!(virtual_size(&ours), 1024);
@@ -285,7 +303,10 @@ fn test_cli_convert_killed_midway_leaves_no_corruption() {
         let q = qemu_check(&dst);
         let len = std::fs::metadata(&dst).map_or(0, |m| m.len());
         eprintln!("convert killed after {ms} ms: {len} bytes, qemu-img check exits {q}");
-        assert!(q == 0 || q == 3, "killed after {ms} ms: qemu-img check exits {q}");
+        assert!(
+            q == 0 || q == 3,
+            "killed after {ms} ms: qemu-img check exits {q}"
+        );
         assert!(matches!(code(&wisp(&["check", s(&dst)])), 0 | 3));
         checked += 1;
     }
@@ -310,7 +331,10 @@ fn test_cli_resize_killed_midway_leaves_no_corruption() {
         let q = qemu_check(&img);
         let size = virtual_size(&img);
         eprintln!("resize killed after {us} us: size {size}, qemu-img check exits {q}");
-        assert!(q == 0 || q == 3, "killed after {us} us: qemu-img check exits {q}");
+        assert!(
+            q == 0 || q == 3,
+            "killed after {us} us: qemu-img check exits {q}"
+        );
         assert!(size == 64 << 20 || size == 100 << 40, "size {size}");
     }
 }

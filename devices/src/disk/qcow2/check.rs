@@ -243,7 +243,13 @@ impl Qcow2Disk {
             w.mark(Use::Meta, "L1 table", h.l1_table_offset, bytes, 1);
         }
         let rt_bytes = self.rc.table_clusters * cs;
-        w.mark(Use::Meta, "refcount table", self.rc.table_offset, rt_bytes, 1);
+        w.mark(
+            Use::Meta,
+            "refcount table",
+            self.rc.table_offset,
+            rt_bytes,
+            1,
+        );
         for (i, &e) in self.rc.table.iter().enumerate() {
             if e & REFTABLE_RESERVED != 0 {
                 w.report
@@ -399,7 +405,8 @@ impl Qcow2Disk {
             let sole = self.refcount_after(l2off, after_fix)? == 1;
             let want = if sole { e | COPIED } else { e & !COPIED };
             if want != e {
-                w.report.corrupt(format!("L1 entry {l1i}: wrong COPIED flag"));
+                w.report
+                    .corrupt(format!("L1 entry {l1i}: wrong COPIED flag"));
                 fixes.push(FlagFix::L1(l1i, want));
             }
             if !walked.insert(l2off) {
@@ -461,9 +468,8 @@ impl Qcow2Disk {
                 w.unsafe_to_repair("a refcount would overflow");
                 continue;
             } else {
-                w.report.corrupt(format!(
-                    "cluster {off:#x} refcount={have} reference={want}"
-                ));
+                w.report
+                    .corrupt(format!("cluster {off:#x} refcount={have} reference={want}"));
             }
             fixes.push(RefcountFix {
                 cluster: c as u64,

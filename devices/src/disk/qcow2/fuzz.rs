@@ -154,7 +154,9 @@ fn metadata_clusters(img: &[u8]) -> Option<MetaSet> {
     const MASK: u64 = 0x00ff_ffff_ffff_fe00;
     let be64 = |off: u64| -> Option<u64> {
         let o = usize::try_from(off).ok()?;
-        Some(u64::from_be_bytes(img.get(o..o.checked_add(8)?)?.try_into().ok()?))
+        Some(u64::from_be_bytes(
+            img.get(o..o.checked_add(8)?)?.try_into().ok()?,
+        ))
     };
     let be32 = |off: usize| -> Option<u32> {
         Some(u32::from_be_bytes(img.get(off..off + 4)?.try_into().ok()?))

@@ -103,9 +103,7 @@ impl Qcow2Disk {
 
     /// Sets a refcount, recording any refcount block or table it allocates.
     pub(super) fn rc_set(&mut self, cluster: u64, value: u64) -> io::Result<()> {
-        let r = self
-            .rc
-            .set(&self.file, cluster, value, &mut self.next_free);
+        let r = self.rc.set(&self.file, cluster, value, &mut self.next_free);
         self.absorb_new_meta()?;
         r
     }

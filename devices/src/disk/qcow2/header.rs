@@ -277,7 +277,14 @@ impl Header {
         if self.l1_size > 0 {
             // Lenient: an L1 table past the end reads as zeros (and `check` reports it).
             let l1_file_len = if lenient { u64::MAX } else { file_len };
-            check_table("L1 table", self.l1_table_offset, l1_bytes, cs, min, l1_file_len)?;
+            check_table(
+                "L1 table",
+                self.l1_table_offset,
+                l1_bytes,
+                cs,
+                min,
+                l1_file_len,
+            )?;
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes == 0 {

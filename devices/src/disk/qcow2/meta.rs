@@ -65,7 +65,10 @@ impl MetaMap {
     /// Cluster numbers `[first, end)` that bytes `[off, off + len)` touch.
     fn clusters(&self, off: u64, len: u64) -> (u64, u64) {
         let end = off.saturating_add(len.max(1));
-        (off >> self.bits, (end - 1).checked_shr(self.bits).unwrap_or(0) + 1)
+        (
+            off >> self.bits,
+            (end - 1).checked_shr(self.bits).unwrap_or(0) + 1,
+        )
     }
 
     fn first_in(&self, first: u64, end: u64) -> Option<Hit> {
@@ -110,7 +113,10 @@ mod tests {
         assert_eq!(m.hit(4 << 16, 10).map(|h| h.kind), Some(Meta::L1));
         assert_eq!(m.hit(5 << 16, 1 << 16), None);
         assert_eq!(m.hit(2 << 16, 1 << 16), None);
-        assert_eq!(m.hit((2 << 16) + 5, 1 << 16).map(|h| h.offset), Some(3 << 16));
+        assert_eq!(
+            m.hit((2 << 16) + 5, 1 << 16).map(|h| h.offset),
+            Some(3 << 16)
+        );
     }
 
     #[test]

@@ -224,7 +224,9 @@ impl Qcow2Disk {
         let end = self.next_free >> self.cluster_bits;
         while self.free_hint < end {
             let c = self.free_hint;
-            if self.rc.get(&self.file, c)? == 0 && self.meta.hit(c << self.cluster_bits, 1).is_none() {
+            if self.rc.get(&self.file, c)? == 0
+                && self.meta.hit(c << self.cluster_bits, 1).is_none()
+            {
                 return Ok(Some(c));
             }
             self.free_hint += 1;

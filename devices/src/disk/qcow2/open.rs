@@ -73,29 +73,7 @@ impl Qcow2Disk {
         }
         let file_len = crate::disk::raw::file_size(&file).map_err(io_err(path))?;
         let cs = header.cluster_size();
-        let mut raw = vec![0u8; header.l1_size as usize * 8];
-        if strict {
-            file.read_exact_at(&mut raw, header.l1_table_offset)
-        } else {
-            super::read_full(&file, &mut raw, header.l1_table_offset)
-        }
-        .map_err(|source| {
-                qerr(Qcow2Error::Io {
-                    what: "L1 table",
-                    offset: header.l1_table_offset,
-                    source,
-                })
-            })?;
-        let l1 = header::be64_table(&raw);
-        for &e in l1.iter().filter(|_| strict) {
-            let off = e & OFFSET_MASK;
-            if off != 0 && !header::placed_in_file(off, cs, cs, file_len) {
-                return Err(qerr(Qcow2Error::TableOutOfBounds {
-                    table: "L2 table",
-                    offset: off,
-                }));
-            }
-        }
+        let l1 = load_l1(&file, &header, strict.then_some(file_len)).map_err(qerr)?;
         let rc = Refcounts::load(
             &file,
             header.refcount_table_offset,
@@ -112,32 +90,9 @@ impl Qcow2Disk {
                 source,
             })
         })?;
-        // Read-only, a broken snapshot table is reported by `check` (as
-        // QEMU does); a broken bitmap directory stops it (QEMU cannot open).
-        let (snapshots, snapshots_error) = match tables::read_snapshots(&file, &header) {
-            Ok(s) => (s, None),
-            Err(e) if !strict => (Default::default(), Some(e.to_string())),
-            Err(e) => return Err(qerr(Qcow2Error::Tables(e.to_string()))),
-        };
-        let (bitmaps, tables_error) = match tables::read_bitmaps(&file, &header) {
-            Ok(b) => (b, None),
-            Err(e) if mode == OpenMode::ReadOnly => (None, Some(e.to_string())),
-            Err(e) => return Err(qerr(Qcow2Error::Tables(e.to_string()))),
-        };
-        let backing = match &header.backing_file {
-            Some(name) => {
-                let format = match &header.backing_format {
-                    Some(f) => Some(f.parse::<ImageFormat>()?),
-                    None => None,
-                };
-                let spec = BackingSpec {
-                    path: resolve_backing(path, name),
-                    format,
-                };
-                Some(open_backing(&spec)?)
-            }
-            None => None,
-        };
+        let (snapshots, snapshots_error, bitmaps, tables_error) =
+            load_tables(&file, &header, mode).map_err(qerr)?;
+        let backing = open_backing_of(&header, path, open_backing)?;
         let mut disk = Qcow2Disk {
             cluster_bits: header.cluster_bits,
             l2: TableCache::new(cache_tables(header.cluster_bits, L2_CACHE_BYTES)),
@@ -282,7 +237,8 @@ impl Qcow2Disk {
         let mut wrote = false;
         for bm in b.list.iter_mut().filter(|bm| bm.flags & BITMAP_IN_USE == 0) {
             bm.flags |= BITMAP_IN_USE;
-            self.file.write_all_at(&bm.flags.to_be_bytes(), bm.flags_at)?;
+            self.file
+                .write_all_at(&bm.flags.to_be_bytes(), bm.flags_at)?;
             log::warn!(
                 "{}: persistent bitmap '{}' is marked in use (inconsistent): wisp does not track writes in it",
                 self.path.display(),
@@ -313,4 +269,78 @@ impl Qcow2Disk {
         }
         Ok(())
     }
+}
+
+/// Reads the L1 table; with `file_len`, refuses L2 tables outside the file.
+/// Without, a table cut short by the end of the file reads as zeros.
+fn load_l1(file: &File, header: &Header, file_len: Option<u64>) -> Result<Vec<u64>, Qcow2Error> {
+    let cs = header.cluster_size();
+    let mut raw = vec![0u8; header.l1_size as usize * 8];
+    match file_len {
+        Some(_) => file.read_exact_at(&mut raw, header.l1_table_offset),
+        None => super::read_full(file, &mut raw, header.l1_table_offset),
+    }
+    .map_err(|source| Qcow2Error::Io {
+        what: "L1 table",
+        offset: header.l1_table_offset,
+        source,
+    })?;
+    let l1 = header::be64_table(&raw);
+    if let Some(file_len) = file_len {
+        for &e in &l1 {
+            let off = e & OFFSET_MASK;
+            if off != 0 && !header::placed_in_file(off, cs, cs, file_len) {
+                return Err(Qcow2Error::TableOutOfBounds {
+                    table: "L2 table",
+                    offset: off,
+                });
+            }
+        }
+    }
+    Ok(l1)
+}
+
+type Tables = (
+    tables::Snapshots,
+    Option<String>,
+    Option<tables::Bitmaps>,
+    Option<String>,
+);
+
+/// Reads the snapshot table and bitmap directory, with why either failed.
+/// Not for writing, a broken snapshot table is left for `check` to report
+/// (as QEMU does); read-only, a broken bitmap directory too (then `check`
+/// cannot complete, as QEMU cannot open the image).
+fn load_tables(file: &File, header: &Header, mode: OpenMode) -> Result<Tables, Qcow2Error> {
+    let (snapshots, snapshots_error) = match tables::read_snapshots(file, header) {
+        Ok(s) => (s, None),
+        Err(e) if mode != OpenMode::ReadWrite => (Default::default(), Some(e.to_string())),
+        Err(e) => return Err(Qcow2Error::Tables(e.to_string())),
+    };
+    let (bitmaps, bitmaps_error) = match tables::read_bitmaps(file, header) {
+        Ok(b) => (b, None),
+        Err(e) if mode == OpenMode::ReadOnly => (None, Some(e.to_string())),
+        Err(e) => return Err(Qcow2Error::Tables(e.to_string())),
+    };
+    Ok((snapshots, snapshots_error, bitmaps, bitmaps_error))
+}
+
+/// Opens the backing file the header names, if any.
+fn open_backing_of(
+    header: &Header,
+    path: &Path,
+    open_backing: impl FnOnce(&BackingSpec) -> Result<Box<dyn DiskBackend>, DiskError>,
+) -> Result<Option<Box<dyn DiskBackend>>, DiskError> {
+    let Some(name) = &header.backing_file else {
+        return Ok(None);
+    };
+    let format = match &header.backing_format {
+        Some(f) => Some(f.parse::<ImageFormat>()?),
+        None => None,
+    };
+    let spec = BackingSpec {
+        path: resolve_backing(path, name),
+        format,
+    };
+    Ok(Some(open_backing(&spec)?))
 }

@@ -108,7 +108,12 @@ pub fn read_snapshots(file: &File, h: &Header) -> io::Result<Snapshots> {
 
 /// Reads a snapshot's L1 table.
 pub fn read_l1(file: &File, l1: SnapshotL1) -> io::Result<Vec<u64>> {
-    let raw = read(file, u64::from(l1.entries) * 8, l1.offset, "snapshot L1 table")?;
+    let raw = read(
+        file,
+        u64::from(l1.entries) * 8,
+        l1.offset,
+        "snapshot L1 table",
+    )?;
     Ok(super::header::be64_table(&raw))
 }
 

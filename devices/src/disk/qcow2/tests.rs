@@ -746,8 +746,15 @@ fn test_qcow2_hostile_data_cluster_over_l1_is_write_error() {
     assert!(d.is_corrupt());
     drop(d);
     let mut l1 = [0u8; 8];
-    File::open(&p).unwrap().read_exact_at(&mut l1, L1_OFF).unwrap();
-    assert_eq!(u64::from_be_bytes(l1), L2_OFF | COPIED, "L1 table untouched");
+    File::open(&p)
+        .unwrap()
+        .read_exact_at(&mut l1, L1_OFF)
+        .unwrap();
+    assert_eq!(
+        u64::from_be_bytes(l1),
+        L2_OFF | COPIED,
+        "L1 table untouched"
+    );
 }
 
 #[test]
