@@ -101,11 +101,15 @@ impl Walk {
             match *prev {
                 None => *prev = Some(u),
                 Some(p) if p == u && u != Use::Meta => {}
-                Some(_) => {
+                Some(p) => {
                     let at = c << self.bits;
-                    self.report.corrupt(format!(
-                        "cluster {at:#x} is used as {what} and as other metadata or data"
-                    ));
+                    let other = match p {
+                        Use::Data => "data",
+                        Use::L2 => "an L2 table",
+                        Use::Meta => "other metadata",
+                    };
+                    self.report
+                        .corrupt(format!("cluster {at:#x} is used as {what} and as {other}"));
                     self.unsafe_to_repair("metadata clusters are aliased");
                 }
             }

@@ -275,7 +275,7 @@ impl Header {
             });
         }
         if self.l1_size > 0 {
-            // Lenient: an L1 table past the end reads as zeros (and `check` reports it).
+            // Lenient: tables past the end read as zeros (and `check` reports them).
             let l1_file_len = if lenient { u64::MAX } else { file_len };
             check_table(
                 "L1 table",
@@ -305,7 +305,7 @@ impl Header {
             rt_bytes,
             cs,
             min,
-            file_len,
+            if lenient { u64::MAX } else { file_len },
         )?;
         if self.backing_file_offset != 0 {
             if self.backing_file_size == 0 || self.backing_file_size > MAX_BACKING_NAME {

@@ -217,7 +217,7 @@ impl Qcow2Disk {
             let report = self.check(false)?;
             if report.corruptions > 0 {
                 return Err(super::invalid(format!(
-                    "its refcounts are inconsistent ({} errors; first: {}); \
+                    "its metadata is inconsistent ({} errors; first: {}); \
                      run `wisp image check -r all` on it",
                     report.corruptions,
                     report.messages.first().map_or("?", |m| m.as_str())

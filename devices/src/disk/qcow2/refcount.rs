@@ -84,7 +84,10 @@ impl Refcounts {
     ) -> io::Result<Self> {
         let cs = 1u64 << cluster_bits;
         let mut raw = vec![0u8; (table_clusters * cs) as usize];
-        file.read_exact_at(&mut raw, table_offset)?;
+        match file_len {
+            Some(_) => file.read_exact_at(&mut raw, table_offset)?,
+            None => read_full(file, &mut raw, table_offset)?,
+        }
         let table = super::header::be64_table(&raw);
         for (i, &e) in table.iter().enumerate() {
             let off = e & OFFSET_MASK;
