@@ -64,6 +64,12 @@ fn test_mutated_images_never_panic() {
                     _ => rnd() as u8,
                 };
             }
+            // Guest operations after the image, and their count last.
+            let ops = 1 + rnd() % 32;
+            for _ in 0..ops * 4 {
+                img.push(rnd() as u8);
+            }
+            img.push(ops as u8);
             qcow2::fuzz_one(&img);
         }
     }
@@ -73,7 +79,9 @@ fn test_mutated_images_never_panic() {
 fn test_truncated_images_never_panic() {
     let base = seed(4096, 3);
     for cut in (0..base.len()).step_by(397) {
-        qcow2::fuzz_one(&base[..cut]);
+        let mut img = base[..cut].to_vec();
+        img.push(0);
+        qcow2::fuzz_one(&img);
     }
 }
 

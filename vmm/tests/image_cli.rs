@@ -119,7 +119,10 @@ fn test_cli_check_leak_exits_three_and_repair_fixes() {
     f.set_len(8 << 16).unwrap();
     drop(f);
     assert_eq!(wisp(&["check", s(&img)]).status.code(), Some(3));
-    assert_eq!(wisp(&["check", "--repair", s(&img)]).status.code(), Some(0));
+    assert_eq!(
+        wisp(&["check", "--repair", "all", s(&img)]).status.code(),
+        Some(0)
+    );
     assert_eq!(wisp(&["check", s(&img)]).status.code(), Some(0));
 }
 

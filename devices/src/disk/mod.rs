@@ -87,7 +87,10 @@ pub(crate) mod testutil;
 
 use std::path::PathBuf;
 
-pub use open::{open_disk, open_qcow2_metadata, probe_format, resize_image, resolve_format};
+pub use open::{
+    open_disk, open_qcow2_for_repair, open_qcow2_metadata, probe_format, resize_image,
+    resolve_format,
+};
 pub use raw::RawDisk;
 
 /// On-disk image formats wisp understands.

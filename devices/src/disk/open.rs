@@ -64,6 +64,15 @@ pub fn open_qcow2_metadata(path: &Path, read_only: bool) -> Result<Qcow2Disk, Di
     Qcow2Disk::open_with(file, path, read_only, |_| Ok(Box::new(NoBacking)))
 }
 
+/// Opens a qcow2 image for `check -r`: writable even when its refcounts are
+/// inconsistent or it is marked corrupt (writes are refcount repairs only).
+pub fn open_qcow2_for_repair(path: &Path) -> Result<Qcow2Disk, DiskError> {
+    let file = open_file(path, false)?;
+    Qcow2Disk::open_mode(file, path, qcow2::OpenMode::Repair, |_| {
+        Ok(Box::new(NoBacking))
+    })
+}
+
 /// Grows the image at `path` to `new_size` bytes.
 pub fn resize_image(
     path: &Path,
@@ -78,6 +87,10 @@ pub fn resize_image(
         path: path.to_path_buf(),
         source,
     };
+    // Whole sectors, as qemu-img creates them (a guest sees no partial sector).
+    let new_size = new_size
+        .checked_next_multiple_of(qcow2::create::SECTOR)
+        .ok_or_else(|| DiskError::InvalidOptions(format!("new size {new_size} is too large")))?;
     match format {
         ImageFormat::Raw => {
             let file = open_file(path, false)?;

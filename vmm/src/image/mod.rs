@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
 use devices::disk::qcow2::{self, CreateOptions, Preallocation};
-use devices::disk::{open_qcow2_metadata, probe_format, resize_image, ImageFormat};
+use devices::disk::{
+    open_qcow2_for_repair, open_qcow2_metadata, probe_format, resize_image, ImageFormat,
+};
 
 pub use size::parse_size;
 
@@ -30,6 +32,15 @@ impl From<FormatArg> for ImageFormat {
             FormatArg::Qcow2 => ImageFormat::Qcow2,
         }
     }
+}
+
+/// What `check -r` repairs, as `qemu-img check -r` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RepairArg {
+    /// Only leaked clusters.
+    Leaks,
+    /// Leaks and refcount/flag corruptions.
+    All,
 }
 
 /// Preallocation modes as command-line values.
@@ -77,11 +88,12 @@ pub enum ImageCommand {
         format: Option<FormatArg>,
         path: PathBuf,
     },
-    /// Check a qcow2 image's metadata; exit 0 when clean, 2 on corruption, 3 on leaks.
+    /// Check a qcow2 image's metadata; exit 0 when clean, 1 when the check
+    /// could not complete, 2 on corruption, 3 on leaks (as `qemu-img check`).
     Check {
-        /// Fix refcount errors and leaks.
-        #[arg(long, short = 'r')]
-        repair: bool,
+        /// Fix leaked clusters, or all refcount and flag errors.
+        #[arg(long, short = 'r', value_enum)]
+        repair: Option<RepairArg>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -206,6 +218,10 @@ fn create(
     let Some(size) = size.or(backing_size) else {
         bail!("Missing image size");
     };
+    // Whole 512-byte sectors, rounded up as `qemu-img create` does.
+    let size = size
+        .checked_next_multiple_of(qcow2::create::SECTOR)
+        .context("Image size is too large")?;
     match format {
         ImageFormat::Raw => create_raw(path, size, preallocation),
         ImageFormat::Qcow2 => {
@@ -250,7 +266,7 @@ fn create_raw(path: &Path, size: u64, preallocation: PreallocArg) -> anyhow::Res
         .with_context(|| format!("Cannot sync image {}", path.display()))
 }
 
-fn check(path: &Path, repair: bool, json: bool) -> anyhow::Result<i32> {
+fn check(path: &Path, repair: Option<RepairArg>, json: bool) -> anyhow::Result<i32> {
     let format = probe_format(path)?;
     if format != ImageFormat::Qcow2 {
         if json {
@@ -260,28 +276,35 @@ fn check(path: &Path, repair: bool, json: bool) -> anyhow::Result<i32> {
         }
         return Ok(0);
     }
-    let mut disk = open_qcow2_metadata(path, !repair)?;
-    let report = disk
-        .check(repair)
-        .with_context(|| format!("Cannot check image {}", path.display()))?;
-    drop(disk);
+    let repair = repair.map(|r| match r {
+        RepairArg::Leaks => qcow2::Repair::Leaks,
+        RepairArg::All => qcow2::Repair::All,
+    });
+    // Exit 1 ("check not completed") when the image cannot be read through.
+    let report = match repair {
+        Some(_) => open_qcow2_for_repair(path),
+        None => open_qcow2_metadata(path, true),
+    }
+    .map_err(anyhow::Error::from)
+    .and_then(|mut disk| {
+        disk.check_and_repair(repair)
+            .with_context(|| format!("Cannot check image {}", path.display()))
+    });
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wisp: {e:#}");
+            eprintln!("Check not completed.");
+            return Ok(1);
+        }
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        for m in &report.messages {
-            println!("{m}");
-        }
-        println!(
-            "{} corruptions ({} fixed), {} leaked clusters ({} fixed), {} allocated clusters",
-            report.corruptions,
-            report.corruptions_fixed,
-            report.leaks,
-            report.leaks_fixed,
-            report.allocated_clusters
-        );
-        if report.is_clean() {
-            println!("No errors were found on the image.");
-        }
+        print!("{}", render_check(&report));
+    }
+    if let Some(why) = &report.repair_refused {
+        eprintln!("wisp: repair refused: {why}");
     }
     Ok(if report.corruptions > report.corruptions_fixed {
         2
@@ -290,6 +313,43 @@ fn check(path: &Path, repair: bool, json: bool) -> anyhow::Result<i32> {
     } else {
         0
     })
+}
+
+/// The human form of a check report, close to `qemu-img check`'s.
+fn render_check(report: &qcow2::CheckReport) -> String {
+    let mut out = String::new();
+    for m in &report.messages {
+        out.push_str(m);
+        out.push('\n');
+    }
+    if report.corruptions_fixed + report.leaks_fixed > 0 {
+        out.push_str(&format!(
+            "Repaired {} corruptions and {} leaked clusters.\n",
+            report.corruptions_fixed, report.leaks_fixed
+        ));
+    }
+    let (c, l) = (
+        report.corruptions.saturating_sub(report.corruptions_fixed),
+        report.leaks.saturating_sub(report.leaks_fixed),
+    );
+    if c > 0 {
+        out.push_str(&format!(
+            "{c} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n"
+        ));
+    }
+    if l > 0 {
+        out.push_str(&format!(
+            "{l} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n"
+        ));
+    }
+    if report.is_clean() {
+        out.push_str("No errors were found on the image.\n");
+    }
+    out.push_str(&format!(
+        "{} allocated clusters\nImage end offset: {}\n",
+        report.allocated_clusters, report.image_end_offset
+    ));
+    out
 }
 
 fn clone(src: &Path, dst: &Path, linked: bool) -> anyhow::Result<()> {

@@ -10,6 +10,9 @@ use super::refcount::set_entry;
 use super::{invalid, Qcow2Disk, Qcow2Error, COPIED};
 use crate::disk::{open::open_file, DiskError, ImageFormat};
 
+/// Virtual sizes are whole 512-byte sectors (rounded up, as qemu-img does).
+pub const SECTOR: u64 = 512;
+
 /// How much of a new image is allocated up front.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Preallocation {
@@ -84,14 +87,16 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), DiskError> {
     if opts.size > header::MAX_VIRTUAL_SIZE {
         return Err(bad(path, Qcow2Error::VirtualSize(opts.size)));
     }
+    // Whole sectors, as qemu-img rounds: QEMU would see a smaller disk.
+    let size = opts.size.next_multiple_of(SECTOR);
     if opts.backing_file.is_some() && opts.preallocation != Preallocation::Off {
         return Err(DiskError::InvalidOptions(
             "preallocation cannot be combined with a backing file".into(),
         ));
     }
-    let l1_entries = Header::l1_entries_for(opts.size, cluster_bits);
+    let l1_entries = Header::l1_entries_for(size, cluster_bits);
     if l1_entries * 8 > header::MAX_L1_BYTES {
-        return Err(bad(path, Qcow2Error::VirtualSize(opts.size)));
+        return Err(bad(path, Qcow2Error::VirtualSize(size)));
     }
     let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let per_block = (cs * 8) >> refcount_order;
@@ -116,7 +121,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), DiskError> {
         backing_file_offset: 0,
         backing_file_size: 0,
         cluster_bits,
-        size: opts.size,
+        size,
         crypt_method: 0,
         l1_size: l1_entries as u32,
         l1_table_offset: if l1_entries > 0 { l1_off } else { 0 },
@@ -132,6 +137,7 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<(), DiskError> {
         compression: header::Compression::Deflate,
         backing_file: opts.backing_file.clone(),
         backing_format: opts.backing_format.map(|f| f.name().to_string()),
+        bitmaps: None,
     };
     if let Some(name) = &h.backing_file {
         if name.is_empty() || name.len() > header::MAX_BACKING_NAME as usize || name.contains('\0')
@@ -202,7 +208,7 @@ impl Qcow2Disk {
             }
             let off = self.alloc(1)?;
             if full {
-                self.file.write_all_at(&zeros, off)?;
+                self.write_data(&zeros, off)?;
             }
             self.set_l2_entry(l2off, l2i, off | COPIED)?;
         }
@@ -211,9 +217,13 @@ impl Qcow2Disk {
         self.flush_metadata()
     }
 
-    /// Grows the virtual size to `new_size`, moving the L1 table if it must grow.
+    /// Grows the virtual size to `new_size` (rounded up to whole sectors),
+    /// moving the L1 table if it must grow.
     pub fn resize(&mut self, new_size: u64) -> io::Result<()> {
         self.check_writable()?;
+        let new_size = new_size.checked_next_multiple_of(SECTOR).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "virtual size is too large")
+        })?;
         if new_size < self.header.size {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -238,6 +248,7 @@ impl Qcow2Disk {
             }
             let clusters = (needed * 8).div_ceil(cs);
             let new_off = self.alloc(clusters)?;
+            self.add_meta(super::Meta::L1, new_off, clusters * cs)?;
             let mut l1 = self.l1.clone();
             l1.resize(needed as usize, 0);
             let mut raw: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
@@ -252,6 +263,7 @@ impl Qcow2Disk {
             self.file.sync_data()?;
             let old_bytes = u64::from(self.header.l1_size) * 8;
             if self.header.l1_table_offset != 0 && old_bytes > 0 {
+                self.meta.remove(self.header.l1_table_offset);
                 self.pending_free
                     .push((self.header.l1_table_offset, old_bytes.next_multiple_of(cs)));
             }

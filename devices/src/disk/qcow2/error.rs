@@ -42,6 +42,10 @@ pub enum Qcow2Error {
     Corrupt,
     #[error("Images with internal snapshots can only be opened read-only")]
     Snapshots,
+    #[error("The image can only be opened read-only: {0}")]
+    Inconsistent(String),
+    #[error("Invalid snapshot table or bitmap directory: {0}")]
+    Tables(String),
     #[error("The {what} at {offset:#x} is cut short by the end of the file")]
     Truncated { what: &'static str, offset: u64 },
     #[error("Cannot read the {what} at {offset:#x}")]

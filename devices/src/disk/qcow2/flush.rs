@@ -9,6 +9,11 @@ use super::{header, Qcow2Disk};
 impl Qcow2Disk {
     /// Writes all cached metadata back in crash-safe order and syncs.
     pub fn flush_metadata(&mut self) -> io::Result<()> {
+        if self.corrupt {
+            return Err(io::Error::other(
+                "the image is marked corrupt: metadata is not written back",
+            ));
+        }
         if self.read_only {
             return Ok(());
         }
@@ -42,6 +47,7 @@ impl Qcow2Disk {
             self.rc.table_moved = false;
             let cs = self.cs();
             for (off, n) in std::mem::take(&mut self.rc.old_tables) {
+                self.meta.remove(off);
                 self.pending_free.push((off, n * cs));
             }
         }
@@ -70,7 +76,7 @@ impl Qcow2Disk {
                 for c in first..=last {
                     let rc = self.rc.get(&self.file, c)?;
                     if rc > 0 {
-                        self.rc.set(&self.file, c, rc - 1, &mut self.next_free)?;
+                        self.rc_set(c, rc - 1)?;
                         if rc == 1 {
                             self.free_hint = self.free_hint.min(c);
                         }

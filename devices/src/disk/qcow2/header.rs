@@ -44,6 +44,9 @@ pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 const EXT_ENCRYPTION: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Autoclear feature bit: the bitmaps extension is consistent.
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 
 /// Byte offsets of the header fields wisp rewrites in place.
 pub const OFF_SIZE: u64 = 24;
@@ -57,6 +60,14 @@ pub const OFF_AUTOCLEAR: u64 = 88;
 pub enum Compression {
     Deflate,
     Zstd,
+}
+
+/// The bitmaps header extension: where the bitmap directory lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
 }
 
 /// A parsed and validated qcow2 header.
@@ -84,15 +95,17 @@ pub struct Header {
     pub backing_file: Option<String>,
     /// Backing format from the header extension.
     pub backing_format: Option<String>,
+    /// The bitmaps extension, as stored (valid only with [`AUTOCLEAR_BITMAPS`]).
+    pub bitmaps: Option<BitmapsExt>,
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[off..off + 4]);
     u32::from_be_bytes(a)
 }
 
-fn be64(b: &[u8], off: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[off..off + 8]);
     u64::from_be_bytes(a)
@@ -138,8 +151,15 @@ impl Header {
         size.div_ceil(1u64 << l2_coverage_bits)
     }
 
-    /// Reads and validates the header of `file` (of `file_len` bytes).
+    /// Reads and validates the header of `file`.
     pub fn read(file: &File) -> Result<Header, Qcow2Error> {
+        Self::read_with(file, false)
+    }
+
+    /// Reads and validates the header; `lenient` lets the L1 and refcount
+    /// tables overlap the header cluster (read-only opens, so that `check`
+    /// can report such damage rather than give up, as QEMU does).
+    pub fn read_with(file: &File, lenient: bool) -> Result<Header, Qcow2Error> {
         let file_len = crate::disk::raw::file_size(file).map_err(|source| Qcow2Error::Io {
             what: "header",
             offset: 0,
@@ -175,6 +195,7 @@ impl Header {
             compression: Compression::Deflate,
             backing_file: None,
             backing_format: None,
+            bitmaps: None,
         };
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&h.cluster_bits) {
             return Err(Qcow2Error::ClusterBits(h.cluster_bits));
@@ -188,8 +209,9 @@ impl Header {
             h.autoclear_features = be64(&v3, 16);
             h.refcount_order = be32(&v3, 24);
             h.header_length = be32(&v3, 28);
+            // Lenient as QEMU: the spec wants a multiple of 8, QEMU does not check.
             if h.header_length < V3_HEADER_LEN
-                || !h.header_length.is_multiple_of(8)
+                || (!lenient && !h.header_length.is_multiple_of(8))
                 || u64::from(h.header_length) > cs
             {
                 return Err(Qcow2Error::HeaderLength(h.header_length));
@@ -209,14 +231,15 @@ impl Header {
                 return Err(Qcow2Error::CompressionType(1));
             }
         }
-        h.validate(file_len)?;
+        h.validate(file_len, lenient)?;
         h.read_extensions(file)?;
         h.read_backing_name(file)?;
         Ok(h)
     }
 
-    fn validate(&self, file_len: u64) -> Result<(), Qcow2Error> {
+    fn validate(&self, file_len: u64, lenient: bool) -> Result<(), Qcow2Error> {
         let cs = self.cluster_size();
+        let min = if lenient { 0 } else { cs };
         if self.crypt_method != 0 {
             return Err(Qcow2Error::Encrypted);
         }
@@ -252,7 +275,16 @@ impl Header {
             });
         }
         if self.l1_size > 0 {
-            check_table("L1 table", self.l1_table_offset, l1_bytes, cs, file_len)?;
+            // Lenient: tables past the end read as zeros (and `check` reports them).
+            let l1_file_len = if lenient { u64::MAX } else { file_len };
+            check_table(
+                "L1 table",
+                self.l1_table_offset,
+                l1_bytes,
+                cs,
+                min,
+                l1_file_len,
+            )?;
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes == 0 {
@@ -272,7 +304,8 @@ impl Header {
             self.refcount_table_offset,
             rt_bytes,
             cs,
-            file_len,
+            min,
+            if lenient { u64::MAX } else { file_len },
         )?;
         if self.backing_file_offset != 0 {
             if self.backing_file_size == 0 || self.backing_file_size > MAX_BACKING_NAME {
@@ -315,6 +348,15 @@ impl Header {
                     read_exact(file, &mut name, data_off, "backing format")?;
                     let name = String::from_utf8(name).map_err(|_| Qcow2Error::BackingName)?;
                     self.backing_format = Some(name);
+                }
+                EXT_BITMAPS if len >= 24 => {
+                    let mut b = [0u8; 24];
+                    read_exact(file, &mut b, data_off, "bitmaps extension")?;
+                    self.bitmaps = Some(BitmapsExt {
+                        nb_bitmaps: be32(&b, 0),
+                        directory_size: be64(&b, 8),
+                        directory_offset: be64(&b, 16),
+                    });
                 }
                 EXT_ENCRYPTION => return Err(Qcow2Error::Encrypted),
                 EXT_DATA_FILE => return Err(Qcow2Error::ExternalDataFile),
@@ -397,15 +439,17 @@ impl Header {
     }
 }
 
-/// Checks a table is cluster-aligned, outside the header cluster and inside the file.
+/// Checks a table is cluster-aligned, at or above `min` and inside the file.
 fn check_table(
     table: &'static str,
     offset: u64,
     bytes: u64,
     cs: u64,
+    min: u64,
     file_len: u64,
 ) -> Result<(), Qcow2Error> {
-    if !placed_in_file(offset, bytes, cs, file_len) {
+    let inside = offset.checked_add(bytes).is_some_and(|end| end <= file_len);
+    if offset < min || !offset.is_multiple_of(cs) || !inside {
         return Err(Qcow2Error::TableOutOfBounds { table, offset });
     }
     Ok(())

@@ -13,8 +13,12 @@ pub mod create;
 mod error;
 mod flush;
 mod fuzz;
+mod guard;
 pub mod header;
+mod meta;
+mod open;
 mod refcount;
+mod tables;
 mod zero;
 
 use std::fs::File;
@@ -23,15 +27,17 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use cache::TableCache;
+use meta::{Meta, MetaMap};
 use refcount::Refcounts;
 
-pub use check::CheckReport;
+pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::Qcow2Error;
 pub use fuzz::fuzz_one;
 pub use header::{Header, MAGIC};
+pub use open::OpenMode;
 
-use super::{check_range, DiskBackend, DiskError, ImageFormat};
+use super::{check_range, DiskBackend, ImageFormat};
 
 /// Host offset bits of L1, L2 (standard) and refcount table entries.
 pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -97,9 +103,22 @@ pub struct Qcow2Disk {
     backing: Option<Box<dyn DiskBackend>>,
     /// Last decompressed cluster, by L2 entry.
     unpacked: Option<(u64, Vec<u8>)>,
+    /// Every metadata cluster: data writes and allocations must miss them.
+    meta: MetaMap,
+    snapshots: tables::Snapshots,
+    /// Why the snapshot table could not be read (`check` reports it).
+    snapshots_error: Option<String>,
+    bitmaps: Option<tables::Bitmaps>,
+    /// Why the bitmap directory could not be read (read-only opens only:
+    /// `check` then cannot complete).
+    tables_error: Option<String>,
+    /// A write would have overwritten metadata: nothing is written any more.
+    corrupt: bool,
+    /// Host ranges of data writes, when a test or fuzzer asks for them.
+    write_log: Option<Vec<(u64, u64)>>,
 }
 
-fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+pub(crate) fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -127,130 +146,6 @@ fn cache_tables(cluster_bits: u32, budget: u64) -> usize {
 }
 
 impl Qcow2Disk {
-    /// Opens a qcow2 image from a locked `file`; `open_backing` opens the
-    /// backing file when the header names one.
-    pub fn open_with(
-        file: File,
-        path: &Path,
-        read_only: bool,
-        open_backing: impl FnOnce(&BackingSpec) -> Result<Box<dyn DiskBackend>, DiskError>,
-    ) -> Result<Self, DiskError> {
-        let qerr = |source| DiskError::Qcow2 {
-            path: path.to_path_buf(),
-            source,
-        };
-        let header = Header::read(&file).map_err(qerr)?;
-        if !read_only && header.incompatible_features & header::INCOMPAT_CORRUPT != 0 {
-            return Err(qerr(Qcow2Error::Corrupt));
-        }
-        if !read_only && header.nb_snapshots > 0 {
-            return Err(qerr(Qcow2Error::Snapshots));
-        }
-        let file_len = super::raw::file_size(&file).map_err(|source| DiskError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let cs = header.cluster_size();
-        let mut raw = vec![0u8; header.l1_size as usize * 8];
-        file.read_exact_at(&mut raw, header.l1_table_offset)
-            .map_err(|source| {
-                qerr(Qcow2Error::Io {
-                    what: "L1 table",
-                    offset: header.l1_table_offset,
-                    source,
-                })
-            })?;
-        let l1 = header::be64_table(&raw);
-        for &e in &l1 {
-            let off = e & OFFSET_MASK;
-            if off != 0 && !header::placed_in_file(off, cs, cs, file_len) {
-                return Err(qerr(Qcow2Error::TableOutOfBounds {
-                    table: "L2 table",
-                    offset: off,
-                }));
-            }
-        }
-        let rc = Refcounts::load(
-            &file,
-            header.refcount_table_offset,
-            u64::from(header.refcount_table_clusters),
-            header.refcount_order,
-            header.cluster_bits,
-            file_len,
-            cache_tables(header.cluster_bits, REFCOUNT_CACHE_BYTES),
-        )
-        .map_err(|source| {
-            qerr(Qcow2Error::Io {
-                what: "refcount table",
-                offset: header.refcount_table_offset,
-                source,
-            })
-        })?;
-        let backing = match &header.backing_file {
-            Some(name) => {
-                let format = match &header.backing_format {
-                    Some(f) => Some(f.parse::<ImageFormat>()?),
-                    None => None,
-                };
-                let spec = BackingSpec {
-                    path: resolve_backing(path, name),
-                    format,
-                };
-                Some(open_backing(&spec)?)
-            }
-            None => None,
-        };
-        let mut disk = Qcow2Disk {
-            cluster_bits: header.cluster_bits,
-            l2: TableCache::new(cache_tables(header.cluster_bits, L2_CACHE_BYTES)),
-            header,
-            file,
-            path: path.to_path_buf(),
-            read_only,
-            l1,
-            l1_dirty: false,
-            rc,
-            next_free: file_len.next_multiple_of(cs),
-            pending_free: Vec::new(),
-            free_hint: 0,
-            data_dirty: false,
-            backing,
-            unpacked: None,
-        };
-        if !read_only {
-            disk.prepare_for_writes().map_err(|source| DiskError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        }
-        Ok(disk)
-    }
-
-    /// Repairs refcounts left inconsistent by a crash (dirty bit) and clears
-    /// autoclear features wisp does not maintain.
-    fn prepare_for_writes(&mut self) -> io::Result<()> {
-        if self.header.incompatible_features & header::INCOMPAT_DIRTY != 0 {
-            log::warn!(
-                "{}: image was not closed cleanly, rebuilding refcounts",
-                self.path.display()
-            );
-            self.check(true)?;
-            self.header.incompatible_features &= !header::INCOMPAT_DIRTY;
-            self.file.write_all_at(
-                &self.header.incompatible_features.to_be_bytes(),
-                header::OFF_INCOMPAT,
-            )?;
-            self.file.sync_data()?;
-        }
-        if self.header.autoclear_features != 0 {
-            self.header.autoclear_features = 0;
-            self.file
-                .write_all_at(&0u64.to_be_bytes(), header::OFF_AUTOCLEAR)?;
-            self.file.sync_data()?;
-        }
-        Ok(())
-    }
-
     /// The parsed header.
     pub fn header(&self) -> &Header {
         &self.header
@@ -310,20 +205,16 @@ impl Qcow2Disk {
     fn alloc(&mut self, n: u64) -> io::Result<u64> {
         if n == 1 {
             if let Some(c) = self.find_free()? {
-                self.rc.set(&self.file, c, 1, &mut self.next_free)?;
+                self.rc_set(c, 1)?;
                 return Ok(c << self.cluster_bits);
             }
         }
         let cs = self.cs();
         let off = self.next_free;
+        self.guard("cluster allocation", off, n * cs)?;
         self.next_free += n * cs;
         for c in 0..n {
-            self.rc.set(
-                &self.file,
-                (off >> self.cluster_bits) + c,
-                1,
-                &mut self.next_free,
-            )?;
+            self.rc_set((off >> self.cluster_bits) + c, 1)?;
         }
         Ok(off)
     }
@@ -333,25 +224,14 @@ impl Qcow2Disk {
         let end = self.next_free >> self.cluster_bits;
         while self.free_hint < end {
             let c = self.free_hint;
-            if self.rc.get(&self.file, c)? == 0 && !self.is_metadata(c << self.cluster_bits) {
+            if self.rc.get(&self.file, c)? == 0
+                && self.meta.hit(c << self.cluster_bits, 1).is_none()
+            {
                 return Ok(Some(c));
             }
             self.free_hint += 1;
         }
         Ok(None)
-    }
-
-    /// Whether the cluster at `off` holds metadata (whatever its refcount
-    /// claims: a corrupt refcount must not hand out the header or a table).
-    fn is_metadata(&self, off: u64) -> bool {
-        let cs = self.cs();
-        let within = |start: u64, len: u64| off >= start && off < start + len;
-        let l1_bytes = (self.l1.len() as u64 * 8).next_multiple_of(cs);
-        off < cs
-            || within(self.header.l1_table_offset, l1_bytes)
-            || within(self.rc.table_offset, self.rc.table_clusters * cs)
-            || self.rc.table.iter().any(|e| e & OFFSET_MASK == off)
-            || self.l1.iter().any(|e| e & OFFSET_MASK == off)
     }
 
     /// Host offset of the L2 table for L1 index `l1i`, allocating it if asked.
@@ -369,6 +249,7 @@ impl Qcow2Disk {
         }
         self.make_room_in_l2_cache()?;
         let off = self.alloc(1)?;
+        self.add_meta(Meta::L2, off, self.cs())?;
         let entries = (self.cs() / 8) as usize;
         self.l2.insert(off, vec![0u64; entries], true);
         self.l1[l1i] = off | COPIED;
@@ -512,28 +393,6 @@ impl Qcow2Disk {
         }
     }
 
-    /// Refuses guest writes to a data cluster that lies past the image or
-    /// over the header, L1 table or refcount table.
-    fn check_host_cluster(&self, off: u64) -> io::Result<()> {
-        let cs = self.cs();
-        if off + cs > self.next_free {
-            return Err(invalid(format!(
-                "data cluster at {off:#x} lies past the end of the image"
-            )));
-        }
-        let overlaps = |start: u64, len: u64| len > 0 && off < start + len && start < off + cs;
-        let l1_bytes = (self.l1.len() as u64 * 8).next_multiple_of(cs);
-        if off < cs
-            || overlaps(self.header.l1_table_offset, l1_bytes)
-            || overlaps(self.rc.table_offset, self.rc.table_clusters * cs)
-        {
-            return Err(invalid(format!(
-                "data cluster at {off:#x} overlaps image metadata"
-            )));
-        }
-        Ok(())
-    }
-
     /// Maps a write of `data` at `vaddr`, all within one cluster.
     ///
     /// Returns the host offset the caller must write `data` to, or `None`
@@ -563,13 +422,14 @@ impl Qcow2Disk {
                 if !full {
                     let mut buf = vec![0u8; cs as usize];
                     buf[in_off..in_off + data.len()].copy_from_slice(data);
-                    self.file.write_all_at(&buf, off)?;
+                    self.write_data(&buf, off)?;
                 }
                 self.set_l2_entry(l2off, l2i, off | COPIED)?;
                 return Ok(full.then_some(off));
             }
             _ => {}
         }
+        self.check_release(m)?;
         let old = if full {
             None
         } else {
@@ -579,7 +439,7 @@ impl Qcow2Disk {
         };
         let new = self.alloc(1)?;
         if let Some(b) = &old {
-            self.file.write_all_at(b, new)?;
+            self.write_data(b, new)?;
         }
         self.set_l2_entry(l2off, l2i, new | COPIED)?;
         self.release(m);
@@ -592,7 +452,7 @@ impl Qcow2Disk {
     /// Writes `data` at `vaddr`, all within one cluster.
     fn write_one(&mut self, data: &[u8], vaddr: u64) -> io::Result<()> {
         if let Some(host) = self.write_in_cluster(data, vaddr)? {
-            self.file.write_all_at(data, host)?;
+            self.write_data(data, host)?;
         }
         Ok(())
     }
@@ -608,7 +468,30 @@ impl Qcow2Disk {
     }
 
     fn check_writable(&self) -> io::Result<()> {
+        if self.corrupt {
+            return Err(io::Error::other(
+                "the image is marked corrupt: writes are refused",
+            ));
+        }
         super::check_writable(self.read_only)
+    }
+
+    /// Starts recording the host range of every data write (for tests and
+    /// the fuzzer, which check them against the image's metadata).
+    #[doc(hidden)]
+    pub fn record_data_writes(&mut self) {
+        self.write_log = Some(Vec::new());
+    }
+
+    /// The data writes recorded since [`Qcow2Disk::record_data_writes`].
+    #[doc(hidden)]
+    pub fn data_writes(&self) -> &[(u64, u64)] {
+        self.write_log.as_deref().unwrap_or(&[])
+    }
+
+    /// Whether a write found metadata where data should be (see `guard`).
+    pub fn is_corrupt(&self) -> bool {
+        self.corrupt
     }
 }
 
@@ -675,7 +558,7 @@ impl DiskBackend for Qcow2Disk {
             if !self.l2_cached(pos) {
                 // Mapping may write metadata back: pending data goes first.
                 if let Some((h, b, l)) = run.take() {
-                    self.file.write_all_at(&buf[b..b + l], h)?;
+                    self.write_data(&buf[b..b + l], h)?;
                 }
             }
             match self.write_in_cluster(&buf[done..done + n], pos)? {
@@ -685,21 +568,21 @@ impl DiskBackend for Qcow2Disk {
                     }
                     _ => {
                         if let Some((h, b, l)) = run.take() {
-                            self.file.write_all_at(&buf[b..b + l], h)?;
+                            self.write_data(&buf[b..b + l], h)?;
                         }
                         run = Some((host, done, n));
                     }
                 },
                 None => {
                     if let Some((h, b, l)) = run.take() {
-                        self.file.write_all_at(&buf[b..b + l], h)?;
+                        self.write_data(&buf[b..b + l], h)?;
                     }
                 }
             }
             done += n;
         }
         if let Some((h, b, l)) = run {
-            self.file.write_all_at(&buf[b..b + l], h)?;
+            self.write_data(&buf[b..b + l], h)?;
         }
         Ok(())
     }

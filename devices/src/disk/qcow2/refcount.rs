@@ -6,7 +6,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::cache::TableCache;
-use super::{invalid, OFFSET_MASK};
+use super::meta::Meta;
+use super::{invalid, read_full, OFFSET_MASK};
 
 /// The refcount structures of an open image.
 pub struct Refcounts {
@@ -19,6 +20,8 @@ pub struct Refcounts {
     pub table_moved: bool,
     /// Clusters of replaced tables, freed once the header points elsewhere.
     pub old_tables: Vec<(u64, u64)>,
+    /// Metadata allocated since the owner last looked (blocks, tables).
+    pub new_meta: Vec<(Meta, u64, u64)>,
     order: u32,
     cluster_bits: u32,
     blocks: TableCache<Vec<u8>>,
@@ -68,22 +71,27 @@ pub fn set_entry(block: &mut [u8], idx: usize, order: u32, value: u64) {
 }
 
 impl Refcounts {
-    /// Loads the refcount table; `file_len` bounds the block offsets.
+    /// Loads the refcount table; `file_len`, when given, bounds the block
+    /// offsets (without it, blocks past the end of the file read as zeros).
     pub fn load(
         file: &File,
         table_offset: u64,
         table_clusters: u64,
         order: u32,
         cluster_bits: u32,
-        file_len: u64,
+        file_len: Option<u64>,
         cache_tables: usize,
     ) -> io::Result<Self> {
         let cs = 1u64 << cluster_bits;
         let mut raw = vec![0u8; (table_clusters * cs) as usize];
-        file.read_exact_at(&mut raw, table_offset)?;
+        match file_len {
+            Some(_) => file.read_exact_at(&mut raw, table_offset)?,
+            None => read_full(file, &mut raw, table_offset)?,
+        }
         let table = super::header::be64_table(&raw);
         for (i, &e) in table.iter().enumerate() {
             let off = e & OFFSET_MASK;
+            let Some(file_len) = file_len else { break };
             if off != 0 && !super::header::placed_in_file(off, cs, cs, file_len) {
                 return Err(invalid(format!(
                     "refcount block {i} at {off:#x} is misaligned or outside the file"
@@ -97,6 +105,7 @@ impl Refcounts {
             table_dirty: false,
             table_moved: false,
             old_tables: Vec::new(),
+            new_meta: Vec::new(),
             order,
             cluster_bits,
             blocks: TableCache::new(cache_tables),
@@ -105,6 +114,14 @@ impl Refcounts {
 
     fn cs(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// Host offsets of the refcount blocks the table names.
+    pub fn blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.table
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
     }
 
     /// Refcount entries per block.
@@ -121,17 +138,24 @@ impl Refcounts {
         }
     }
 
+    /// The block at `off` for modification (it becomes dirty).
     fn block<'a>(&'a mut self, file: &File, off: u64) -> io::Result<&'a mut Vec<u8>> {
+        self.load_block(file, off)?;
+        self.blocks
+            .get_mut(off)
+            .ok_or_else(|| invalid("refcount block vanished from the cache".into()))
+    }
+
+    /// Caches the block at `off` (clean) if it is not cached yet.
+    fn load_block(&mut self, file: &File, off: u64) -> io::Result<()> {
         if !self.blocks.contains(off) {
             let mut buf = vec![0u8; self.cs() as usize];
-            file.read_exact_at(&mut buf, off)?;
+            read_full(file, &mut buf, off)?;
             if let Some((k, v)) = self.blocks.insert(off, buf, false) {
                 file.write_all_at(&v, k)?;
             }
         }
-        self.blocks
-            .get_mut(off)
-            .ok_or_else(|| invalid("refcount block vanished from the cache".into()))
+        Ok(())
     }
 
     /// Refcount of host cluster number `cluster`.
@@ -145,9 +169,7 @@ impl Refcounts {
             return Ok(0);
         }
         let order = self.order;
-        if !self.blocks.contains(off) {
-            self.block(file, off)?;
-        }
+        self.load_block(file, off)?;
         let block = self
             .blocks
             .get(off)
@@ -187,6 +209,7 @@ impl Refcounts {
             *next_free += cs;
             self.table[bi] = off;
             self.table_dirty = true;
+            self.new_meta.push((Meta::RefBlock, off, cs));
             if let Some((k, v)) = self.blocks.insert(off, vec![0u8; cs as usize], true) {
                 file.write_all_at(&v, k)?;
             }
@@ -219,6 +242,7 @@ impl Refcounts {
         self.table_clusters = clusters;
         self.table_dirty = true;
         self.table_moved = true;
+        self.new_meta.push((Meta::RefTable, new_off, clusters * cs));
         for c in 0..clusters {
             self.set(file, (new_off >> self.cluster_bits) + c, 1, next_free)?;
         }

@@ -40,6 +40,9 @@ impl Qcow2Disk {
             _ if self.backing.is_none() => (0, false),
             _ => (ZERO, false),
         };
+        if !keeps {
+            self.check_release(m)?;
+        }
         let (l1i, l2i) = self.indices(vaddr);
         let l2off = self
             .l2_table(l1i, true)?
