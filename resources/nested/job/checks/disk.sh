@@ -48,7 +48,7 @@ grep -q WISP-LINUX-BACKING-OK disk-write.log && [ "$ov" = wisp-overlay-write ] &
 verdict disk-backing $? "overlay sector 1 '$ov', base $now (was $base_sum)"
 
 # Discard: delete the 48 MiB filler and fstrim; raw gets holes, qcow2 frees clusters.
-clusters() { $W image check "$1" 2>&1 | sed -n 's/.* \([0-9]*\) allocated clusters.*/\1/p'; }
+clusters() { $W image check "$1" 2>&1 | grep -o '[0-9]* allocated clusters' | cut -d' ' -f1; }
 raw_before=$(alloc_kib fs.raw); q_before=$(clusters fs.qcow2)
 rc=$(run_l2 disk-trim 240 --kernel $L2/vmlinuz --initrd $L2/initramfs.cpio.gz --cmdline "$CMDLINE wisp.test=fstrim wisp.fs=vda,vdb" --memory 256M \
   --disk path=fs.raw --disk path=fs.qcow2,format=qcow2 --metrics-path "$WORK/disk-trim.metrics")
