@@ -96,6 +96,16 @@ impl Env {
             .unwrap_or(serde_json::Value::Null)
     }
 
+    /// Waits (up to 30 s) until `wisp list` shows `name` in `state`: a VMM
+    /// answers its API a moment before it has booted and registered so.
+    fn wait_state(&self, name: &str, state: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while self.row(name)["state"] != state {
+            assert!(Instant::now() < end, "{name} never {state}: {}", self.row(name));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn console_log(&self, name: &str) -> PathBuf {
         self.state.join(name).join("console.log")
     }
@@ -347,7 +357,7 @@ fn test_crashed_vm_and_pruned_transient_entry() {
     .spawn()
     .unwrap();
     harness::wait_for_api(&env.dir.path("tr.sock"));
-    assert_eq!(env.row("tr")["state"], "running");
+    env.wait_state("tr", "running");
     t.kill().unwrap();
     t.wait().unwrap();
     assert!(env.row("tr").is_null(), "a dead transient VM is pruned");
