@@ -47,18 +47,8 @@ const L1_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// an allowed warning.
 const NESTED_ARTEFACTS: &[&str] = &[
     "XSAVE consistency problem",
-    "Marking clocksource 'tsc' as unstable",
-    "clocksource: 'kvm-clock' wd_nsec",
-    "clocksource: 'tsc' cs_nsec",
-    "clocksource: Switched to clocksource kvm-clock",
+    "Marking clocksource 'tsc' as unstable because the skew is too large",
     "tsc: Marking TSC unstable due to clocksource watchdog",
-    "TSC found unstable after boot",
-    "sched_clock: Marking unstable",
-    "clocksource:                       'kvm-clock' wd_now",
-    "clocksource:                       'tsc' cs_now",
-    "clocksource:                       Clocksource 'tsc' skewed",
-    "clocksource:                       'kvm-clock' (not 'tsc') is current clocksource.",
-    "clocksource: Checking clocksource tsc synchronization",
 ];
 
 /// Words that make a kernel-log line suspect.
