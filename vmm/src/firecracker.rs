@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Firecracker's command line, so SDKs that start the VMM binary themselves can
 //! point at wisp: `--api-sock`, `--config-file`, `--no-api`, `--id`, logging and
-//! metrics flags. Flags wisp does not implement are refused by name.
+//! metrics flags, `--http-api-max-payload-size`, `--describe-snapshot`,
+//! `--snapshot-version`, `--module`. Flags wisp cannot honour are refused by
+//! name, with the reason, exit status 1.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,22 +60,29 @@ struct FcArgs {
     /// Parent CPU time set by the jailer (informational).
     #[arg(long)]
     parent_cpu_time_us: Option<u64>,
-    /// Not supported by wisp.
+    /// Not supported by wisp (no seccomp filter is installed).
     #[arg(long, hide = true)]
     seccomp_filter: Option<String>,
-    /// Not supported by wisp.
+    /// Not supported by wisp (no boot-timer device).
     #[arg(long, hide = true)]
     boot_timer: bool,
-    /// Not supported by wisp.
-    #[arg(long, hide = true)]
-    http_api_max_payload_size: Option<String>,
-    /// Not supported by wisp.
+    /// Largest API request body in bytes (1..=65536 in wisp); larger bodies
+    /// get 400, as in Firecracker.
+    #[arg(long)]
+    http_api_max_payload_size: Option<usize>,
+    /// Not supported by wisp (no MMDS).
     #[arg(long, hide = true)]
     mmds_size_limit: Option<String>,
-    /// Not supported by wisp.
-    #[arg(long, hide = true)]
-    describe_snapshot: Option<String>,
-    /// Not supported by wisp.
+    /// Print the format version of this snapshot state file and exit.
+    #[arg(long)]
+    describe_snapshot: Option<PathBuf>,
+    /// Print the snapshot format version this wisp writes and exit.
+    #[arg(long)]
+    snapshot_version: bool,
+    /// Only log from this module path (and its submodules).
+    #[arg(long)]
+    module: Option<String>,
+    /// Not supported by wisp (virtio-mmio only).
     #[arg(long, hide = true)]
     enable_pci: bool,
 }
@@ -112,34 +121,96 @@ pub fn read_config_file(path: &Path, serial: SerialConfig) -> Result<Preboot, St
     Ok(p)
 }
 
-fn unsupported(a: &FcArgs) -> Option<&'static str> {
-    if a.seccomp_filter.is_some() {
-        return Some("--seccomp-filter");
+/// The first Firecracker flag given that wisp cannot honour, and why.
+fn unsupported(a: &FcArgs) -> Option<(&'static str, &'static str)> {
+    [
+        (
+            a.seccomp_filter.is_some(),
+            "--seccomp-filter",
+            "wisp installs no seccomp filter",
+        ),
+        (
+            a.boot_timer,
+            "--boot-timer",
+            "wisp has no boot-timer device",
+        ),
+        (
+            a.mmds_size_limit.is_some(),
+            "--mmds-size-limit",
+            "wisp has no MMDS",
+        ),
+        (
+            a.enable_pci,
+            "--enable-pci",
+            "wisp has no PCI transport yet; virtio-mmio only",
+        ),
+    ]
+    .into_iter()
+    .find_map(|(given, flag, why)| given.then_some((flag, why)))
+}
+
+/// `--describe-snapshot`: the state file's format version, as Firecracker
+/// prints it (`v` and the version).
+fn describe_snapshot(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use vmm::persist::format::MAGIC;
+    let fail = |e: &dyn std::fmt::Display| {
+        format!("Unable to read snapshot state file {}: {e}", path.display())
+    };
+    // Checked first: opening a FIFO would block.
+    let meta = std::fs::metadata(path).map_err(|e| fail(&e))?;
+    if !meta.is_file() {
+        return Err(fail(&"not a regular file"));
     }
-    if a.boot_timer {
-        return Some("--boot-timer");
+    let mut head = [0u8; 12];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|e| fail(&e))?;
+    if head[..8] != MAGIC {
+        return Err(format!(
+            "Invalid snapshot state file {}: it does not start with wisp's magic",
+            path.display()
+        ));
     }
-    if a.http_api_max_payload_size.is_some() {
-        return Some("--http-api-max-payload-size");
+    let mut v = [0u8; 4];
+    v.copy_from_slice(&head[8..12]);
+    Ok(format!("v{}", u32::from_le_bytes(v)))
+}
+
+/// The flags that print something and exit, if one was given.
+fn print_and_exit(a: &FcArgs) -> Option<ExitCode> {
+    if a.snapshot_version {
+        println!("v{}", vmm::persist::format::FORMAT_VERSION);
+        return Some(ExitCode::SUCCESS);
     }
-    if a.mmds_size_limit.is_some() {
-        return Some("--mmds-size-limit");
-    }
-    if a.describe_snapshot.is_some() {
-        return Some("--describe-snapshot");
-    }
-    if a.enable_pci {
-        return Some("--enable-pci");
-    }
-    None
+    let path = a.describe_snapshot.as_deref()?;
+    Some(match describe_snapshot(path) {
+        Ok(v) => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("wisp: {e}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 /// Runs wisp with Firecracker's command line.
 pub fn main(argv: &[String]) -> ExitCode {
     let a = FcArgs::parse_from(argv);
-    if let Some(flag) = unsupported(&a) {
-        eprintln!("wisp: {flag} is a Firecracker flag that wisp does not support");
-        return ExitCode::from(2);
+    if let Some((flag, why)) = unsupported(&a) {
+        eprintln!("wisp: {flag} cannot be honoured: {why}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(code) = print_and_exit(&a) {
+        return code;
+    }
+    if let Some(n) = a.http_api_max_payload_size {
+        if let Err(e) = api::routes::set_max_body_len(n) {
+            eprintln!("wisp: --http-api-max-payload-size: {e}");
+            return ExitCode::from(2);
+        }
     }
     if let Err(e) = crate::setup_logging(
         a.log_path.as_deref(),
@@ -149,6 +220,20 @@ pub fn main(argv: &[String]) -> ExitCode {
     ) {
         eprintln!("wisp: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(m) = a.module.as_deref() {
+        if m.is_empty() {
+            eprintln!("wisp: --module must not be empty");
+            return ExitCode::from(2);
+        }
+        let only = vmm::logger::LogUpdate {
+            module: Some(m),
+            ..Default::default()
+        };
+        if let Err(e) = vmm::logger::update(&only) {
+            eprintln!("wisp: {e}");
+            return ExitCode::from(2);
+        }
     }
     let preboot = match &a.config_file {
         Some(p) => match read_config_file(p, SerialConfig::Stdio) {

@@ -120,8 +120,7 @@ fn preboot_from_args(a: &RunArgs) -> Result<Preboot, String> {
         serial: a.serial.clone(),
         ..Default::default()
     };
-    let vcpus = u8::try_from(a.cpus)
-        .map_err(|_| config::ConfigError::Vcpus(a.cpus, "at most 254".into()).to_string())?;
+    let vcpus = config::check_vcpus(a.cpus, usize::MAX).map_err(|e| e.to_string())?;
     p.machine.vcpu_count = vcpus;
     p.machine.mem_size_mib = usize::try_from(a.memory >> 20).unwrap_or(usize::MAX);
     if !a.memory.is_multiple_of(1 << 20) {
