@@ -754,3 +754,92 @@ fn test_http_api_max_payload_size() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     wait(child, Duration::from_secs(20)).assert_no_panic();
 }
+
+/// firecracker-python's restore: `network_overrides` re-points the restored
+/// NIC at another TAP; an unknown iface_id is refused before anything opens.
+#[test]
+fn test_snapshot_load_network_overrides() {
+    require_net!();
+    let dir = TempDir::new("api-netovr");
+    let ns = harness::NetNs::new("netovr");
+    let g = guest();
+    let (sock, log) = (dir.path("a.sock"), dir.path("a.log"));
+    let a = ns.spawn_wisp(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log.display()),
+        "--kernel",
+        g.to_str().unwrap(),
+        "--net",
+        "tap=wovr0,mac=52:54:00:77:00:0d,bridge=br0",
+        "--cmdline",
+        "tests=tick tick_ms=20 tick_net=1 ip=10.77.0.2",
+    ]);
+    wait_for_api(&sock);
+    harness::wait_tick(&log, 5);
+    let ping = ns.output("ping", &["-c", "2", "-W", "5", "10.77.0.2"]);
+    assert!(ping.contains("2 received"), "before: {ping}");
+    let (c, b) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(c, 204, "{b}");
+    let (snap, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            snap.display(),
+            mem.display()
+        )),
+    );
+    assert_eq!(c, 204, "{b}");
+    let mut a = a;
+    let _ = a.kill();
+    let _ = a.wait();
+
+    let (sock2, log2) = (dir.path("b.sock"), dir.path("b.log"));
+    let mut second = ns.spawn_wisp(&[
+        "run",
+        "--api-sock",
+        sock2.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log2.display()),
+    ]);
+    wait_for_api(&sock2);
+    let load = |overrides: &str| {
+        http(
+            &sock2,
+            "PUT",
+            "/snapshot/load",
+            Some(&format!(
+                r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "network_overrides": {overrides}}}"#,
+                snap.display(),
+                mem.display()
+            )),
+        )
+    };
+    let (c, body) = load(r#"[{"iface_id": "eth9", "host_dev_name": "wovr1"}]"#);
+    assert_eq!(c, 400, "{body}");
+    let f = fault_of(&body);
+    assert!(f.contains("eth9") && f.contains("net0"), "{f}");
+    assert_eq!(state(&sock2), "Not started");
+    assert!(!ns.has_link("wovr1"), "a refused load opened a TAP");
+
+    let (c, body) = load(r#"[{"iface_id": "net0", "host_dev_name": "wovr1"}]"#);
+    assert_eq!(c, 204, "{body}");
+    assert_eq!(state(&sock2), "Running");
+    let master = ns.output("ip", &["link", "show", "master", "br0"]);
+    assert!(
+        master.contains("wovr1") && !master.contains("wovr0"),
+        "not re-pointed: {master}"
+    );
+    let ping = ns.output("ping", &["-c", "3", "-W", "5", "10.77.0.2"]);
+    assert!(ping.contains("3 received"), "after restore: {ping}");
+    let (c, b) = http(&sock2, "GET", "/vm/config", None);
+    assert_eq!(c, 200);
+    assert!(b.contains(r#""host_dev_name":"wovr1""#), "{b}");
+    let _ = second.kill();
+    let _ = second.wait();
+}
