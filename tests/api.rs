@@ -843,3 +843,55 @@ fn test_snapshot_load_network_overrides() {
     let _ = second.kill();
     let _ = second.wait();
 }
+
+/// A config file's logger and metrics sections are honoured, not ignored.
+#[test]
+fn test_config_file_logger_and_metrics_sections() {
+    require_kvm!();
+    let dir = TempDir::new("api-cfglog");
+    let (cfg, log, metrics) = (
+        dir.path("vm.json"),
+        dir.path("vm.log"),
+        dir.path("metrics.json"),
+    );
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "tests=cmdline"}},
+                "logger": {{"log_path": "{}", "level": "Info", "show_level": true}},
+                "metrics": {{"metrics_path": "{}"}}}}"#,
+            guest().display(),
+            log.display(),
+            metrics.display()
+        ),
+    )
+    .unwrap();
+    let r = harness::run(
+        &["--no-api", "--config-file", cfg.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    r.assert_no_panic();
+    r.assert_pass("cmdline");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("[INFO]") && logged.contains("microVM started"),
+        "{logged}"
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(line["vcpu"]["exits_io_out"].as_u64().unwrap() > 0, "{line}");
+
+    // Metrics given twice is refused before anything runs.
+    let r = harness::run(
+        &[
+            "--no-api",
+            "--config-file",
+            cfg.to_str().unwrap(),
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("configured twice"), "{}", r.stderr);
+}

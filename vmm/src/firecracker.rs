@@ -104,8 +104,19 @@ pub fn wants_firecracker_cli(argv: &[String]) -> bool {
     }
 }
 
-/// Reads a Firecracker-style configuration file.
-pub fn read_config_file(path: &Path, serial: SerialConfig) -> Result<Preboot, String> {
+/// A configuration file, read: the pre-boot configuration and the metrics
+/// file it names (its logger section is applied while reading).
+#[derive(Debug)]
+pub struct ConfigFile {
+    /// Everything configured before boot.
+    pub preboot: Preboot,
+    /// The `metrics` section's file, if any.
+    pub metrics_path: Option<PathBuf>,
+}
+
+/// Reads a Firecracker-style configuration file and applies its `logger`
+/// section (what it leaves out keeps the command line's setting).
+pub fn read_config_file(path: &Path, serial: SerialConfig) -> Result<ConfigFile, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("Cannot read config file {}: {e}", path.display()))?;
     let cfg = api::models::FullVmConfig::from_json(&text)
@@ -116,9 +127,43 @@ pub fn read_config_file(path: &Path, serial: SerialConfig) -> Result<Preboot, St
             path.display()
         ));
     }
+    if let Some(l) = &cfg.logger {
+        let update = vmm::logger::LogUpdate {
+            path: l.log_path.as_deref().map(Path::new),
+            level: l.level.map(|v| v.to_filter()),
+            show_level: l.show_level,
+            show_origin: l.show_log_origin,
+            module: l.module.as_deref(),
+        };
+        vmm::logger::update(&update).map_err(|e| {
+            format!(
+                "Config file {}: cannot open log file {}: {e}",
+                path.display(),
+                l.log_path.as_deref().unwrap_or_default()
+            )
+        })?;
+    }
+    let metrics_path = cfg.metrics.as_ref().map(|m| PathBuf::from(&m.metrics_path));
     let mut p = Preboot::from_full(cfg);
     p.serial = serial;
-    Ok(p)
+    Ok(ConfigFile {
+        preboot: p,
+        metrics_path,
+    })
+}
+
+/// The metrics file from `--metrics-path` or the config file; both is refused.
+pub fn metrics_path(
+    flag: Option<PathBuf>,
+    file: Option<PathBuf>,
+) -> Result<Option<PathBuf>, String> {
+    match (flag, file) {
+        (Some(_), Some(_)) => Err(
+            "Metrics are configured twice: by --metrics-path and by the config file's metrics section"
+                .into(),
+        ),
+        (f, c) => Ok(f.or(c)),
+    }
 }
 
 /// The first Firecracker flag given that wisp cannot honour, and why.
@@ -235,15 +280,22 @@ pub fn main(argv: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let preboot = match &a.config_file {
+    let (preboot, file_metrics) = match &a.config_file {
         Some(p) => match read_config_file(p, SerialConfig::Stdio) {
-            Ok(p) => p,
+            Ok(c) => (c.preboot, c.metrics_path),
             Err(e) => {
                 eprintln!("wisp: {e}");
                 return ExitCode::FAILURE;
             }
         },
-        None => Preboot::default(),
+        None => (Preboot::default(), None),
+    };
+    let metrics_path = match metrics_path(a.metrics_path, file_metrics) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("wisp: {e}");
+            return ExitCode::FAILURE;
+        }
     };
     let boot_now = a.config_file.is_some();
     let name = if vmm::registry::valid_name(&a.id) && a.id != "anonymous-instance" {
@@ -258,7 +310,7 @@ pub fn main(argv: &[String]) -> ExitCode {
         boot_now,
         register: Some((name, PathBuf::from(vmm::registry::DEFAULT_RUNTIME_DIR))),
         register_required: false,
-        metrics_path: a.metrics_path,
+        metrics_path,
         restore: None,
         incoming: None,
     })
