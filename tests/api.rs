@@ -115,16 +115,21 @@ fn test_configure_start_state_and_stop_over_api() {
         Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
     );
     assert_eq!(c, 400);
+    // As Firecracker: PATCH /vm to the current state succeeds.
     let (c, b) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
-    assert_eq!(c, 400);
-    assert!(fault_of(&b).contains("not paused"), "{b}");
+    assert_eq!(c, 204, "{b}");
+    assert_eq!(state(&sock), "Running");
 
-    // Pause, then resume.
+    // Pause (twice), then resume (twice).
     let (c, b) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(c, 204, "{b}");
     assert_eq!(state(&sock), "Paused");
-    let (c, _) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
-    assert_eq!(c, 400);
+    let (c, b) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(c, 204, "{b}");
+    assert_eq!(state(&sock), "Paused");
+    let (c, _) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    assert_eq!(c, 204);
+    assert_eq!(state(&sock), "Running");
     let (c, _) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
     assert_eq!(c, 204);
     assert_eq!(state(&sock), "Running");
@@ -299,7 +304,9 @@ fn test_firecracker_command_line_and_config_file() {
         format!(
             r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "tests=cmdline,smp expect_cpus=2"}},
                 "machine-config": {{"vcpu_count": 2, "mem_size_mib": 128}},
-                "drives": [], "network-interfaces": []}}"#,
+                "drives": [], "network-interfaces": [],
+                "balloon": null, "vsock": null, "logger": null, "metrics": null,
+                "mmds-config": null, "entropy": null, "cpu-config": null}}"#,
             g.display()
         ),
     )
@@ -343,13 +350,17 @@ fn test_firecracker_command_line_and_config_file() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     wait(child, Duration::from_secs(20));
 
-    // Flags wisp does not implement are refused by name.
+    // Flags wisp cannot honour are refused by name, with the reason.
     let r = harness::run(
         &["--api-sock", "/tmp/x.sock", "--boot-timer"],
         Duration::from_secs(10),
     );
-    assert_eq!(r.code, Some(2));
-    assert!(r.stderr.contains("--boot-timer"), "{}", r.stderr);
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("--boot-timer") && r.stderr.contains("no boot-timer device"),
+        "{}",
+        r.stderr
+    );
     let r = harness::run(
         &["--api-sock", "/tmp/x.sock", "--frobnicate"],
         Duration::from_secs(10),
@@ -391,7 +402,8 @@ fn test_logger_and_metrics() {
         "/actions",
         Some(r#"{"action_type": "FlushMetrics"}"#),
     );
-    assert_eq!(c, 400, "flush before PUT /metrics must fail");
+    // As Firecracker: nothing to flush is not an error.
+    assert_eq!(c, 204, "flush before PUT /metrics is a no-op");
     let (c, b) = http(
         &sock,
         "PUT",
@@ -538,6 +550,351 @@ fn test_send_ctrl_alt_del_reaches_guest_keyboard() {
     let out = lines.rest();
     assert!(st.success(), "{out}");
     assert!(out.contains("PASS ctrl_alt_del"), "{out}");
+}
+
+/// Firecracker's answers where wisp used to differ (issue 17): unknown paths
+/// and methods, an empty machine-config PATCH, a boot source that cannot be
+/// opened, a logger without a path, FlushMetrics without metrics, and the
+/// snapshot-load fields Firecracker's clients send.
+#[test]
+fn test_firecracker_conformance_before_boot() {
+    let dir = TempDir::new("api-conf");
+    let sock = dir.path("api.sock");
+    let log = dir.path("wisp.log");
+    let child = spawn(&["run", "--api-sock", sock.to_str().unwrap()]);
+    wait_for_api(&sock);
+
+    // Unknown path or method: 400 and Firecracker's fault message.
+    let (c, b) = http(&sock, "GET", "/nope", None);
+    assert_eq!(c, 400, "{b}");
+    assert_eq!(
+        fault_of(&b),
+        "Invalid request method and/or path: GET nope."
+    );
+    let (c, b) = http(&sock, "DELETE", "/boot-source", None);
+    assert_eq!(c, 400, "{b}");
+    assert_eq!(
+        fault_of(&b),
+        "Invalid request method and/or path: DELETE boot-source."
+    );
+    let (c, b) = http(&sock, "GET", "/boot-source", None);
+    assert_eq!(c, 400, "{b}");
+
+    // An empty PATCH is refused.
+    let (c, b) = http(&sock, "PATCH", "/machine-config", Some("{}"));
+    assert_eq!(c, 400, "{b}");
+    assert!(fault_of(&b).contains("Empty PATCH request"), "{b}");
+
+    // A kernel or initrd that cannot be opened is refused at once.
+    let missing = dir.path("no-such-kernel");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&format!(
+            r#"{{"kernel_image_path": "{}"}}"#,
+            missing.display()
+        )),
+    );
+    assert_eq!(c, 400, "{b}");
+    assert!(fault_of(&b).contains("Cannot open the kernel image"), "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&format!(
+            r#"{{"kernel_image_path": "{}", "initrd_path": "{}"}}"#,
+            guest().display(),
+            missing.display()
+        )),
+    );
+    assert_eq!(c, 400, "{b}");
+    assert!(fault_of(&b).contains("Cannot open the initrd"), "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&format!(
+            r#"{{"kernel_image_path": "{}"}}"#,
+            dir.0.display()
+        )),
+    );
+    assert_eq!(c, 400, "{b}");
+    assert!(fault_of(&b).contains("not a regular file"), "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/boot-source",
+        Some(&format!(
+            r#"{{"kernel_image_path": "{}"}}"#,
+            guest().display()
+        )),
+    );
+    assert_eq!(c, 204, "{b}");
+
+    // The logger: every field optional; the log stays where it is.
+    let (c, b) = http(&sock, "PUT", "/logger", Some("{}"));
+    assert_eq!(c, 204, "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/logger",
+        Some(r#"{"level": "Info", "show_level": true, "show_log_origin": false}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/logger",
+        Some(&format!(r#"{{"log_path": "{}"}}"#, log.display())),
+    );
+    assert_eq!(c, 204, "{b}");
+    // The API server logs refused requests at Info (level kept from above).
+    let (c, _) = http(&sock, "GET", "/first-unknown", None);
+    assert_eq!(c, 400);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("/first-unknown"), "{logged}");
+    // --module's filter: only vmm::runtime logs now, not api::server.
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/logger",
+        Some(r#"{"module": "vmm::runtime"}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    let (c, _) = http(&sock, "GET", "/second-unknown", None);
+    assert_eq!(c, 400);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("/second-unknown"), "{logged}");
+    let (c, b) = http(&sock, "PUT", "/logger", Some(r#"{"module": ""}"#));
+    assert_eq!(c, 400, "{b}");
+
+    // FlushMetrics without a metrics file: nothing to flush.
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+
+    // Snapshot load: vsock_override only when null, clock_realtime only false.
+    let snap = dir.path("s");
+    let base = format!(
+        r#""snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}.mem"}}"#,
+        snap.display(),
+        snap.display()
+    );
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{{base}, "vsock_override": {{"uds_path": "/v"}}}}"#
+        )),
+    );
+    assert_eq!(c, 400, "{b}");
+    assert!(fault_of(&b).contains("no vsock"), "{b}");
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(r#"{{{base}, "clock_realtime": true}}"#)),
+    );
+    assert_eq!(c, 400, "{b}");
+    assert!(fault_of(&b).contains("clock_realtime"), "{b}");
+    // Accepted shape (the file does not exist, so the load itself fails).
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{{base}, "vsock_override": null, "clock_realtime": false, "network_overrides": [{{"iface_id": "eth0", "host_dev_name": "tap1"}}]}}"#
+        )),
+    );
+    assert_eq!(c, 400, "{b}");
+    assert!(fault_of(&b).contains("Cannot load the snapshot"), "{b}");
+
+    assert_eq!(state(&sock), "Not started");
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let r = wait(child, Duration::from_secs(20));
+    r.assert_no_panic();
+}
+
+#[test]
+fn test_http_api_max_payload_size() {
+    let dir = TempDir::new("api-payload");
+    let sock = dir.path("api.sock");
+    let child = spawn(&[
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--http-api-max-payload-size",
+        "100",
+    ]);
+    wait_for_api(&sock);
+    let body = format!(r#"{{"kernel_image_path": "/{}"}}"#, "k".repeat(100));
+    let (c, b) = http(&sock, "PUT", "/boot-source", Some(&body));
+    assert_eq!(c, 400, "{b}");
+    assert_eq!(
+        fault_of(&b),
+        format!(
+            "Request payload with size {} is larger than the limit of 100 allowed by server.",
+            body.len()
+        )
+    );
+    // A body within the limit is routed as usual.
+    let (c, b) = http(
+        &sock,
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 2}"#),
+    );
+    assert_eq!(c, 204, "{b}");
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait(child, Duration::from_secs(20)).assert_no_panic();
+}
+
+/// firecracker-python's restore: `network_overrides` re-points the restored
+/// NIC at another TAP; an unknown iface_id is refused before anything opens.
+#[test]
+fn test_snapshot_load_network_overrides() {
+    require_net!();
+    let dir = TempDir::new("api-netovr");
+    let ns = harness::NetNs::new("netovr");
+    let g = guest();
+    let (sock, log) = (dir.path("a.sock"), dir.path("a.log"));
+    let a = ns.spawn_wisp(&[
+        "run",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log.display()),
+        "--kernel",
+        g.to_str().unwrap(),
+        "--net",
+        "tap=wovr0,mac=52:54:00:77:00:0d,bridge=br0",
+        "--cmdline",
+        "tests=tick tick_ms=20 tick_net=1 ip=10.77.0.2",
+    ]);
+    wait_for_api(&sock);
+    harness::wait_tick(&log, 5);
+    let ping = ns.output("ping", &["-c", "2", "-W", "5", "10.77.0.2"]);
+    assert!(ping.contains("2 received"), "before: {ping}");
+    let (c, b) = http(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(c, 204, "{b}");
+    let (snap, mem) = (dir.path("vm.snap"), dir.path("vm.mem"));
+    let (c, b) = http(
+        &sock,
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            snap.display(),
+            mem.display()
+        )),
+    );
+    assert_eq!(c, 204, "{b}");
+    let mut a = a;
+    let _ = a.kill();
+    let _ = a.wait();
+
+    let (sock2, log2) = (dir.path("b.sock"), dir.path("b.log"));
+    let mut second = ns.spawn_wisp(&[
+        "run",
+        "--api-sock",
+        sock2.to_str().unwrap(),
+        "--serial",
+        &format!("file={}", log2.display()),
+    ]);
+    wait_for_api(&sock2);
+    let load = |overrides: &str| {
+        http(
+            &sock2,
+            "PUT",
+            "/snapshot/load",
+            Some(&format!(
+                r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true, "network_overrides": {overrides}}}"#,
+                snap.display(),
+                mem.display()
+            )),
+        )
+    };
+    let (c, body) = load(r#"[{"iface_id": "eth9", "host_dev_name": "wovr1"}]"#);
+    assert_eq!(c, 400, "{body}");
+    let f = fault_of(&body);
+    assert!(f.contains("eth9") && f.contains("net0"), "{f}");
+    assert_eq!(state(&sock2), "Not started");
+    assert!(!ns.has_link("wovr1"), "a refused load opened a TAP");
+
+    let (c, body) = load(r#"[{"iface_id": "net0", "host_dev_name": "wovr1"}]"#);
+    assert_eq!(c, 204, "{body}");
+    assert_eq!(state(&sock2), "Running");
+    let master = ns.output("ip", &["link", "show", "master", "br0"]);
+    assert!(
+        master.contains("wovr1") && !master.contains("wovr0"),
+        "not re-pointed: {master}"
+    );
+    let ping = ns.output("ping", &["-c", "3", "-W", "5", "10.77.0.2"]);
+    assert!(ping.contains("3 received"), "after restore: {ping}");
+    let (c, b) = http(&sock2, "GET", "/vm/config", None);
+    assert_eq!(c, 200);
+    assert!(b.contains(r#""host_dev_name":"wovr1""#), "{b}");
+    let _ = second.kill();
+    let _ = second.wait();
+}
+
+/// A config file's logger and metrics sections are honoured, not ignored.
+#[test]
+fn test_config_file_logger_and_metrics_sections() {
+    require_kvm!();
+    let dir = TempDir::new("api-cfglog");
+    let (cfg, log, metrics) = (
+        dir.path("vm.json"),
+        dir.path("vm.log"),
+        dir.path("metrics.json"),
+    );
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "tests=cmdline"}},
+                "logger": {{"log_path": "{}", "level": "Info", "show_level": true}},
+                "metrics": {{"metrics_path": "{}"}}}}"#,
+            guest().display(),
+            log.display(),
+            metrics.display()
+        ),
+    )
+    .unwrap();
+    let r = harness::run(
+        &["--no-api", "--config-file", cfg.to_str().unwrap()],
+        Duration::from_secs(60),
+    );
+    r.assert_no_panic();
+    r.assert_pass("cmdline");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("[INFO]") && logged.contains("microVM started"),
+        "{logged}"
+    );
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(line["vcpu"]["exits_io_out"].as_u64().unwrap() > 0, "{line}");
+
+    // Metrics given twice is refused before anything runs.
+    let r = harness::run(
+        &[
+            "--no-api",
+            "--config-file",
+            cfg.to_str().unwrap(),
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("configured twice"), "{}", r.stderr);
 }
 
 #[test]

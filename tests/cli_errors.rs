@@ -96,6 +96,16 @@ fn test_too_many_vcpus() {
 }
 
 #[test]
+fn test_vcpu_limit_is_the_apis() {
+    // Firecracker's (and wisp's API's) limit is 32, and so is the command line's.
+    let g = guest();
+    expect_error(
+        &["run", "--kernel", g.to_str().unwrap(), "--cpus", "33"],
+        "Invalid vCPU count 33: at most 32",
+    );
+}
+
+#[test]
 fn test_memory_too_small() {
     let g = guest();
     expect_error(
@@ -204,4 +214,94 @@ fn test_bad_disk_option() {
         ],
         "path=IMG is required",
     );
+}
+
+#[test]
+fn test_firecracker_flags_wisp_cannot_honour() {
+    for (flag, why) in [
+        (
+            &["--enable-pci"][..],
+            "wisp has no PCI transport yet; virtio-mmio only",
+        ),
+        (&["--boot-timer"][..], "no boot-timer device"),
+        (&["--mmds-size-limit", "4096"][..], "no MMDS"),
+        (&["--seccomp-filter", "/f.bpf"][..], "no seccomp filter"),
+    ] {
+        let mut args = vec!["--api-sock", "/nonexistent/dir/x.sock"];
+        args.extend_from_slice(flag);
+        let r = run(&args, TIMEOUT);
+        r.assert_no_panic();
+        // A refusal (1), not a command-line syntax error (2).
+        assert_eq!(r.code, Some(1), "{flag:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(flag[0]) && r.stderr.contains(why),
+            "{flag:?}: {}",
+            r.stderr
+        );
+    }
+    expect_error(
+        &["--api-sock", "/x.sock", "--http-api-max-payload-size", "0"],
+        "--http-api-max-payload-size",
+    );
+    expect_error(&["--api-sock", "/x.sock", "--module", ""], "--module");
+}
+
+#[test]
+fn test_snapshot_version_flags() {
+    let r = run(&["--snapshot-version"], TIMEOUT);
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), "v2");
+
+    let dir = TempDir::new("describe-snap");
+    let f = dir.path("state");
+    let mut head = b"WISPSNAP".to_vec();
+    head.extend_from_slice(&2u32.to_le_bytes());
+    head.extend_from_slice(&[0u8; 20]);
+    std::fs::write(&f, &head).unwrap();
+    let r = run(&["--describe-snapshot", f.to_str().unwrap()], TIMEOUT);
+    r.assert_no_panic();
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), "v2");
+
+    std::fs::write(&f, b"not a snapshot at all").unwrap();
+    expect_error(
+        &["--describe-snapshot", f.to_str().unwrap()],
+        "does not start with wisp's magic",
+    );
+    let missing = dir.path("missing");
+    expect_error(
+        &["--describe-snapshot", missing.to_str().unwrap()],
+        "Unable to read snapshot state file",
+    );
+    expect_error(
+        &["--describe-snapshot", dir.0.to_str().unwrap()],
+        "not a regular file",
+    );
+}
+
+#[test]
+fn test_config_file_sections_wisp_cannot_honour() {
+    let dir = TempDir::new("cfg-sections");
+    let cfg = dir.path("vm.json");
+    let g = guest();
+    for (section, value) in [
+        ("balloon", r#"{"amount_mib": 0, "deflate_on_oom": false}"#),
+        ("vsock", r#"{"guest_cid": 3, "uds_path": "/v.sock"}"#),
+        ("entropy", "{}"),
+        ("mmds-config", r#"{"network_interfaces": ["eth0"]}"#),
+    ] {
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "{section}": {value}}}"#,
+                g.display()
+            ),
+        )
+        .unwrap();
+        expect_error(
+            &["--no-api", "--config-file", cfg.to_str().unwrap()],
+            &format!("the {section} section is not supported by wisp"),
+        );
+    }
 }

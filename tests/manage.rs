@@ -101,7 +101,11 @@ impl Env {
     fn wait_state(&self, name: &str, state: &str) {
         let end = Instant::now() + Duration::from_secs(30);
         while self.row(name)["state"] != state {
-            assert!(Instant::now() < end, "{name} never {state}: {}", self.row(name));
+            assert!(
+                Instant::now() < end,
+                "{name} never {state}: {}",
+                self.row(name)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

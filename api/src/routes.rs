@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Maps (method, path, body) to an [`ApiRequest`] or a 4xx [`ApiFault`].
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use serde::de::DeserializeOwned;
 
 use crate::models::{
@@ -12,6 +14,27 @@ use crate::request::ApiRequest;
 
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY_LEN: usize = 64 * 1024;
+
+/// The body limit in force: [`MAX_BODY_LEN`] unless lowered with
+/// [`set_max_body_len`] (Firecracker's `--http-api-max-payload-size`).
+static BODY_LIMIT: AtomicUsize = AtomicUsize::new(MAX_BODY_LEN);
+
+/// Lowers the largest request body accepted; `0` or more than
+/// [`MAX_BODY_LEN`] is refused (the server never reads more than that).
+pub fn set_max_body_len(n: usize) -> Result<(), String> {
+    if n == 0 || n > MAX_BODY_LEN {
+        return Err(format!(
+            "the API payload limit must be 1..={MAX_BODY_LEN} bytes, not {n}"
+        ));
+    }
+    BODY_LIMIT.store(n, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The largest request body accepted now.
+pub fn max_body_len() -> usize {
+    BODY_LIMIT.load(Ordering::Relaxed)
+}
 
 /// HTTP methods the API knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,8 +61,15 @@ impl Method {
     }
 }
 
+/// Firecracker answers an unknown path, or a method a path does not take,
+/// with 400 and this message naming the method and the path's first segment.
 fn not_allowed(method: &str, path: &str) -> ApiFault {
-    ApiFault::new(405, format!("method {method} is not allowed on {path}"))
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    let shown: String = first.chars().take(128).collect();
+    let method: String = method.chars().take(16).collect();
+    ApiFault::bad_request(format!(
+        "Invalid request method and/or path: {method} {shown}."
+    ))
 }
 
 fn model_fault(e: ModelError) -> ApiFault {
@@ -67,15 +97,10 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiFault> {
 
 /// Routes one request. `path` is the URI path without the query string.
 pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiFault> {
-    if body.len() > MAX_BODY_LEN {
-        return Err(ApiFault::new(
-            413,
-            format!("request body is larger than {MAX_BODY_LEN} bytes"),
-        ));
-    }
+    check_body_len(body.len(), max_body_len())?;
     let m = Method::parse(method);
     if !path.starts_with('/') || path.contains("//") {
-        return Err(unknown(path));
+        return Err(unknown(method, path));
     }
     let trimmed = path
         .strip_suffix('/')
@@ -85,7 +110,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiFau
     let first = segments.next().unwrap_or("");
     let second = segments.next();
     if segments.next().is_some() {
-        return Err(unknown(path));
+        return Err(unknown(method, path));
     }
     match (first, second) {
         ("", None) => get_only(m, method, path, ApiRequest::GetInstanceInfo),
@@ -101,6 +126,11 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiFau
             }
             Method::Patch => {
                 let c: MachineConfigUpdate = parse(body)?;
+                if c == MachineConfigUpdate::default() {
+                    return Err(ApiFault::bad_request(
+                        "Empty PATCH request: give at least one machine-config field",
+                    ));
+                }
                 c.validate().map_err(model_fault)?;
                 Ok(ApiRequest::PatchMachineConfig(c))
             }
@@ -201,13 +231,22 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiFau
             put_only(m, method, path)?;
             Ok(ApiRequest::MigrationCancel)
         }
-        _ => Err(unknown(path)),
+        _ => Err(unknown(method, path)),
     }
 }
 
-fn unknown(path: &str) -> ApiFault {
-    let shown: String = path.chars().take(128).collect();
-    ApiFault::new(404, format!("unknown path {shown:?}"))
+/// Firecracker's answer to a body over the limit: 400 and this message.
+fn check_body_len(len: usize, limit: usize) -> Result<(), ApiFault> {
+    if len > limit {
+        return Err(ApiFault::bad_request(format!(
+            "Request payload with size {len} is larger than the limit of {limit} allowed by server."
+        )));
+    }
+    Ok(())
+}
+
+fn unknown(method: &str, path: &str) -> ApiFault {
+    not_allowed(method, path)
 }
 
 fn get_only(m: Method, method: &str, path: &str, r: ApiRequest) -> Result<ApiRequest, ApiFault> {
@@ -266,10 +305,10 @@ mod tests {
             ApiRequest::GetMachineConfig
         );
         assert_eq!(ok("GET", "/migration", ""), ApiRequest::GetMigrationStatus);
-        assert_eq!(err("PUT", "/", "{}").status, 405);
-        assert_eq!(err("PUT", "/version", "{}").status, 405);
-        assert_eq!(err("PATCH", "/vm/config", "{}").status, 405);
-        assert_eq!(err("PUT", "/migration", "{}").status, 405);
+        assert_eq!(err("PUT", "/", "{}").status, 400);
+        assert_eq!(err("PUT", "/version", "{}").status, 400);
+        assert_eq!(err("PATCH", "/vm/config", "{}").status, 400);
+        assert_eq!(err("PUT", "/migration", "{}").status, 400);
     }
 
     #[test]
@@ -284,11 +323,27 @@ mod tests {
             "//",
         ] {
             let f = err("PUT", p, "{}");
-            assert_eq!(f.status, 404, "{p}");
-            assert!(f.fault_message.contains("unknown path"));
+            assert_eq!(f.status, 400, "{p}");
+            assert!(
+                f.fault_message
+                    .starts_with("Invalid request method and/or path: PUT "),
+                "{f}"
+            );
         }
-        assert_eq!(err("DELETE", "/actions", "").status, 405);
-        assert_eq!(err("POST", "/boot-source", "{}").status, 405);
+        // Firecracker's exact message: the method and the first path segment.
+        let f = err("GET", "/nope/deeper", "");
+        assert_eq!(f.status, 400);
+        assert_eq!(
+            f.fault_message,
+            "Invalid request method and/or path: GET nope."
+        );
+        let f = err("DELETE", "/actions", "");
+        assert_eq!(f.status, 400);
+        assert_eq!(
+            f.fault_message,
+            "Invalid request method and/or path: DELETE actions."
+        );
+        assert_eq!(err("POST", "/boot-source", "{}").status, 400);
     }
 
     #[test]
@@ -310,7 +365,7 @@ mod tests {
         assert!(f.fault_message.contains("foo"), "{f}");
         let f = err("PUT", "/boot-source", r#"{"kernel_image_path":""}"#);
         assert!(f.fault_message.contains("kernel_image_path"), "{f}");
-        assert_eq!(err("GET", "/boot-source", "").status, 405);
+        assert_eq!(err("GET", "/boot-source", "").status, 400);
     }
 
     #[test]
@@ -345,6 +400,10 @@ mod tests {
             err("PATCH", "/machine-config", r#"{"vcpu_count":-1}"#).status,
             400
         );
+        // As Firecracker: a PATCH that changes nothing is refused.
+        let f = err("PATCH", "/machine-config", "{}");
+        assert_eq!(f.status, 400);
+        assert!(f.fault_message.contains("Empty PATCH request"), "{f}");
     }
 
     #[test]
@@ -376,7 +435,7 @@ mod tests {
         )
         .fault_message
         .contains("does not match"));
-        assert_eq!(err("GET", "/drives/d", "").status, 405);
+        assert_eq!(err("GET", "/drives/d", "").status, 400);
     }
 
     #[test]
@@ -409,7 +468,7 @@ mod tests {
                 .fault_message
                 .contains("does not match")
         );
-        assert_eq!(err("GET", "/network-interfaces/eth0", "").status, 405);
+        assert_eq!(err("GET", "/network-interfaces/eth0", "").status, 400);
         let f = err("PUT", "/vsock", "{}");
         assert_eq!(f.status, 400);
         assert!(f.fault_message.contains("does not implement"));
@@ -445,7 +504,7 @@ mod tests {
                 state: VmState::Paused
             })
         );
-        assert_eq!(err("PUT", "/vm", r#"{"state":"Paused"}"#).status, 405);
+        assert_eq!(err("PUT", "/vm", r#"{"state":"Paused"}"#).status, 400);
         assert_eq!(err("PATCH", "/vm", r#"{"state":"Frozen"}"#).status, 400);
     }
 
@@ -488,7 +547,7 @@ mod tests {
             err("PUT", "/snapshot/load", r#"{"snapshot_path":"/s"}"#).status,
             400
         );
-        assert_eq!(err("GET", "/snapshot/create", "").status, 405);
+        assert_eq!(err("GET", "/snapshot/create", "").status, 400);
     }
 
     #[test]
@@ -546,6 +605,20 @@ mod tests {
     #[test]
     fn oversized() {
         let big = vec![b' '; MAX_BODY_LEN + 1];
-        assert_eq!(route("PUT", "/actions", &big).unwrap_err().status, 413);
+        let f = route("PUT", "/actions", &big).unwrap_err();
+        assert_eq!(f.status, 400);
+        assert!(
+            f.fault_message.contains("larger than the limit of 65536"),
+            "{f}"
+        );
+        // A lowered limit (the global is left alone: other tests route).
+        let f = check_body_len(101, 100).unwrap_err();
+        assert_eq!(
+            f.fault_message,
+            "Request payload with size 101 is larger than the limit of 100 allowed by server."
+        );
+        assert!(check_body_len(100, 100).is_ok());
+        assert!(set_max_body_len(0).is_err());
+        assert!(set_max_body_len(MAX_BODY_LEN + 1).is_err());
     }
 }

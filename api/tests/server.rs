@@ -107,11 +107,16 @@ fn routes_end_to_end() {
 
     let (st, _) = c.put("/boot-source", "{not json").unwrap();
     assert_eq!(st, 400);
+    // Unknown paths and methods: 400 with Firecracker's fault message.
     let (st, body) = c.get("/nope").unwrap();
-    assert_eq!(st, 404);
-    assert!(body.contains("fault_message"));
+    assert_eq!(st, 400);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["fault_message"],
+        "Invalid request method and/or path: GET nope."
+    );
     let (st, _) = c.request("DELETE", "/actions", None).unwrap();
-    assert_eq!(st, 405);
+    assert_eq!(st, 400);
 
     // A VMM-side fault is passed through.
     let (st, body) = c.put("/actions", r#"{"action_type":"Stop"}"#).unwrap();
@@ -139,7 +144,7 @@ fn keep_alive() {
             204
         );
         // Errors keep the connection too.
-        assert_eq!(conn.request("GET", "/bad", None).unwrap().0, 404);
+        assert_eq!(conn.request("GET", "/bad", None).unwrap().0, 400);
     }
 }
 
@@ -318,7 +323,7 @@ fn waker_called_and_vmm_gone() {
     let c = Client::new(&path);
     assert_eq!(c.get("/").unwrap().0, 200);
     assert_eq!(c.get("/version").unwrap().0, 204);
-    assert_eq!(c.get("/nope").unwrap().0, 404);
+    assert_eq!(c.get("/nope").unwrap().0, 400);
     assert_eq!(count.load(Ordering::SeqCst), 2);
 
     // A VMM that drops the request without answering.

@@ -316,13 +316,21 @@ pub struct VmConfig {
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 
 /// Checks a vCPU count against wisp's and KVM's limits.
+/// The limit is Firecracker's (`api::models::machine_config::MAX_VCPUS`), the
+/// same on the command line and the API.
 pub fn check_vcpus(n: u64, kvm_max: usize) -> Result<u8, ConfigError> {
-    let max = kvm_max.min(254) as u64;
+    let limit = api::models::machine_config::MAX_VCPUS;
     if n == 0 {
         return Err(ConfigError::Vcpus(n, "at least 1 is needed".into()));
     }
-    if n > max {
-        return Err(ConfigError::Vcpus(n, format!("at most {max} on this host")));
+    if n > u64::from(limit) {
+        return Err(ConfigError::Vcpus(n, format!("at most {limit}")));
+    }
+    if n > kvm_max as u64 {
+        return Err(ConfigError::Vcpus(
+            n,
+            format!("at most {kvm_max} on this host"),
+        ));
     }
     Ok(n as u8)
 }
@@ -464,6 +472,12 @@ mod tests {
     fn test_limits() {
         assert!(check_vcpus(0, 1024).is_err());
         assert!(check_vcpus(300, 1024).is_err());
+        // The API's limit, also on the command line.
+        assert_eq!(check_vcpus(32, 1024), Ok(32));
+        assert!(check_vcpus(33, 1024)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 32"));
         assert!(check_vcpus(3, 2).is_err());
         assert_eq!(check_vcpus(2, 1024), Ok(2));
         assert!(check_memory(1 << 20, 1 << 34).is_err());

@@ -234,6 +234,9 @@ pub fn build_call(command: &CtlCommand) -> anyhow::Result<Call> {
                 mem_file_path: None,
                 track_dirty_pages: *track_dirty_pages,
                 resume_vm: *resume,
+                network_overrides: Vec::new(),
+                vsock_override: None,
+                clock_realtime: false,
             },
         ),
         CtlCommand::Migrate {

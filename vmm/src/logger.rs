@@ -13,13 +13,23 @@ struct Logger {
     out: Mutex<Option<File>>,
     show_level: Mutex<bool>,
     show_origin: Mutex<bool>,
+    /// Only records whose module path starts with this are written.
+    module: Mutex<Option<String>>,
 }
 
 static LOGGER: Logger = Logger {
     out: Mutex::new(None),
     show_level: Mutex::new(true),
     show_origin: Mutex::new(false),
+    module: Mutex::new(None),
 };
+
+/// Whether `module_path` is `filter` or one of its submodules.
+fn module_matches(filter: &str, module_path: &str) -> bool {
+    module_path
+        .strip_prefix(filter)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+}
 
 impl Log for Logger {
     fn enabled(&self, m: &Metadata) -> bool {
@@ -29,6 +39,11 @@ impl Log for Logger {
     fn log(&self, r: &Record) {
         if !self.enabled(r.metadata()) {
             return;
+        }
+        if let Some(m) = devices::bus::lock(&self.module).as_deref() {
+            if !module_matches(m, r.module_path().unwrap_or("")) {
+                return;
+            }
         }
         let mut line = String::from("wisp");
         if *devices::bus::lock(&self.show_level) {
@@ -96,9 +111,55 @@ pub fn configure(
     Ok(())
 }
 
+/// A partial reconfiguration (`PUT /logger`): what is `None` is kept.
+#[derive(Debug, Default)]
+pub struct LogUpdate<'a> {
+    /// New destination file or FIFO.
+    pub path: Option<&'a Path>,
+    /// New level.
+    pub level: Option<LevelFilter>,
+    /// Prefix lines with the level.
+    pub show_level: Option<bool>,
+    /// Prefix lines with file:line.
+    pub show_origin: Option<bool>,
+    /// Only log from this module path (and its submodules).
+    pub module: Option<&'a str>,
+}
+
+/// Applies `u`; nothing changes when the new file cannot be opened.
+pub fn update(u: &LogUpdate<'_>) -> std::io::Result<()> {
+    if let Some(p) = u.path {
+        let f = OpenOptions::new().create(true).append(true).open(p)?;
+        *devices::bus::lock(&LOGGER.out) = Some(f);
+    }
+    if let Some(v) = u.show_level {
+        *devices::bus::lock(&LOGGER.show_level) = v;
+    }
+    if let Some(v) = u.show_origin {
+        *devices::bus::lock(&LOGGER.show_origin) = v;
+    }
+    if let Some(m) = u.module {
+        *devices::bus::lock(&LOGGER.module) = Some(m.to_string());
+    }
+    if let Some(l) = u.level {
+        log::set_max_level(l);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_module_filter() {
+        assert!(module_matches("vmm", "vmm"));
+        assert!(module_matches("vmm", "vmm::runtime"));
+        assert!(module_matches("vmm::runtime", "vmm::runtime::migration"));
+        assert!(!module_matches("vmm", "vmmx::a"));
+        assert!(!module_matches("vmm::runtime", "vmm"));
+        assert!(!module_matches("devices", "vmm::builder"));
+    }
 
     #[test]
     fn test_parse_level_firecracker_names() {

@@ -124,16 +124,18 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 use vmm::error_chain;
 
-fn preboot_from_args(a: &RunArgs) -> Result<Preboot, String> {
+/// The pre-boot configuration, and the metrics file (flag or config file).
+fn preboot_from_args(a: &RunArgs) -> Result<(Preboot, Option<PathBuf>), String> {
     if let Some(path) = &a.config_file {
-        return firecracker::read_config_file(path, a.serial.clone());
+        let c = firecracker::read_config_file(path, a.serial.clone())?;
+        let metrics = firecracker::metrics_path(a.metrics_path.clone(), c.metrics_path)?;
+        return Ok((c.preboot, metrics));
     }
     let mut p = Preboot {
         serial: a.serial.clone(),
         ..Default::default()
     };
-    let vcpus = u8::try_from(a.cpus)
-        .map_err(|_| config::ConfigError::Vcpus(a.cpus, "at most 254".into()).to_string())?;
+    let vcpus = config::check_vcpus(a.cpus, usize::MAX).map_err(|e| e.to_string())?;
     p.machine.vcpu_count = vcpus;
     p.machine.mem_size_mib = usize::try_from(a.memory >> 20).unwrap_or(usize::MAX);
     if !a.memory.is_multiple_of(1 << 20) {
@@ -161,7 +163,7 @@ fn preboot_from_args(a: &RunArgs) -> Result<Preboot, String> {
         let n = NetConfig::parse(s, i).map_err(|e| e.to_string())?;
         p.put_net(vmm::preboot::network_interface(&n));
     }
-    Ok(p)
+    Ok((p, a.metrics_path.clone()))
 }
 
 /// Boots or serves according to `opts`, then maps how it ended to an exit code.
@@ -246,7 +248,7 @@ fn run(a: RunArgs) -> ExitCode {
         eprintln!("wisp: --kernel is required (or --restore SNAPSHOT, --incoming URI, --config-file, or --api-sock to be configured through the API)");
         return ExitCode::from(2);
     }
-    let preboot = match preboot_from_args(&a) {
+    let (preboot, metrics_path) = match preboot_from_args(&a) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("wisp: {e}");
@@ -284,7 +286,7 @@ fn run(a: RunArgs) -> ExitCode {
         boot_now,
         register: Some((name, a.runtime_dir)),
         register_required,
-        metrics_path: a.metrics_path,
+        metrics_path,
         restore,
         incoming: a.incoming,
         migration_timeout_s: a.migration_timeout,

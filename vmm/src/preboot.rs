@@ -202,8 +202,7 @@ pub fn full_config(cfg: &VmConfig) -> FullVmConfig {
         machine_config: Some(machine_config(cfg)),
         drives: cfg.disks.iter().map(drive).collect(),
         network_interfaces: cfg.nets.iter().map(network_interface).collect(),
-        logger: None,
-        metrics: None,
+        ..Default::default()
     }
 }
 

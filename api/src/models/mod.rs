@@ -29,7 +29,8 @@ pub use metrics::Metrics;
 pub use migration::{MigrationReceive, MigrationSend, MigrationState, MigrationStatus};
 pub use network_interface::{NetworkInterface, PartialNetworkInterface};
 pub use snapshot::{
-    MemBackend, MemBackendType, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+    MemBackend, MemBackendType, NetworkOverride, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType,
 };
 pub use vm_config::FullVmConfig;
 pub use vm_state::{Vm, VmState};
@@ -53,6 +54,9 @@ pub enum ModelError {
         /// The unsupported value.
         value: String,
     },
+    /// A Firecracker configuration section for a device wisp does not have.
+    #[error("the {0} section is not supported by wisp; remove it or set it to null")]
+    Section(&'static str),
 }
 
 impl ModelError {

@@ -98,7 +98,7 @@ impl PartialNetworkInterface {
     }
 }
 
-fn validate_ifname(field: &'static str, name: &str) -> Result<(), ModelError> {
+pub(crate) fn validate_ifname(field: &'static str, name: &str) -> Result<(), ModelError> {
     if name.is_empty() || name.len() > MAX_IFNAME_LEN {
         return Err(ModelError::invalid(
             field,

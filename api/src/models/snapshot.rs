@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{validate_path, ModelError};
+use super::network_interface::validate_ifname;
+use super::{validate_id, validate_path, ModelError};
 
 /// Full or dirty-pages-only snapshot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +63,16 @@ pub struct MemBackend {
     pub backend_path: String,
 }
 
+/// Re-points a restored NIC at another TAP device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The saved interface's id.
+    pub iface_id: String,
+    /// The TAP device it opens instead of the saved one.
+    pub host_dev_name: String,
+}
+
 /// The body of `PUT /snapshot/load`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,12 +91,48 @@ pub struct SnapshotLoadParams {
     /// Resume the VM after loading.
     #[serde(default)]
     pub resume_vm: bool,
+    /// NICs that open another TAP than the one saved.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Firecracker's vsock socket override; wisp has no vsock device, so only
+    /// `null` is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<serde_json::Value>,
+    /// Firecracker: move kvmclock to the host's real time on load. Not
+    /// supported by wisp (only `false`).
+    #[serde(default)]
+    pub clock_realtime: bool,
 }
 
 impl SnapshotLoadParams {
     /// Exactly one memory source, of type `File`, and valid paths.
     pub fn validate(&self) -> Result<(), ModelError> {
         validate_path("snapshot_path", &self.snapshot_path)?;
+        if self.vsock_override.is_some() {
+            return Err(ModelError::invalid(
+                "vsock_override",
+                "wisp has no vsock device, so there is no vsock to override",
+            ));
+        }
+        if self.clock_realtime {
+            return Err(ModelError::invalid(
+                "clock_realtime",
+                "true is not supported: wisp restores kvmclock from the saved value",
+            ));
+        }
+        for (i, o) in self.network_overrides.iter().enumerate() {
+            validate_id("network_overrides.iface_id", &o.iface_id)?;
+            validate_ifname("network_overrides.host_dev_name", &o.host_dev_name)?;
+            if self.network_overrides[..i]
+                .iter()
+                .any(|x| x.iface_id == o.iface_id)
+            {
+                return Err(ModelError::invalid(
+                    "network_overrides.iface_id",
+                    format!("{} is overridden twice", o.iface_id),
+                ));
+            }
+        }
         match (&self.mem_backend, &self.mem_file_path) {
             (Some(_), Some(_)) => Err(ModelError::invalid(
                 "mem_backend",
@@ -171,5 +218,45 @@ mod tests {
         .unwrap_err()
         .contains("Uffd"));
         assert!(load(r#"{"snapshot_path":"/s","mem_file_path":"/m","x":1}"#).is_err());
+    }
+
+    #[test]
+    fn load_firecracker_extras() {
+        let l = load(
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","network_overrides":[{"iface_id":"eth0","host_dev_name":"tap7"}],"vsock_override":null,"clock_realtime":false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            l.network_overrides,
+            vec![NetworkOverride {
+                iface_id: "eth0".into(),
+                host_dev_name: "tap7".into()
+            }]
+        );
+        let e = load(
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","vsock_override":{"uds_path":"/v"}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("vsock_override") && e.contains("no vsock"),
+            "{e}"
+        );
+        let e = load(r#"{"snapshot_path":"/s","mem_file_path":"/m","clock_realtime":true}"#)
+            .unwrap_err();
+        assert!(e.contains("clock_realtime"), "{e}");
+        let e = load(
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","network_overrides":[{"iface_id":"a","host_dev_name":"t1"},{"iface_id":"a","host_dev_name":"t2"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("twice"), "{e}");
+        let e = load(
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","network_overrides":[{"iface_id":"a","host_dev_name":"a-very-long-tap-name"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("host_dev_name"), "{e}");
+        assert!(load(
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","network_overrides":[{"iface_id":"a"}]}"#
+        )
+        .is_err());
     }
 }

@@ -35,6 +35,29 @@ pub struct FullVmConfig {
     /// Metrics.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// Firecracker sections for devices wisp does not have: `null` (as
+    /// Firecracker exports them) is absent, anything else is refused by
+    /// [`FullVmConfig::validate`].
+    #[serde(default, skip_serializing)]
+    pub balloon: Option<serde_json::Value>,
+    /// See `balloon`.
+    #[serde(default, skip_serializing)]
+    pub vsock: Option<serde_json::Value>,
+    /// See `balloon`.
+    #[serde(default, skip_serializing)]
+    pub entropy: Option<serde_json::Value>,
+    /// See `balloon`.
+    #[serde(rename = "mmds-config", default, skip_serializing)]
+    pub mmds_config: Option<serde_json::Value>,
+    /// See `balloon`.
+    #[serde(rename = "cpu-config", default, skip_serializing)]
+    pub cpu_config: Option<serde_json::Value>,
+    /// See `balloon`.
+    #[serde(rename = "memory-hotplug", default, skip_serializing)]
+    pub memory_hotplug: Option<serde_json::Value>,
+    /// Firecracker's pmem devices: only an empty list is accepted.
+    #[serde(default, skip_serializing)]
+    pub pmem: Option<Vec<serde_json::Value>>,
 }
 
 impl FullVmConfig {
@@ -54,8 +77,26 @@ impl FullVmConfig {
         Ok(c)
     }
 
+    /// The first section wisp cannot honour that is present and not `null`.
+    fn unsupported_section(&self) -> Option<&'static str> {
+        [
+            ("balloon", self.balloon.is_some()),
+            ("vsock", self.vsock.is_some()),
+            ("entropy", self.entropy.is_some()),
+            ("mmds-config", self.mmds_config.is_some()),
+            ("cpu-config", self.cpu_config.is_some()),
+            ("memory-hotplug", self.memory_hotplug.is_some()),
+            ("pmem", self.pmem.as_ref().is_some_and(|p| !p.is_empty())),
+        ]
+        .into_iter()
+        .find_map(|(name, present)| present.then_some(name))
+    }
+
     /// Validates every section; ids must be unique and at most one root drive.
     pub fn validate(&self) -> Result<(), ModelError> {
+        if let Some(section) = self.unsupported_section() {
+            return Err(ModelError::Section(section));
+        }
         if let Some(b) = &self.boot_source {
             b.validate()?;
         }
@@ -124,6 +165,9 @@ mod tests {
         assert!(FullVmConfig::from_json(r#"{"vsock":{}}"#)
             .unwrap_err()
             .contains("vsock"));
+        assert!(FullVmConfig::from_json(r#"{"bogus":{}}"#)
+            .unwrap_err()
+            .contains("bogus"));
         assert!(FullVmConfig::from_json(
             r#"{"drives":[{"drive_id":"a","path_on_host":"/r","is_root_device":true},{"drive_id":"a","path_on_host":"/s","is_root_device":false}]}"#
         )
@@ -141,5 +185,49 @@ mod tests {
             FullVmConfig::from_json("{}").unwrap(),
             FullVmConfig::default()
         );
+    }
+
+    #[test]
+    fn firecracker_null_sections_are_absent() {
+        let c = FullVmConfig::from_json(
+            r#"{
+              "balloon": null, "drives": [], "boot-source": {"kernel_image_path": "/k"},
+              "cpu-config": null, "logger": null, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+              "metrics": null, "mmds-config": null, "network-interfaces": [], "vsock": null,
+              "entropy": null, "memory-hotplug": null, "pmem": []
+            }"#,
+        )
+        .unwrap();
+        assert!(c.balloon.is_none() && c.vsock.is_none() && c.logger.is_none());
+        // Not written back: GET /vm/config shows what wisp has.
+        let text = serde_json::to_string(&c).unwrap();
+        assert!(
+            !text.contains("balloon") && !text.contains("pmem"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn sections_wisp_cannot_honour_are_named() {
+        for (json, name) in [
+            (
+                r#"{"balloon":{"amount_mib":0,"deflate_on_oom":false}}"#,
+                "balloon",
+            ),
+            (r#"{"vsock":{"guest_cid":3,"uds_path":"/v"}}"#, "vsock"),
+            (r#"{"entropy":{}}"#, "entropy"),
+            (
+                r#"{"mmds-config":{"network_interfaces":["eth0"]}}"#,
+                "mmds-config",
+            ),
+            (r#"{"cpu-config":"/t.json"}"#, "cpu-config"),
+            (r#"{"pmem":[{"id":"p"}]}"#, "pmem"),
+        ] {
+            let e = FullVmConfig::from_json(json).unwrap_err();
+            assert!(
+                e.contains(name) && e.contains("not supported"),
+                "{json}: {e}"
+            );
+        }
     }
 }

@@ -185,6 +185,55 @@ fn fault(msg: impl Into<String>) -> ApiResponse {
 
 use crate::error_chain as chain;
 
+/// Re-points restored NICs at the TAPs `overrides` name; an unknown id is
+/// refused before anything is opened.
+fn apply_net_overrides(
+    cfg: &mut crate::config::VmConfig,
+    overrides: &[api::models::NetworkOverride],
+) -> Result<(), String> {
+    for o in overrides {
+        let Some(n) = cfg.nets.iter_mut().find(|n| n.id == o.iface_id) else {
+            let saved: Vec<&str> = cfg.nets.iter().map(|n| n.id.as_str()).collect();
+            return Err(format!(
+                "network_overrides: the snapshot has no network interface '{}' (it has: {})",
+                o.iface_id,
+                if saved.is_empty() {
+                    "none".to_string()
+                } else {
+                    saved.join(", ")
+                }
+            ));
+        };
+        log::info!(
+            "network interface {}: TAP {} instead of the saved {}",
+            o.iface_id,
+            o.host_dev_name,
+            n.tap
+        );
+        n.tap.clone_from(&o.host_dev_name);
+    }
+    Ok(())
+}
+
+/// The kernel (and initrd) of a boot source can be opened for reading.
+fn check_boot_files(b: &api::models::BootSource) -> Result<(), String> {
+    let open = |what: &str, p: &str| {
+        // Checked first: opening a FIFO would block the API.
+        let meta = std::fs::metadata(p).map_err(|e| format!("Cannot open the {what} {p}: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("The {what} {p} is not a regular file"));
+        }
+        std::fs::File::open(p)
+            .map(drop)
+            .map_err(|e| format!("Cannot open the {what} {p}: {e}"))
+    };
+    open("kernel image", &b.kernel_image_path)?;
+    if let Some(i) = &b.initrd_path {
+        open("initrd", i)?;
+    }
+    Ok(())
+}
+
 /// A failed snapshot create: 400 if the request is at fault, else 500.
 fn snapshot_fault(e: &crate::persist::SnapshotError) -> ApiResponse {
     let msg = format!("Cannot create the snapshot: {}", chain(e));
@@ -326,7 +375,7 @@ impl Runtime {
         } else if let Some((snap, mem, resume)) = &opts.restore {
             // From the command line the VM keeps tracking dirty pages if it
             // did when it was saved, so diff snapshots go on working.
-            rt.load_snapshot(snap, mem, None, *resume)
+            rt.load_snapshot(snap, mem, None, *resume, &[])
                 .map_err(RuntimeError::Boot)?;
         } else if let Some(uri) = &opts.incoming {
             rt.start_receive(uri, None, None)
@@ -380,6 +429,7 @@ impl Runtime {
         mem: &std::path::Path,
         track_dirty: Option<bool>,
         resume: bool,
+        net_overrides: &[api::models::NetworkOverride],
     ) -> Result<(), String> {
         if self.vmm.is_some() {
             return Err("A snapshot can only be loaded before the microVM starts".into());
@@ -394,6 +444,7 @@ impl Runtime {
         .map_err(|e| chain(&e))?;
         // The console goes where this process says, not where the saved one did.
         state.config.serial = self.preboot.serial.clone();
+        apply_net_overrides(&mut state.config, net_overrides)?;
         let track_dirty = track_dirty.unwrap_or(state.config.track_dirty_pages);
         state.config.track_dirty_pages = track_dirty;
         let cfg = state.config.clone();
@@ -526,8 +577,7 @@ impl Runtime {
                         machine_config: Some(self.preboot.machine.clone()),
                         drives: self.preboot.drives.clone(),
                         network_interfaces: self.preboot.nets.clone(),
-                        logger: None,
-                        metrics: None,
+                        ..Default::default()
                     }),
                 },
             },
@@ -536,6 +586,10 @@ impl Runtime {
                 None => api::json_response(&self.preboot.machine),
             },
             ApiRequest::PutBootSource(b) if !started => {
+                // Opened now (as Firecracker does) so a bad path is refused here.
+                if let Err(e) = check_boot_files(&b) {
+                    return fault(e);
+                }
                 self.preboot.boot_source = Some(b);
                 Ok(None)
             }
@@ -597,15 +651,19 @@ impl Runtime {
             }
             ApiRequest::Action(a) => self.action(a.action_type),
             ApiRequest::PutLogger(l) => {
-                let path = std::path::Path::new(&l.log_path);
-                match crate::logger::configure(
-                    Some(path),
-                    l.level.to_filter(),
-                    l.show_level,
-                    l.show_log_origin,
-                ) {
+                let update = crate::logger::LogUpdate {
+                    path: l.log_path.as_deref().map(std::path::Path::new),
+                    level: l.level.map(|v| v.to_filter()),
+                    show_level: l.show_level,
+                    show_origin: l.show_log_origin,
+                    module: l.module.as_deref(),
+                };
+                match crate::logger::update(&update) {
                     Ok(()) => Ok(None),
-                    Err(e) => fault(format!("Cannot open log file {}: {e}", l.log_path)),
+                    Err(e) => fault(format!(
+                        "Cannot open log file {}: {e}",
+                        l.log_path.as_deref().unwrap_or_default()
+                    )),
                 }
             }
             ApiRequest::PutMetrics(_) if self.metrics.is_some() => {
@@ -647,6 +705,7 @@ impl Runtime {
                     std::path::Path::new(mem),
                     Some(p.track_dirty_pages),
                     p.resume_vm,
+                    &p.network_overrides,
                 ) {
                     Ok(()) => Ok(None),
                     Err(e) => fault(format!("Cannot load the snapshot: {e}")),
@@ -797,7 +856,8 @@ impl Runtime {
             Some(sink) => sink
                 .flush(devices)
                 .map_err(|e| format!("Cannot write metrics: {e}")),
-            None => Err("Metrics are not configured: PUT /metrics first".into()),
+            // As Firecracker: no metrics file, nothing to flush.
+            None => Ok(()),
         }
     }
 
@@ -818,8 +878,8 @@ impl Runtime {
             return fault("The microVM is not running");
         };
         match (state, self.paused) {
-            (VmState::Paused, true) => fault("The microVM is already paused"),
-            (VmState::Resumed, false) => fault("The microVM is not paused"),
+            // Firecracker accepts a repeated pause or resume.
+            (VmState::Paused, true) | (VmState::Resumed, false) => Ok(None),
             (VmState::Paused, false) => match vmm.pause() {
                 Ok(()) => {
                     log::info!("microVM paused");
