@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use devices::disk::qcow2::{self, CreateOptions};
-use devices::disk::{open_disk, DiskOptions, ImageFormat};
+use devices::disk::{open_disk, probe_format, DiskOptions, ImageFormat};
 
 use super::Progress;
 
@@ -19,6 +19,11 @@ pub fn convert(
     dst: &Path,
     dst_format: ImageFormat,
 ) -> anyhow::Result<()> {
+    // A VMDK named on the command line may open its descriptor's extent files.
+    let src_format = match src_format {
+        None if probe_format(src)? == ImageFormat::Vmdk => Some(ImageFormat::Vmdk),
+        f => f,
+    };
     let mut input = open_disk(&DiskOptions {
         path: src.to_path_buf(),
         read_only: true,
@@ -39,6 +44,9 @@ pub fn convert(
                 ..Default::default()
             },
         )?,
+        ImageFormat::Vmdk => {
+            bail!("wisp reads VMDK images but does not write them; convert to raw or qcow2")
+        }
     }
     let mut output = open_disk(&DiskOptions {
         path: dst.to_path_buf(),

@@ -5,6 +5,7 @@ mod bench;
 mod convert;
 mod info;
 mod size;
+mod vmdk;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,8 @@ pub use size::parse_size;
 pub enum FormatArg {
     Raw,
     Qcow2,
+    /// Read-only: an input of info, check, convert and compare.
+    Vmdk,
 }
 
 impl From<FormatArg> for ImageFormat {
@@ -28,6 +31,7 @@ impl From<FormatArg> for ImageFormat {
         match f {
             FormatArg::Raw => ImageFormat::Raw,
             FormatArg::Qcow2 => ImageFormat::Qcow2,
+            FormatArg::Vmdk => ImageFormat::Vmdk,
         }
     }
 }
@@ -149,7 +153,12 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
-        ImageCommand::Check { repair, json, path } => check(&path, repair, json),
+        ImageCommand::Check { repair, json, path } => {
+            if probe_format(&path)? == ImageFormat::Vmdk {
+                return vmdk::check(&path, repair, json);
+            }
+            check(&path, repair, json)
+        }
         ImageCommand::Convert {
             format,
             output_format,
@@ -207,6 +216,7 @@ fn create(
         bail!("Missing image size");
     };
     match format {
+        ImageFormat::Vmdk => bail!("wisp reads VMDK images but does not create them"),
         ImageFormat::Raw => create_raw(path, size, preallocation),
         ImageFormat::Qcow2 => {
             let opts = CreateOptions {
