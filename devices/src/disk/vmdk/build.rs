@@ -81,6 +81,8 @@ pub fn stream_optimized_gd_at_end(disk: &[u8]) -> Vec<u8> {
         true,
         sector(&desc),
     );
+    // overHead: the sectors before the first grain.
+    h.overhead = 1 + sector(&desc);
     let mut out = h.encode(GD_AT_END).to_vec();
     out.extend_from_slice(&desc);
     let n_grains = capacity.div_ceil(GRAIN_SECTORS);

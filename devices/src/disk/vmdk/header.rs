@@ -281,6 +281,7 @@ impl SparseHeader {
                 check_in_file("rgdOffset", rgd, entries * 4, file_len)?;
             }
         }
+        check_in_file("overHead", h.overhead, 0, file_len)?;
         if h.descriptor_sectors > 0 {
             if h.descriptor_sectors * SECTOR > MAX_DESCRIPTOR_BYTES {
                 return Err(field(
@@ -390,6 +391,9 @@ mod tests {
                 .contains("descriptorSize")
         );
         assert!(err_of(|b| b[77] = 7).contains("compressAlgorithm"));
+        assert!(
+            err_of(|b| b[64..72].copy_from_slice(&(1u64 << 40).to_le_bytes())).contains("overHead")
+        );
         assert!(err_of(|b| b[75] = b'\n').contains("text mode"));
     }
 

@@ -1,0 +1,271 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `wisp image` against qemu-img, and VMDK disks attached to a VM: convert
+//! gives the bytes qemu-img gives, info agrees with `qemu-img info`, formats
+//! wisp cannot read are refused by name, a VMDK boots read-only.
+//!
+//! Tests needing qemu-img print `SKIPPED: ...` and return when it is missing.
+
+mod harness;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use harness::{guest, make_pattern_image, run, wisp, TempDir, PATTERN_DISK1};
+
+fn have_qemu_img() -> bool {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: qemu-img is not installed");
+    }
+    ok
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `wisp image ARGS`; returns (exit code, stdout, stderr).
+fn image(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(wisp())
+        .arg("image")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(args: &[&str]) -> String {
+    let (code, out, err) = image(args);
+    assert_eq!(code, 0, "wisp image {args:?}: {err}");
+    out
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A raw source with scattered data, not a whole number of 64 KiB grains.
+fn source(dir: &TempDir) -> std::path::PathBuf {
+    let raw = dir.path("src.raw");
+    let mut d = vec![0u8; (3 << 20) + 5 * 512];
+    for (i, b) in d[..200_000].iter_mut().enumerate() {
+        *b = (i % 241) as u8 + 1;
+    }
+    d[(2 << 20)..(2 << 20) + 4096].fill(0x77);
+    let n = d.len();
+    d[n - 512..].fill(0x99);
+    std::fs::write(&raw, d).unwrap();
+    raw
+}
+
+const SUBFORMATS: [&str; 5] = [
+    "monolithicSparse",
+    "streamOptimized",
+    "monolithicFlat",
+    "twoGbMaxExtentSparse",
+    "twoGbMaxExtentFlat",
+];
+
+#[test]
+fn test_convert_vmdk_to_raw_and_qcow2_matches_qemu_img() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("img-vmdk-convert");
+    let raw = source(&dir);
+    for sub in SUBFORMATS {
+        let vmdk = dir.path(&format!("{sub}.vmdk"));
+        let opt = format!("subformat={sub}");
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            &opt,
+            s(&raw),
+            s(&vmdk),
+        ]);
+        let theirs = dir.path(&format!("{sub}.qemu.raw"));
+        qemu_img(&["convert", "-f", "vmdk", "-O", "raw", s(&vmdk), s(&theirs)]);
+        let ours = dir.path(&format!("{sub}.wisp.raw"));
+        ok(&["convert", "-O", "raw", s(&vmdk), s(&ours)]);
+        assert!(
+            std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap(),
+            "{sub}: raw output differs from qemu-img's"
+        );
+        let q = dir.path(&format!("{sub}.qcow2"));
+        ok(&["convert", "-f", "vmdk", "-O", "qcow2", s(&vmdk), s(&q)]);
+        let cmp = qemu_img(&["compare", "-f", "vmdk", "-F", "qcow2", s(&vmdk), s(&q)]);
+        assert!(cmp.contains("identical"), "{sub}: {cmp}");
+        qemu_img(&["check", "-q", s(&q)]);
+    }
+}
+
+#[test]
+fn test_info_on_vmdk_agrees_with_qemu_img() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("img-vmdk-info");
+    let raw = source(&dir);
+    for sub in SUBFORMATS {
+        let vmdk = dir.path(&format!("{sub}.vmdk"));
+        let opt = format!("subformat={sub}");
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            &opt,
+            s(&raw),
+            s(&vmdk),
+        ]);
+        let theirs: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["info", "--output=json", s(&vmdk)])).unwrap();
+        let ours: serde_json::Value =
+            serde_json::from_str(&ok(&["info", "--json", s(&vmdk)])).unwrap();
+        assert_eq!(ours["format"], "vmdk", "{sub}");
+        assert_eq!(ours["virtual_size"], theirs["virtual-size"], "{sub}");
+        let create = &theirs["format-specific"]["data"]["create-type"];
+        assert_eq!(&ours["vmdk"]["create_type"], create, "{sub}");
+        let text = ok(&["info", s(&vmdk)]);
+        assert!(text.contains("file format: vmdk"), "{text}");
+        assert!(text.contains(&format!("create type: {sub}")), "{text}");
+        let (code, out, _) = image(&["check", s(&vmdk)]);
+        assert_eq!(code, 0, "{sub}: {out}");
+    }
+}
+
+#[test]
+fn test_unreadable_formats_are_refused_by_name() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("img-unsupported");
+    for fmt in ["vdi", "vhdx", "vpc", "qed"] {
+        let img = dir.path(&format!("x.{fmt}"));
+        qemu_img(&["create", "-q", "-f", fmt, s(&img), "4M"]);
+        for args in [
+            vec!["info", s(&img)],
+            vec!["convert", "-O", "raw", s(&img), "/dev/null"],
+        ] {
+            let (code, _, err) = image(&args);
+            assert_eq!(code, 1, "{args:?}");
+            assert!(
+                err.contains(&format!("is a {fmt} image")),
+                "{args:?}: {err}"
+            );
+        }
+    }
+    // Writing VMDK is refused, not silently done in another format.
+    let raw = source(&dir);
+    let (code, _, err) = image(&["convert", "-O", "vmdk", s(&raw), s(&dir.path("o.vmdk"))]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not write"), "{err}");
+}
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn boot(disk: &str, tests: &str) -> harness::Run {
+    let g = guest();
+    let cmdline = format!("tests={tests}");
+    let r = run(
+        &[
+            "run",
+            "--kernel",
+            s(&g),
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            disk,
+        ],
+        TIMEOUT,
+    );
+    r.assert_no_panic();
+    r
+}
+
+#[test]
+fn test_vmdk_disk_boots_read_only() {
+    require_kvm!();
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("img-vmdk-vm");
+    let raw = dir.path("disk.raw");
+    make_pattern_image(&raw, 8 << 20, PATTERN_DISK1);
+    for sub in ["monolithicSparse", "streamOptimized", "monolithicFlat"] {
+        let vmdk = dir.path(&format!("{sub}.vmdk"));
+        let opt = format!("subformat={sub}");
+        qemu_img(&[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            &opt,
+            s(&raw),
+            s(&vmdk),
+        ]);
+        let before = std::fs::read(&vmdk).unwrap();
+        let r = boot(
+            &format!("path={},format=vmdk,readonly=on", vmdk.display()),
+            "blk_ro,blk_read",
+        );
+        r.assert_code(0);
+        r.assert_pass("blk_ro");
+        r.assert_pass("blk_read");
+        assert!(std::fs::read(&vmdk).unwrap() == before, "{sub} changed");
+    }
+}
+
+#[test]
+fn test_vmdk_disk_without_readonly_is_refused_before_boot() {
+    require_kvm!();
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("img-vmdk-rw");
+    let vmdk = dir.path("d.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", s(&vmdk), "1M"]);
+    let vdi = dir.path("d.vdi");
+    qemu_img(&["create", "-q", "-f", "vdi", s(&vdi), "1M"]);
+    // A declared format=vmdk is a usage error (exit 2); a probed one fails to open (exit 1).
+    for (disk, code, needle) in [
+        (
+            format!("path={},format=vmdk", vmdk.display()),
+            2,
+            "readonly=on",
+        ),
+        (format!("path={}", vmdk.display()), 1, "readonly=on"),
+        (
+            format!("path={},readonly=on", vdi.display()),
+            1,
+            "is a vdi image",
+        ),
+    ] {
+        let r = boot(&disk, "blk_read");
+        assert_eq!(r.code, Some(code), "{disk}: {}", r.stderr);
+        assert!(r.stderr.contains(needle), "{disk}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "the guest ran: {}", r.stdout);
+    }
+}
