@@ -269,3 +269,186 @@ fn test_vmdk_disk_without_readonly_is_refused_before_boot() {
         assert!(r.stdout.is_empty(), "the guest ran: {}", r.stdout);
     }
 }
+
+/// Every field wisp's `--output=json` emits equals qemu-img's, recursively
+/// (wisp may omit fields; it may not add or differ).
+fn assert_subset(ours: &serde_json::Value, theirs: &serde_json::Value, at: &str) {
+    match (ours, theirs) {
+        (serde_json::Value::Object(o), serde_json::Value::Object(t)) => {
+            for (k, v) in o {
+                let Some(tv) = t.get(k) else {
+                    panic!("{at}.{k}: qemu-img has no such field ({v})");
+                };
+                assert_subset(v, tv, &format!("{at}.{k}"));
+            }
+        }
+        (serde_json::Value::Array(o), serde_json::Value::Array(t)) => {
+            assert_eq!(o.len(), t.len(), "{at}: lengths");
+            for (i, (a, b)) in o.iter().zip(t).enumerate() {
+                assert_subset(a, b, &format!("{at}[{i}]"));
+            }
+        }
+        _ => assert_eq!(ours, theirs, "{at}"),
+    }
+}
+
+fn json_of(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[test]
+fn test_output_json_uses_qemu_img_field_names_and_values() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("img-qjson");
+    let raw = source(&dir);
+    let v2 = dir.path("v2.qcow2");
+    ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10,cluster_size=4k",
+        s(&v2),
+        "5M",
+    ]);
+    let top = dir.path("top.qcow2");
+    ok(&[
+        "create",
+        "-o",
+        "refcount_bits=8",
+        "-b",
+        "src.raw",
+        "-F",
+        "raw",
+        s(&top),
+    ]);
+    let vmdk = dir.path("d.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&raw),
+        s(&vmdk),
+    ]);
+    let flat = dir.path("f.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        s(&raw),
+        s(&flat),
+    ]);
+    for img in [&raw, &v2, &top, &vmdk, &flat] {
+        let ours = json_of(&ok(&["info", "--output=json", s(img)]));
+        let theirs = json_of(&qemu_img(&["info", "--output=json", s(img)]));
+        for key in ["virtual-size", "format", "filename", "dirty-flag"] {
+            assert!(ours.get(key).is_some(), "{}: no {key}", img.display());
+        }
+        assert_subset(&ours, &theirs, &img.display().to_string());
+    }
+    for img in [&v2, &top] {
+        let (code, out, err) = image(&["check", "--output=json", s(img)]);
+        assert_eq!(code, 0, "{err}");
+        let theirs = json_of(&qemu_img(&["check", "--output=json", s(img)]));
+        assert_subset(&json_of(&out), &theirs, "check");
+    }
+}
+
+#[test]
+fn test_create_and_convert_take_qemu_img_options() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("img-qopts");
+    let raw = source(&dir);
+    let q = dir.path("o.qcow2");
+    ok(&[
+        "convert",
+        "-O",
+        "qcow2",
+        "-o",
+        "cluster_size=16k,refcount_bits=32",
+        s(&raw),
+        s(&q),
+    ]);
+    let info = json_of(&qemu_img(&["info", "--output=json", s(&q)]));
+    assert_eq!(info["cluster-size"], 16384);
+    assert_eq!(info["format-specific"]["data"]["refcount-bits"], 32);
+    assert!(qemu_img(&["compare", s(&raw), s(&q)]).contains("identical"));
+    qemu_img(&["check", "-q", s(&q)]);
+    let m = dir.path("m.qcow2");
+    ok(&[
+        "create",
+        "-o",
+        "preallocation=metadata,compat=0.10",
+        s(&m),
+        "2M",
+    ]);
+    let info = json_of(&qemu_img(&["info", "--output=json", s(&m)]));
+    assert_eq!(info["format-specific"]["data"]["compat"], "0.10");
+    qemu_img(&["check", "-q", s(&m)]);
+    for (args, needle) in [
+        (
+            vec!["create", "-o", "lazy_refcounts=on", "x.qcow2", "1M"],
+            "lazy_refcounts=on",
+        ),
+        (
+            vec!["create", "-o", "compression_type=zstd", "x.qcow2", "1M"],
+            "zstd",
+        ),
+        (
+            vec!["create", "-o", "encrypt.format=luks", "x.qcow2", "1M"],
+            "Unknown option",
+        ),
+        (
+            vec!["create", "-f", "raw", "-o", "compat=1.1", "x.raw", "1M"],
+            "not raw",
+        ),
+        (
+            vec![
+                "convert",
+                "-O",
+                "qcow2",
+                "-o",
+                "backing_file=a",
+                s(&raw),
+                "x.qcow2",
+            ],
+            "backing",
+        ),
+    ] {
+        let (code, _, err) = image(&args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    // -p --json: one JSON progress object per line on stdout, ending at 100%.
+    let out = ok(&[
+        "convert",
+        "-p",
+        "--json",
+        "-O",
+        "raw",
+        s(&raw),
+        s(&dir.path("p.raw")),
+    ]);
+    let last = out.lines().last().map(json_of).unwrap();
+    assert_eq!(last["type"], "progress");
+    assert_eq!(last["percent"], 100);
+    // -p without a terminal: progress lines on stderr.
+    let (code, _, err) = image(&[
+        "convert",
+        "-p",
+        "-O",
+        "raw",
+        s(&raw),
+        s(&dir.path("p2.raw")),
+    ]);
+    assert_eq!(code, 0);
+    assert!(err.contains("Converting: 100%"), "{err}");
+}

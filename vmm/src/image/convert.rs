@@ -4,13 +4,22 @@
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use devices::disk::qcow2::{self, CreateOptions};
+use devices::disk::qcow2::{self, CreateOptions, Preallocation};
 use devices::disk::{open_disk, probe_format, DiskOptions, ImageFormat};
 
-use super::Progress;
+use super::qopts::QemuOptions;
+use super::{Progress, ProgressMode};
 
 /// Bytes copied per step.
 const CHUNK: usize = 1 << 20;
+
+/// How `convert` writes its output.
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    /// `-o` options for the destination.
+    pub qemu: QemuOptions,
+    pub progress: ProgressMode,
+}
 
 /// Converts `src` (format `src_format`, probed if `None`) into a new `dst` of `dst_format`.
 pub fn convert(
@@ -19,6 +28,24 @@ pub fn convert(
     dst: &Path,
     dst_format: ImageFormat,
 ) -> anyhow::Result<()> {
+    let opts = ConvertOptions {
+        qemu: QemuOptions::default(),
+        progress: ProgressMode::Auto,
+    };
+    convert_with(src, src_format, dst, dst_format, &opts)
+}
+
+/// [`convert`] with `-o` options and a progress mode.
+pub fn convert_with(
+    src: &Path,
+    src_format: Option<ImageFormat>,
+    dst: &Path,
+    dst_format: ImageFormat,
+    opts: &ConvertOptions,
+) -> anyhow::Result<()> {
+    if opts.qemu.backing_file.is_some() || opts.qemu.backing_fmt.is_some() {
+        bail!("convert does not write backing files: convert, then `wisp image create -b`");
+    }
     // A VMDK named on the command line may open its descriptor's extent files.
     let src_format = match src_format {
         None if probe_format(src)? == ImageFormat::Vmdk => Some(ImageFormat::Vmdk),
@@ -32,18 +59,26 @@ pub fn convert(
     let size = input.size();
     match dst_format {
         ImageFormat::Raw => {
+            if opts
+                .qemu
+                .preallocation
+                .is_some_and(|p| p != Preallocation::Off)
+            {
+                bail!("convert to raw supports only preallocation=off");
+            }
             let f = std::fs::File::create(dst)
                 .with_context(|| format!("Cannot create image {}", dst.display()))?;
             f.set_len(size)
                 .with_context(|| format!("Cannot size image {}", dst.display()))?;
         }
-        ImageFormat::Qcow2 => qcow2::create(
-            dst,
-            &CreateOptions {
+        ImageFormat::Qcow2 => {
+            let mut c = CreateOptions {
                 size,
                 ..Default::default()
-            },
-        )?,
+            };
+            opts.qemu.apply(&mut c)?;
+            qcow2::create(dst, &c)?
+        }
         ImageFormat::Vmdk => {
             bail!("wisp reads VMDK images but does not write them; convert to raw or qcow2")
         }
@@ -54,7 +89,7 @@ pub fn convert(
         format: Some(dst_format),
     })?;
     let mut buf = vec![0u8; CHUNK];
-    let mut progress = Progress::new("Converting", size);
+    let mut progress = Progress::with_mode("Converting", size, opts.progress);
     let mut off = 0u64;
     while off < size {
         let n = (size - off).min(CHUNK as u64) as usize;

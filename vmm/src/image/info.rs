@@ -29,6 +29,15 @@ pub struct ImageInfo {
     pub refcount_bits: Option<u32>,
     pub dirty: bool,
     pub corrupt: bool,
+    /// qcow2: `zlib` or `zstd`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression_type: Option<&'static str>,
+    /// qcow2: the lazy-refcounts compatible feature bit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_refcounts: Option<bool>,
+    /// qcow2: extended L2 entries (subclusters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_l2: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -64,6 +73,9 @@ fn describe(path: &Path, format: ImageFormat) -> anyhow::Result<(ImageInfo, Opti
         refcount_bits: None,
         dirty: false,
         corrupt: false,
+        compression_type: None,
+        lazy_refcounts: None,
+        extended_l2: None,
         backing_file: None,
         backing_format: None,
         vmdk: None,
@@ -85,6 +97,12 @@ fn describe(path: &Path, format: ImageFormat) -> anyhow::Result<(ImageInfo, Opti
     info.refcount_bits = Some(h.refcount_bits());
     info.dirty = h.incompatible_features & qcow2::header::INCOMPAT_DIRTY != 0;
     info.corrupt = h.incompatible_features & qcow2::header::INCOMPAT_CORRUPT != 0;
+    info.compression_type = Some(match h.compression {
+        qcow2::header::Compression::Deflate => "zlib",
+        qcow2::header::Compression::Zstd => "zstd",
+    });
+    info.lazy_refcounts = Some(h.compatible_features & qcow2::header::COMPAT_LAZY_REFCOUNTS != 0);
+    info.extended_l2 = Some(h.incompatible_features & qcow2::header::INCOMPAT_EXTL2 != 0);
     info.backing_file = h.backing_file.clone();
     info.backing_format = match &h.backing_format {
         Some(f) => Some(f.parse()?),

@@ -4,6 +4,8 @@
 mod bench;
 mod convert;
 mod info;
+mod qjson;
+mod qopts;
 mod size;
 mod vmdk;
 
@@ -36,6 +38,13 @@ impl From<FormatArg> for ImageFormat {
     }
 }
 
+/// qemu-img's `--output` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputArg {
+    Human,
+    Json,
+}
+
 /// Preallocation modes as command-line values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PreallocArg {
@@ -65,6 +74,10 @@ pub enum ImageCommand {
         /// qcow2 cluster size, e.g. 64K.
         #[arg(long = "cluster-size", value_parser = parse_size, default_value = "64K")]
         cluster_size: u64,
+        /// qemu-img options: cluster_size, preallocation, compat, lazy_refcounts,
+        /// refcount_bits, backing_file, backing_fmt, compression_type.
+        #[arg(short = 'o', value_name = "NAME=VALUE,...")]
+        options: Vec<String>,
         /// Image path.
         path: PathBuf,
         /// Virtual size, e.g. 10G (defaults to the backing file's size).
@@ -76,6 +89,9 @@ pub enum ImageCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// `json` prints qemu-img's JSON (`virtual-size`, `format-specific`, ...).
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputArg,
         /// Image format (probed when omitted).
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<FormatArg>,
@@ -89,6 +105,9 @@ pub enum ImageCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// `json` prints qemu-img's JSON (`check-errors`, `image-end-offset`, ...).
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputArg,
         path: PathBuf,
     },
     /// Copy an image into a new one, possibly of another format (sparse).
@@ -99,6 +118,15 @@ pub enum ImageCommand {
         /// Destination format.
         #[arg(short = 'O', value_enum)]
         output_format: FormatArg,
+        /// qemu-img options for the destination (see `create -o`).
+        #[arg(short = 'o', value_name = "NAME=VALUE,...")]
+        options: Vec<String>,
+        /// Show progress (on a terminal; as JSON lines on stdout with --json).
+        #[arg(short = 'p')]
+        progress: bool,
+        /// With -p, print progress as JSON lines.
+        #[arg(long)]
+        json: bool,
         src: PathBuf,
         dst: PathBuf,
     },
@@ -132,39 +160,84 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             backing_format,
             preallocation,
             cluster_size,
+            options,
             path,
             size,
-        } => create(
-            format.into(),
-            backing,
-            backing_format.map(Into::into),
-            preallocation,
-            cluster_size,
-            &path,
-            size,
-        )
-        .map(|()| 0),
-        ImageCommand::Info { json, format, path } => {
+        } => {
+            let format: ImageFormat = format.into();
+            let mut tune = qopts::QemuOptions::parse(&options, format)?;
+            let (backing, backing_format) =
+                tune.merge_backing(backing, backing_format.map(Into::into))?;
+            tune.cluster_size = tune.cluster_size.or(Some(cluster_size));
+            let preallocation = match tune.preallocation {
+                Some(Preallocation::Off) => PreallocArg::Off,
+                Some(Preallocation::Metadata) => PreallocArg::Metadata,
+                Some(Preallocation::Full) => PreallocArg::Full,
+                None => preallocation,
+            };
+            create(
+                format,
+                backing,
+                backing_format,
+                preallocation,
+                &tune,
+                &path,
+                size,
+            )
+            .map(|()| 0)
+        }
+        ImageCommand::Info {
+            json,
+            output,
+            format,
+            path,
+        } => {
             let info = info::gather(&path, format.map(Into::into))?;
-            if json {
+            if output == OutputArg::Json {
+                println!("{}", serde_json::to_string_pretty(&qjson::info(&info))?);
+            } else if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
             } else {
                 print!("{}", info::render(&info));
             }
             Ok(0)
         }
-        ImageCommand::Check { repair, json, path } => {
+        ImageCommand::Check {
+            repair,
+            json,
+            output,
+            path,
+        } => {
             if probe_format(&path)? == ImageFormat::Vmdk {
-                return vmdk::check(&path, repair, json);
+                return vmdk::check(&path, repair, json || output == OutputArg::Json);
+            }
+            if output == OutputArg::Json {
+                return qjson::check(&path, repair);
             }
             check(&path, repair, json)
         }
         ImageCommand::Convert {
             format,
             output_format,
+            options,
+            progress,
+            json,
             src,
             dst,
-        } => convert::convert(&src, format.map(Into::into), &dst, output_format.into()).map(|()| 0),
+        } => {
+            let output_format: ImageFormat = output_format.into();
+            let opts = convert::ConvertOptions {
+                qemu: qopts::QemuOptions::parse(&options, output_format)?,
+                progress: match (progress, json) {
+                    (false, false) => ProgressMode::Auto,
+                    (false, true) => bail!("--json describes progress: use it with -p"),
+                    (true, false) => ProgressMode::Always,
+                    (true, true) => ProgressMode::Json,
+                },
+            };
+            convert::convert_with(&src, format.map(Into::into), &dst, output_format, &opts)
+                .map(|()| 0)
+        }
         ImageCommand::Resize { format, path, size } => {
             let format = match format {
                 Some(f) => f.into(),
@@ -192,7 +265,7 @@ fn create(
     backing: Option<String>,
     backing_format: Option<ImageFormat>,
     preallocation: PreallocArg,
-    cluster_size: u64,
+    tune: &qopts::QemuOptions,
     path: &Path,
     size: Option<u64>,
 ) -> anyhow::Result<()> {
@@ -219,9 +292,8 @@ fn create(
         ImageFormat::Vmdk => bail!("wisp reads VMDK images but does not create them"),
         ImageFormat::Raw => create_raw(path, size, preallocation),
         ImageFormat::Qcow2 => {
-            let opts = CreateOptions {
+            let mut opts = CreateOptions {
                 size,
-                cluster_size,
                 backing_file: backing,
                 backing_format,
                 preallocation: match preallocation {
@@ -231,6 +303,7 @@ fn create(
                 },
                 ..Default::default()
             };
+            tune.apply(&mut opts)?;
             qcow2::create(path, &opts)?;
             Ok(())
         }
@@ -325,37 +398,70 @@ fn clone(src: &Path, dst: &Path, linked: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A percentage on stderr, shown only when stderr is a terminal.
+/// When and how [`Progress`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProgressMode {
+    /// On stderr, only when stderr is a terminal.
+    Auto,
+    /// `-p`: on a terminal as a percentage, otherwise one line per percent.
+    Always,
+    /// `-p --json`: one JSON object per percent on stdout.
+    Json,
+}
+
+/// A percentage on stderr (or JSON lines on stdout).
 pub(crate) struct Progress {
     label: &'static str,
     total: u64,
     shown: Option<u64>,
     enabled: bool,
+    mode: ProgressMode,
+    terminal: bool,
 }
 
 impl Progress {
     pub(crate) fn new(label: &'static str, total: u64) -> Self {
+        Self::with_mode(label, total, ProgressMode::Auto)
+    }
+
+    pub(crate) fn with_mode(label: &'static str, total: u64, mode: ProgressMode) -> Self {
+        let terminal = std::io::stderr().is_terminal();
         Progress {
             label,
             total,
             shown: None,
-            enabled: std::io::stderr().is_terminal(),
+            enabled: terminal || mode != ProgressMode::Auto,
+            mode,
+            terminal,
         }
     }
 
     pub(crate) fn update(&mut self, done: u64) {
-        if !self.enabled || self.total == 0 {
+        if !self.enabled {
             return;
         }
-        let pct = done.saturating_mul(100) / self.total;
-        if self.shown != Some(pct) {
-            eprint!("\r{}: {pct:3}%", self.label);
-            self.shown = Some(pct);
+        let pct = done
+            .saturating_mul(100)
+            .checked_div(self.total)
+            .unwrap_or(100);
+        if self.shown == Some(pct) {
+            return;
+        }
+        self.shown = Some(pct);
+        match self.mode {
+            ProgressMode::Json => println!(
+                "{}",
+                serde_json::json!({"type": "progress", "operation": self.label,
+                    "done": done, "total": self.total, "percent": pct})
+            ),
+            _ if self.terminal => eprint!("\r{}: {pct:3}%", self.label),
+            _ => eprintln!("{}: {pct}%", self.label),
         }
     }
 
     pub(crate) fn finish(&mut self) {
-        if self.enabled && self.shown.is_some() {
+        if self.enabled && self.shown.is_some() && self.terminal && self.mode != ProgressMode::Json
+        {
             eprintln!();
         }
     }
