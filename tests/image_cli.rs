@@ -452,3 +452,126 @@ fn test_create_and_convert_take_qemu_img_options() {
     assert_eq!(code, 0);
     assert!(err.contains("Converting: 100%"), "{err}");
 }
+
+fn have_qemu_io() -> bool {
+    let ok = Command::new("qemu-io")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("SKIPPED: qemu-io is not installed");
+    }
+    ok
+}
+
+fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut args = vec![];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    let out = Command::new("qemu-io")
+        .args(&args)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn test_map_json_matches_qemu_img_map() {
+    if !have_qemu_img() || !have_qemu_io() {
+        return;
+    }
+    let dir = TempDir::new("img-map");
+    let base = dir.path("base.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    qemu_io(&base, &["write -P 1 0 64k", "write -P 3 1M 192k"]);
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    qemu_io(
+        &top,
+        &[
+            "write -P 2 128k 64k",
+            "write -z 256k 64k",
+            "write -P 4 1088k 4k",
+        ],
+    );
+    // A compressed image: data without an offset.
+    let packed = dir.path("packed.qcow2");
+    qemu_img(&["convert", "-c", "-O", "qcow2", s(&top), s(&packed)]);
+    let raw = source(&dir);
+    let mut images = vec![top.clone(), packed];
+    for sub in [
+        "monolithicSparse",
+        "streamOptimized",
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+    ] {
+        let v = dir.path(&format!("{sub}.vmdk"));
+        let opt = format!("subformat={sub}");
+        qemu_img(&["convert", "-O", "vmdk", "-o", &opt, s(&raw), s(&v)]);
+        images.push(v);
+    }
+    for img in &images {
+        let ours = json_of(&ok(&["map", "--output=json", s(img)]));
+        let theirs = json_of(&qemu_img(&["map", "--output=json", s(img)]));
+        assert_eq!(ours, theirs, "{}", img.display());
+    }
+    let human = ok(&["map", s(&top)]);
+    assert!(
+        human.starts_with("Offset          Length          Mapped to       File"),
+        "{human}"
+    );
+    assert!(
+        human.contains("base.qcow2") && human.contains("top.qcow2"),
+        "{human}"
+    );
+}
+
+#[test]
+fn test_compare_agrees_with_qemu_img_compare() {
+    if !have_qemu_img() || !have_qemu_io() {
+        return;
+    }
+    let dir = TempDir::new("img-compare");
+    let raw = source(&dir);
+    let q = dir.path("same.qcow2");
+    ok(&["convert", "-O", "qcow2", s(&raw), s(&q)]);
+    let v = dir.path("same.vmdk");
+    qemu_img(&["convert", "-O", "vmdk", s(&raw), s(&v)]);
+    let diff = dir.path("diff.qcow2");
+    ok(&["convert", "-O", "qcow2", s(&raw), s(&diff)]);
+    qemu_io(&diff, &["write -P 9 1000000 1"]);
+    let big = dir.path("big.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&big), "8M"]);
+    qemu_img(&["rebase", "-u", "-b", "src.raw", "-F", "raw", s(&big)]);
+    for args in [
+        vec![s(&raw), s(&q)],
+        vec![s(&q), s(&v)],
+        vec![s(&raw), s(&diff)],
+        vec![s(&raw), s(&big)],
+        vec!["-s", s(&raw), s(&big)],
+        vec![s(&raw), s(&dir.path("missing"))],
+    ] {
+        let mut full = vec!["compare"];
+        full.extend(&args);
+        let (code, out, _) = image(&full);
+        let theirs = Command::new("qemu-img").args(&full).output().unwrap();
+        assert_eq!(Some(code), theirs.status.code(), "{args:?}");
+        assert_eq!(out, String::from_utf8_lossy(&theirs.stdout), "{args:?}");
+    }
+}

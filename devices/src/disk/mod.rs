@@ -83,6 +83,7 @@ mod open;
 pub mod probe;
 pub mod qcow2;
 mod raw;
+pub mod status;
 #[cfg(test)]
 pub(crate) mod testutil;
 pub mod vmdk;

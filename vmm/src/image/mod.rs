@@ -2,8 +2,10 @@
 //! `wisp image`: create, inspect, check, convert, resize and clone disk images.
 
 mod bench;
+mod compare;
 mod convert;
 mod info;
+mod map;
 mod qjson;
 mod qopts;
 mod size;
@@ -149,6 +151,10 @@ pub enum ImageCommand {
     },
     /// Measure I/O throughput of wisp's backend on an image.
     Bench(bench::BenchArgs),
+    /// Compare the guest data of two images (exit 0 identical, 1 different, 2 error).
+    Compare(compare::CompareArgs),
+    /// Show where each range of guest data lives in the backing chain.
+    Map(map::MapArgs),
 }
 
 /// Runs one `wisp image` command; returns the process exit code.
@@ -257,6 +263,8 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         }
         ImageCommand::Clone { linked, src, dst } => clone(&src, &dst, linked).map(|()| 0),
         ImageCommand::Bench(args) => bench::run(&args).map(|()| 0),
+        ImageCommand::Compare(args) => compare::run(&args),
+        ImageCommand::Map(args) => map::run(&args).map(|()| 0),
     }
 }
 

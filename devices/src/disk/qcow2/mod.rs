@@ -15,6 +15,7 @@ mod flush;
 mod fuzz;
 pub mod header;
 mod refcount;
+mod status;
 mod zero;
 
 use std::fs::File;

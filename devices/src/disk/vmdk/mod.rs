@@ -42,6 +42,7 @@ pub use error::VmdkError;
 pub use fuzz::fuzz_one;
 pub use sparse::{Grain, SparseExtent};
 
+use super::status::{raw_status, BlockKind, BlockStatus};
 use super::{check_range, check_writable, DiskBackend, DiskError};
 use header::{MAX_DESCRIPTOR_BYTES, SECTOR};
 
@@ -203,23 +204,49 @@ impl VmdkDisk {
         &self.info
     }
 
-    /// Whether byte `offset` of the disk is stored (`Some(true)`), known to
-    /// read as zeros (`Some(false)`), and how many bytes from there share that state.
+    /// Whether byte `offset` of the disk is stored (`true`) or reads as
+    /// zeros, and how many bytes from there share that state.
     pub fn allocation(&mut self, offset: u64) -> io::Result<(bool, u64)> {
+        let st = self.block_status(offset)?;
+        Ok((
+            matches!(st.kind, BlockKind::Data | BlockKind::ZeroData),
+            st.len,
+        ))
+    }
+
+    /// The status of byte `offset` up to the end of its grain or extent.
+    pub fn block_status(&mut self, offset: u64) -> io::Result<BlockStatus> {
         let i = self.extent_index(offset)?;
         let e = &mut self.extents[i];
         let local = offset - e.start;
         let rest = e.len - local;
-        match &mut e.data {
-            Data::Flat { .. } => Ok((true, rest)),
-            Data::Zero => Ok((false, rest)),
+        let (kind, len, off) = match &mut e.data {
+            Data::Flat { file, offset } => {
+                let st = raw_status(file, *offset + e.len, *offset + local)?;
+                let kind = match st.kind {
+                    BlockKind::Data => BlockKind::Data,
+                    _ => BlockKind::ZeroData,
+                };
+                (kind, st.len, Some(*offset + local))
+            }
+            Data::Zero => (BlockKind::Zero, rest, None),
             Data::Sparse(s) => {
                 let gb = s.header().grain_bytes();
-                let n = (gb - local % gb).min(rest);
-                let g = s.grain(local / gb)?;
-                Ok((matches!(g, Grain::Data(_) | Grain::Compressed(_)), n))
+                let within = local % gb;
+                let n = (gb - within).min(rest);
+                match s.grain(local / gb)? {
+                    Grain::Unallocated => (BlockKind::Unallocated, n, None),
+                    Grain::Zero => (BlockKind::Zero, n, None),
+                    Grain::Data(at) => (BlockKind::Data, n, Some(at + within)),
+                    Grain::Compressed(_) => (BlockKind::Data, n, None),
+                }
             }
-        }
+        };
+        Ok(BlockStatus {
+            kind,
+            len,
+            offset: off,
+        })
     }
 
     fn extent_index(&self, offset: u64) -> io::Result<usize> {
