@@ -575,3 +575,55 @@ fn test_compare_agrees_with_qemu_img_compare() {
         assert_eq!(out, String::from_utf8_lossy(&theirs.stdout), "{args:?}");
     }
 }
+
+#[test]
+fn test_rebase_keeps_the_guest_view_and_qemu_img_agrees() {
+    if !have_qemu_img() || !have_qemu_io() {
+        return;
+    }
+    let dir = TempDir::new("img-rebase");
+    let b1 = dir.path("b1.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&b1), "2M"]);
+    qemu_io(&b1, &["write -P 1 0 1M"]);
+    let b2 = dir.path("b2.raw");
+    qemu_img(&["create", "-q", "-f", "raw", s(&b2), "2M"]);
+    qemu_io(&b2, &["write -P 1 0 512k", "write -P 5 1536k 100k"]);
+    let t = dir.path("t.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "b1.qcow2",
+        "-F",
+        "qcow2",
+        s(&t),
+    ]);
+    qemu_io(&t, &["write -P 9 64k 64k"]);
+    let view = dir.path("view.raw");
+    qemu_img(&["convert", "-O", "raw", s(&t), s(&view)]);
+    // Safe rebase onto b2: same guest data, new backing in the header.
+    ok(&["rebase", "-b", "b2.raw", "-F", "raw", s(&t)]);
+    qemu_img(&["check", "-q", s(&t)]);
+    assert!(qemu_img(&["compare", s(&t), s(&view)]).contains("identical"));
+    let info = json_of(&qemu_img(&["info", "--output=json", s(&t)]));
+    assert_eq!(info["backing-filename"], "b2.raw");
+    assert_eq!(info["backing-filename-format"], "raw");
+    // Removing the backing file flattens the image.
+    ok(&["rebase", "-b", "", s(&t)]);
+    let info = json_of(&qemu_img(&["info", "--output=json", s(&t)]));
+    assert!(info.get("backing-filename").is_none(), "{info}");
+    assert!(qemu_img(&["compare", s(&t), s(&view)]).contains("identical"));
+    // Unsafe rebase only rewrites the name: the view changes to b1 + top.
+    ok(&["rebase", "-u", "-b", "b2.raw", "-F", "raw", s(&t)]);
+    qemu_img(&["check", "-q", s(&t)]);
+    let info = json_of(&qemu_img(&["info", "--output=json", s(&t)]));
+    assert_eq!(info["backing-filename"], "b2.raw");
+    // Refused: -F without -b, and non-qcow2 images.
+    let (code, _, err) = image(&["rebase", "-b", "", "-F", "raw", s(&t)]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, err) = image(&["rebase", "-b", "x", s(&b2)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("Only qcow2"), "{err}");
+}

@@ -8,6 +8,7 @@ mod info;
 mod map;
 mod qjson;
 mod qopts;
+mod rebase;
 mod size;
 mod vmdk;
 
@@ -155,6 +156,8 @@ pub enum ImageCommand {
     Compare(compare::CompareArgs),
     /// Show where each range of guest data lives in the backing chain.
     Map(map::MapArgs),
+    /// Point a qcow2 image at another backing file (safe: keeps the guest's view).
+    Rebase(rebase::RebaseArgs),
 }
 
 /// Runs one `wisp image` command; returns the process exit code.
@@ -265,6 +268,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         ImageCommand::Bench(args) => bench::run(&args).map(|()| 0),
         ImageCommand::Compare(args) => compare::run(&args),
         ImageCommand::Map(args) => map::run(&args).map(|()| 0),
+        ImageCommand::Rebase(args) => rebase::run(&args).map(|()| 0),
     }
 }
 

@@ -14,6 +14,7 @@ mod error;
 mod flush;
 mod fuzz;
 pub mod header;
+mod rebase;
 mod refcount;
 mod status;
 mod zero;
