@@ -627,3 +627,68 @@ fn test_rebase_keeps_the_guest_view_and_qemu_img_agrees() {
     assert_eq!(code, 1);
     assert!(err.contains("Only qcow2"), "{err}");
 }
+
+#[test]
+fn test_commit_writes_the_overlay_into_its_backing_file() {
+    if !have_qemu_img() || !have_qemu_io() {
+        return;
+    }
+    let dir = TempDir::new("img-commit");
+    for (base_fmt, keep) in [("qcow2", false), ("raw", false), ("qcow2", true)] {
+        let base = dir.path(&format!("base.{base_fmt}"));
+        let _ = std::fs::remove_file(&base);
+        qemu_img(&["create", "-q", "-f", base_fmt, s(&base), "2M"]);
+        let mut cmd = Command::new("qemu-io");
+        cmd.args(["-f", base_fmt, "-c", "write -P 1 0 1M", s(&base)]);
+        assert!(cmd.output().unwrap().status.success());
+        let top = dir.path("top.qcow2");
+        let name = format!("base.{base_fmt}");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &name,
+            "-F",
+            base_fmt,
+            s(&top),
+        ]);
+        qemu_io(
+            &top,
+            &[
+                "write -P 9 64k 100k",
+                "write -z 512k 64k",
+                "write -P 3 1900k 4k",
+            ],
+        );
+        let view = dir.path("view.raw");
+        qemu_img(&["convert", "-O", "raw", s(&top), s(&view)]);
+        let mut args = vec!["commit"];
+        if keep {
+            args.push("-d");
+        }
+        args.push(s(&top));
+        ok(&args);
+        for img in [&base, &top] {
+            let out = qemu_img(&["compare", s(img), s(&view)]);
+            assert!(
+                out.contains("identical"),
+                "{base_fmt} {}: {out}",
+                img.display()
+            );
+        }
+        if base_fmt == "qcow2" {
+            qemu_img(&["check", "-q", s(&base)]);
+        }
+        qemu_img(&["check", "-q", s(&top)]);
+        let map = json_of(&qemu_img(&["map", "--output=json", s(&top)]));
+        let in_top = map.as_array().unwrap().iter().any(|e| e["depth"] == 0);
+        assert_eq!(in_top, keep, "{base_fmt} keep={keep}: {map}");
+        let info = json_of(&qemu_img(&["info", "--output=json", s(&top)]));
+        assert_eq!(info["backing-filename"], name.as_str());
+    }
+    let (code, _, err) = image(&["commit", s(&dir.path("base.qcow2"))]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no backing file"), "{err}");
+}

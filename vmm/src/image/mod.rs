@@ -2,6 +2,7 @@
 //! `wisp image`: create, inspect, check, convert, resize and clone disk images.
 
 mod bench;
+mod commit;
 mod compare;
 mod convert;
 mod info;
@@ -158,6 +159,8 @@ pub enum ImageCommand {
     Map(map::MapArgs),
     /// Point a qcow2 image at another backing file (safe: keeps the guest's view).
     Rebase(rebase::RebaseArgs),
+    /// Write a qcow2 overlay's data into its backing file (then empty it unless -d).
+    Commit(commit::CommitArgs),
 }
 
 /// Runs one `wisp image` command; returns the process exit code.
@@ -269,6 +272,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         ImageCommand::Compare(args) => compare::run(&args),
         ImageCommand::Map(args) => map::run(&args).map(|()| 0),
         ImageCommand::Rebase(args) => rebase::run(&args).map(|()| 0),
+        ImageCommand::Commit(args) => commit::run(&args).map(|()| 0),
     }
 }
 
