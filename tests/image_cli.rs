@@ -692,3 +692,63 @@ fn test_commit_writes_the_overlay_into_its_backing_file() {
     assert_eq!(code, 1);
     assert!(err.contains("no backing file"), "{err}");
 }
+
+#[test]
+fn test_measure_matches_qemu_img_measure() {
+    if !have_qemu_img() || !have_qemu_io() {
+        return;
+    }
+    let dir = TempDir::new("img-measure");
+    let raw = source(&dir);
+    let q = dir.path("q.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&q), "7M"]);
+    qemu_io(
+        &q,
+        &["write -P 1 0 100k", "write -z 1M 64k", "write -P 2 5M 4k"],
+    );
+    let v = dir.path("v.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        s(&raw),
+        s(&v),
+    ]);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["-O", "qcow2", "--size", "1G"],
+        vec![
+            "-O",
+            "qcow2",
+            "--size",
+            "100G",
+            "-o",
+            "cluster_size=4k,refcount_bits=1",
+        ],
+        vec![
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=2M,refcount_bits=64",
+            "--size",
+            "3T",
+        ],
+        vec!["-O", "raw", "--size", "5M"],
+        vec!["-O", "qcow2", s(&q)],
+        vec!["-O", "qcow2", "-o", "cluster_size=512", s(&q)],
+        vec!["-O", "raw", s(&q)],
+        vec!["-O", "qcow2", s(&v)],
+        vec!["-O", "qcow2", s(&raw)],
+    ];
+    for args in cases {
+        let mut full = vec!["measure"];
+        full.extend(&args);
+        assert_eq!(ok(&full), qemu_img(&full), "{args:?}");
+        full.push("--output=json");
+        assert_eq!(json_of(&ok(&full)), json_of(&qemu_img(&full)), "{args:?}");
+    }
+    let (code, _, err) = image(&["measure", "-O", "qcow2", "--size", "1M", s(&raw)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--size cannot be used together"), "{err}");
+}

@@ -7,6 +7,7 @@ mod compare;
 mod convert;
 mod info;
 mod map;
+mod measure;
 mod qjson;
 mod qopts;
 mod rebase;
@@ -161,6 +162,8 @@ pub enum ImageCommand {
     Rebase(rebase::RebaseArgs),
     /// Write a qcow2 overlay's data into its backing file (then empty it unless -d).
     Commit(commit::CommitArgs),
+    /// How large a new image of an input (or of --size) would be.
+    Measure(measure::MeasureArgs),
 }
 
 /// Runs one `wisp image` command; returns the process exit code.
@@ -273,6 +276,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         ImageCommand::Map(args) => map::run(&args).map(|()| 0),
         ImageCommand::Rebase(args) => rebase::run(&args).map(|()| 0),
         ImageCommand::Commit(args) => commit::run(&args).map(|()| 0),
+        ImageCommand::Measure(args) => measure::run(&args).map(|()| 0),
     }
 }
 
