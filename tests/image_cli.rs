@@ -752,3 +752,73 @@ fn test_measure_matches_qemu_img_measure() {
     assert_eq!(code, 1);
     assert!(err.contains("--size cannot be used together"), "{err}");
 }
+
+#[test]
+fn test_convert_compressed_is_read_by_qemu_img() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("img-compress");
+    // Text that compresses, random 8 KiB blocks repeated (matches beyond
+    // QEMU's 4 KiB inflate window), zeros, and a partial last sector.
+    let mut d = Vec::new();
+    let mut line = 0;
+    while d.len() < 1 << 20 {
+        d.extend_from_slice(
+            format!("line {line}: the quick brown fox jumps over the lazy dog\n").as_bytes(),
+        );
+        line += 1;
+    }
+    d.truncate(1 << 20);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let block: Vec<u8> = (0..8192)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for _ in 0..16 {
+        d.extend_from_slice(&block);
+    }
+    d.resize((2 << 20) + 3000, 0);
+    let n = d.len();
+    d[n - 1000..].fill(0x42);
+    let raw = dir.path("src.raw");
+    std::fs::write(&raw, &d).unwrap();
+    for opts in [
+        "cluster_size=64k",
+        "cluster_size=4k,compat=0.10",
+        "cluster_size=2M",
+    ] {
+        let q = dir.path("c.qcow2");
+        ok(&["convert", "-c", "-O", "qcow2", "-o", opts, s(&raw), s(&q)]);
+        qemu_img(&["check", "-q", s(&q)]);
+        assert!(
+            qemu_img(&["compare", s(&raw), s(&q)]).contains("identical"),
+            "{opts}"
+        );
+        assert!(
+            ok(&["compare", s(&raw), s(&q)]).contains("identical"),
+            "{opts}"
+        );
+        // Compressed clusters map as data without a host offset.
+        let map = json_of(&qemu_img(&["map", "--output=json", s(&q)]));
+        let compressed = map
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["data"] == true && e.get("offset").is_none());
+        assert!(compressed, "{opts}: {map}");
+        // (2 MiB clusters: the metadata alone outweighs the data.)
+        let len = std::fs::metadata(&q).unwrap().len();
+        assert!(
+            opts.contains("2M") || len < d.len() as u64 / 2,
+            "{opts}: {len} bytes, not compressed"
+        );
+    }
+    let (code, _, err) = image(&["convert", "-c", "-O", "raw", s(&raw), s(&dir.path("x.raw"))]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot be compressed"), "{err}");
+}

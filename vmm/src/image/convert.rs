@@ -18,6 +18,8 @@ const CHUNK: usize = 1 << 20;
 pub struct ConvertOptions {
     /// `-o` options for the destination.
     pub qemu: QemuOptions,
+    /// Write compressed qcow2 clusters.
+    pub compress: bool,
     pub progress: ProgressMode,
 }
 
@@ -30,6 +32,7 @@ pub fn convert(
 ) -> anyhow::Result<()> {
     let opts = ConvertOptions {
         qemu: QemuOptions::default(),
+        compress: false,
         progress: ProgressMode::Auto,
     };
     convert_with(src, src_format, dst, dst_format, &opts)
@@ -57,6 +60,21 @@ pub fn convert_with(
         format: src_format,
     })?;
     let size = input.size();
+    if opts.compress {
+        if dst_format != ImageFormat::Qcow2 {
+            bail!("-c compresses qcow2 clusters; {dst_format} images cannot be compressed");
+        }
+        let mut c = CreateOptions {
+            size,
+            ..Default::default()
+        };
+        opts.qemu.apply(&mut c)?;
+        let mut progress = Progress::with_mode("Converting", size, opts.progress);
+        qcow2::create_compressed(dst, &c, input.as_mut(), |done| progress.update(done))?;
+        progress.update(size);
+        progress.finish();
+        return Ok(());
+    }
     match dst_format {
         ImageFormat::Raw => {
             if opts

@@ -129,6 +129,9 @@ pub enum ImageCommand {
         /// Show progress (on a terminal; as JSON lines on stdout with --json).
         #[arg(short = 'p')]
         progress: bool,
+        /// Compress the destination's clusters (qcow2, deflate as qemu-img -c).
+        #[arg(short = 'c')]
+        compress: bool,
         /// With -p, print progress as JSON lines.
         #[arg(long)]
         json: bool,
@@ -236,6 +239,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             output_format,
             options,
             progress,
+            compress,
             json,
             src,
             dst,
@@ -243,6 +247,7 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             let output_format: ImageFormat = output_format.into();
             let opts = convert::ConvertOptions {
                 qemu: qopts::QemuOptions::parse(&options, output_format)?,
+                compress,
                 progress: match (progress, json) {
                     (false, false) => ProgressMode::Auto,
                     (false, true) => bail!("--json describes progress: use it with -p"),

@@ -14,6 +14,7 @@ mod error;
 mod flush;
 mod fuzz;
 pub mod header;
+mod pack;
 mod rebase;
 mod refcount;
 mod status;
@@ -32,6 +33,7 @@ pub use create::{create, CreateOptions, Preallocation};
 pub use error::Qcow2Error;
 pub use fuzz::fuzz_one;
 pub use header::{Header, MAGIC};
+pub use pack::create_compressed;
 
 use super::{check_range, DiskBackend, DiskError, ImageFormat};
 
