@@ -822,3 +822,30 @@ fn test_convert_compressed_is_read_by_qemu_img() {
     assert_eq!(code, 1);
     assert!(err.contains("cannot be compressed"), "{err}");
 }
+
+#[test]
+fn test_convert_flattens_a_probed_qcow2_overlay_like_qemu_img() {
+    if !have_qemu_img() || !have_qemu_io() {
+        return;
+    }
+    let dir = TempDir::new("img-flatten");
+    source(&dir); // the backing file, src.raw
+    let top = dir.path("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "src.raw",
+        "-F",
+        "raw",
+        s(&top),
+    ]);
+    qemu_io(&top, &["write -P 7 100k 8k"]);
+    let ours = dir.path("flat.wisp.raw");
+    let theirs = dir.path("flat.qemu.raw");
+    ok(&["convert", "-O", "raw", s(&top), s(&ours)]);
+    qemu_img(&["convert", "-O", "raw", s(&top), s(&theirs)]);
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+}

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 use devices::disk::qcow2::{self, CreateOptions, Preallocation};
-use devices::disk::{open_disk, probe_format, DiskOptions, ImageFormat};
+use devices::disk::{open_disk, DiskOptions, ImageFormat};
 
+use super::compare::open_input;
 use super::qopts::QemuOptions;
 use super::{Progress, ProgressMode};
 
@@ -49,16 +50,9 @@ pub fn convert_with(
     if opts.qemu.backing_file.is_some() || opts.qemu.backing_fmt.is_some() {
         bail!("convert does not write backing files: convert, then `wisp image create -b`");
     }
-    // A VMDK named on the command line may open its descriptor's extent files.
-    let src_format = match src_format {
-        None if probe_format(src)? == ImageFormat::Vmdk => Some(ImageFormat::Vmdk),
-        f => f,
-    };
-    let mut input = open_disk(&DiskOptions {
-        path: src.to_path_buf(),
-        read_only: true,
-        format: src_format,
-    })?;
+    // The source was named on the command line: its probed format counts as
+    // declared (a qcow2 follows its backing chain, a VMDK opens its extents).
+    let mut input = open_input(src, src_format)?;
     let size = input.size();
     if opts.compress {
         if dst_format != ImageFormat::Qcow2 {
