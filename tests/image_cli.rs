@@ -236,6 +236,21 @@ fn test_vmdk_disk_boots_read_only() {
         r.assert_pass("blk_read");
         assert!(std::fs::read(&vmdk).unwrap() == before, "{sub} changed");
     }
+    // Read-write through a qcow2 overlay on the VMDK.
+    let top = dir.path("top.qcow2");
+    ok(&[
+        "clone",
+        "--linked",
+        s(&dir.path("streamOptimized.vmdk")),
+        s(&top),
+    ]);
+    let r = boot(
+        &format!("path={},format=qcow2", top.display()),
+        "blk_read,blk_write",
+    );
+    r.assert_code(0);
+    r.assert_pass("blk_read");
+    r.assert_pass("blk_write");
 }
 
 #[test]
@@ -848,4 +863,42 @@ fn test_convert_flattens_a_probed_qcow2_overlay_like_qemu_img() {
     ok(&["convert", "-O", "raw", s(&top), s(&ours)]);
     qemu_img(&["convert", "-O", "raw", s(&top), s(&theirs)]);
     assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+}
+
+/// A linked clone of a VMDK is a writable qcow2 overlay whose reads fall
+/// through to the (read-only) VMDK: qemu-img and wisp see the same disk.
+#[test]
+fn test_linked_clone_of_a_vmdk_is_a_writable_overlay() {
+    if !have_qemu_img() || !have_qemu_io() {
+        return;
+    }
+    let dir = TempDir::new("img-vmdk-overlay");
+    let raw = source(&dir);
+    let vmdk = dir.path("base.vmdk");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=monolithicFlat",
+        s(&raw),
+        s(&vmdk),
+    ]);
+    let before = std::fs::read(dir.path("base-flat.vmdk")).unwrap();
+    let top = dir.path("top.qcow2");
+    ok(&["clone", "--linked", s(&vmdk), s(&top)]);
+    let info = json_of(&qemu_img(&["info", "--output=json", s(&top)]));
+    assert_eq!(info["backing-filename-format"], "vmdk");
+    qemu_io(&top, &["write -P 0x44 0 4k"]);
+    let ours = dir.path("ours.raw");
+    let theirs = dir.path("theirs.raw");
+    ok(&["convert", "-O", "raw", s(&top), s(&ours)]);
+    qemu_img(&["convert", "-O", "raw", s(&top), s(&theirs)]);
+    let data = std::fs::read(&ours).unwrap();
+    assert!(data == std::fs::read(&theirs).unwrap());
+    assert!(data[..4096].iter().all(|&b| b == 0x44));
+    assert!(
+        std::fs::read(dir.path("base-flat.vmdk")).unwrap() == before,
+        "the VMDK changed"
+    );
 }
