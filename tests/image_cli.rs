@@ -367,6 +367,10 @@ fn test_output_json_uses_qemu_img_field_names_and_values() {
         }
         assert_subset(&ours, &theirs, &img.display().to_string());
     }
+    let chain = ["info", "--output=json", "--backing-chain", s(&top)];
+    let ours = json_of(&ok(&chain));
+    assert_eq!(ours.as_array().map(Vec::len), Some(2), "{ours}");
+    assert_subset(&ours, &json_of(&qemu_img(&chain)), "chain");
     for img in [&v2, &top] {
         let (code, out, err) = image(&["check", "--output=json", s(img)]);
         assert_eq!(code, 0, "{err}");

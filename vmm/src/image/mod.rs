@@ -97,6 +97,9 @@ pub enum ImageCommand {
         /// `json` prints qemu-img's JSON (`virtual-size`, `format-specific`, ...).
         #[arg(long, value_enum, default_value = "human")]
         output: OutputArg,
+        /// With --output=json, print the whole backing chain as an array.
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
         /// Image format (probed when omitted).
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<FormatArg>,
@@ -113,6 +116,9 @@ pub enum ImageCommand {
         /// `json` prints qemu-img's JSON (`check-errors`, `image-end-offset`, ...).
         #[arg(long, value_enum, default_value = "human")]
         output: OutputArg,
+        /// Image format (checked against the probed one).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
         path: PathBuf,
     },
     /// Copy an image into a new one, possibly of another format (sparse).
@@ -207,11 +213,14 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         ImageCommand::Info {
             json,
             output,
+            backing_chain,
             format,
             path,
         } => {
             let info = info::gather(&path, format.map(Into::into))?;
-            if output == OutputArg::Json {
+            if output == OutputArg::Json && backing_chain {
+                println!("{}", serde_json::to_string_pretty(&qjson::chain(&info))?);
+            } else if output == OutputArg::Json {
                 println!("{}", serde_json::to_string_pretty(&qjson::info(&info))?);
             } else if json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
@@ -224,9 +233,16 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             repair,
             json,
             output,
+            format,
             path,
         } => {
-            if probe_format(&path)? == ImageFormat::Vmdk {
+            let probed = probe_format(&path)?;
+            if let Some(f) = format.map(ImageFormat::from) {
+                if f != probed {
+                    bail!("{} is a {probed} image, not {f}", path.display());
+                }
+            }
+            if probed == ImageFormat::Vmdk {
                 return vmdk::check(&path, repair, json || output == OutputArg::Json);
             }
             if output == OutputArg::Json {

@@ -107,6 +107,18 @@ pub fn info(info: &ImageInfo) -> Value {
     one(info, info.backing_chain.first())
 }
 
+/// `qemu-img info --backing-chain --output=json`: the top image, then each one below.
+pub fn chain(info: &ImageInfo) -> Value {
+    let mut layers: Vec<&ImageInfo> = vec![info];
+    layers.extend(&info.backing_chain);
+    let out: Vec<Value> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| one(l, layers.get(i + 1).copied()))
+        .collect();
+    Value::Array(out)
+}
+
 /// `qemu-img check --output=json`: exit 0 clean, 2 corrupt, 3 leaks.
 pub fn check(path: &Path, repair: bool) -> anyhow::Result<i32> {
     let format = probe_format(path)?;
