@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! `wisp image convert`: copies guest data between images, skipping zeros.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use devices::disk::qcow2::{self, CreateOptions, Preallocation};
@@ -9,10 +9,57 @@ use devices::disk::{open_disk, DiskOptions, ImageFormat};
 
 use super::compare::open_input;
 use super::qopts::QemuOptions;
-use super::{Progress, ProgressMode};
+use super::{FormatArg, Progress, ProgressMode};
 
 /// Bytes copied per step.
 const CHUNK: usize = 1 << 20;
+
+/// `convert` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ConvertArgs {
+    /// Source format (probed when omitted).
+    #[arg(short = 'f', value_enum)]
+    format: Option<FormatArg>,
+    /// Destination format.
+    #[arg(short = 'O', value_enum)]
+    output_format: FormatArg,
+    /// qemu-img options for the destination (see `create -o`).
+    #[arg(short = 'o', value_name = "NAME=VALUE,...")]
+    options: Vec<String>,
+    /// Show progress (on a terminal; as JSON lines on stdout with --json).
+    #[arg(short = 'p')]
+    progress: bool,
+    /// Compress the destination's clusters (qcow2, deflate as qemu-img -c).
+    #[arg(short = 'c')]
+    compress: bool,
+    /// With -p, print progress as JSON lines.
+    #[arg(long)]
+    json: bool,
+    src: PathBuf,
+    dst: PathBuf,
+}
+
+/// Runs `convert`.
+pub fn run(a: &ConvertArgs) -> anyhow::Result<()> {
+    let output_format: ImageFormat = a.output_format.into();
+    let opts = ConvertOptions {
+        qemu: QemuOptions::parse(&a.options, output_format)?,
+        compress: a.compress,
+        progress: match (a.progress, a.json) {
+            (false, false) => ProgressMode::Auto,
+            (false, true) => bail!("--json describes progress: use it with -p"),
+            (true, false) => ProgressMode::Always,
+            (true, true) => ProgressMode::Json,
+        },
+    };
+    convert_with(
+        &a.src,
+        a.format.map(Into::into),
+        &a.dst,
+        output_format,
+        &opts,
+    )
+}
 
 /// How `convert` writes its output.
 #[derive(Clone, Debug)]

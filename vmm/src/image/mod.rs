@@ -122,28 +122,7 @@ pub enum ImageCommand {
         path: PathBuf,
     },
     /// Copy an image into a new one, possibly of another format (sparse).
-    Convert {
-        /// Source format (probed when omitted).
-        #[arg(short = 'f', value_enum)]
-        format: Option<FormatArg>,
-        /// Destination format.
-        #[arg(short = 'O', value_enum)]
-        output_format: FormatArg,
-        /// qemu-img options for the destination (see `create -o`).
-        #[arg(short = 'o', value_name = "NAME=VALUE,...")]
-        options: Vec<String>,
-        /// Show progress (on a terminal; as JSON lines on stdout with --json).
-        #[arg(short = 'p')]
-        progress: bool,
-        /// Compress the destination's clusters (qcow2, deflate as qemu-img -c).
-        #[arg(short = 'c')]
-        compress: bool,
-        /// With -p, print progress as JSON lines.
-        #[arg(long)]
-        json: bool,
-        src: PathBuf,
-        dst: PathBuf,
-    },
+    Convert(convert::ConvertArgs),
     /// Grow an image to SIZE (or by +SIZE).
     Resize {
         /// Image format (probed when omitted).
@@ -216,64 +195,15 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             backing_chain,
             format,
             path,
-        } => {
-            let info = info::gather(&path, format.map(Into::into))?;
-            if output == OutputArg::Json && backing_chain {
-                println!("{}", serde_json::to_string_pretty(&qjson::chain(&info))?);
-            } else if output == OutputArg::Json {
-                println!("{}", serde_json::to_string_pretty(&qjson::info(&info))?);
-            } else if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                print!("{}", info::render(&info));
-            }
-            Ok(0)
-        }
+        } => info_cmd(&path, format, output, json, backing_chain).map(|()| 0),
         ImageCommand::Check {
             repair,
             json,
             output,
             format,
             path,
-        } => {
-            let probed = probe_format(&path)?;
-            if let Some(f) = format.map(ImageFormat::from) {
-                if f != probed {
-                    bail!("{} is a {probed} image, not {f}", path.display());
-                }
-            }
-            if probed == ImageFormat::Vmdk {
-                return vmdk::check(&path, repair, json || output == OutputArg::Json);
-            }
-            if output == OutputArg::Json {
-                return qjson::check(&path, repair);
-            }
-            check(&path, repair, json)
-        }
-        ImageCommand::Convert {
-            format,
-            output_format,
-            options,
-            progress,
-            compress,
-            json,
-            src,
-            dst,
-        } => {
-            let output_format: ImageFormat = output_format.into();
-            let opts = convert::ConvertOptions {
-                qemu: qopts::QemuOptions::parse(&options, output_format)?,
-                compress,
-                progress: match (progress, json) {
-                    (false, false) => ProgressMode::Auto,
-                    (false, true) => bail!("--json describes progress: use it with -p"),
-                    (true, false) => ProgressMode::Always,
-                    (true, true) => ProgressMode::Json,
-                },
-            };
-            convert::convert_with(&src, format.map(Into::into), &dst, output_format, &opts)
-                .map(|()| 0)
-        }
+        } => check_cmd(&path, format, repair, json, output),
+        ImageCommand::Convert(args) => convert::run(&args).map(|()| 0),
         ImageCommand::Resize { format, path, size } => {
             let format = match format {
                 Some(f) => f.into(),
@@ -299,6 +229,49 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         ImageCommand::Commit(args) => commit::run(&args).map(|()| 0),
         ImageCommand::Measure(args) => measure::run(&args).map(|()| 0),
     }
+}
+
+fn info_cmd(
+    path: &Path,
+    format: Option<FormatArg>,
+    output: OutputArg,
+    json: bool,
+    backing_chain: bool,
+) -> anyhow::Result<()> {
+    let info = info::gather(path, format.map(Into::into))?;
+    if output == OutputArg::Json && backing_chain {
+        println!("{}", serde_json::to_string_pretty(&qjson::chain(&info))?);
+    } else if output == OutputArg::Json {
+        println!("{}", serde_json::to_string_pretty(&qjson::info(&info))?);
+    } else if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", info::render(&info));
+    }
+    Ok(())
+}
+
+/// `check`: VMDK and `--output=json` have their own reports; the rest is [`check`].
+fn check_cmd(
+    path: &Path,
+    format: Option<FormatArg>,
+    repair: bool,
+    json: bool,
+    output: OutputArg,
+) -> anyhow::Result<i32> {
+    let probed = probe_format(path)?;
+    if let Some(f) = format.map(ImageFormat::from) {
+        if f != probed {
+            bail!("{} is a {probed} image, not {f}", path.display());
+        }
+    }
+    if probed == ImageFormat::Vmdk {
+        return vmdk::check(path, repair, json || output == OutputArg::Json);
+    }
+    if output == OutputArg::Json {
+        return qjson::check(path, repair);
+    }
+    check(path, repair, json)
 }
 
 fn create(
