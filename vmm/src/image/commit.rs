@@ -101,7 +101,16 @@ pub fn run(args: &CommitArgs) -> anyhow::Result<()> {
     if args.keep {
         return Ok(());
     }
-    // Empty the overlay: a fresh image with the same geometry and backing file.
+    empty_overlay(path, top)
+}
+
+/// Replaces the overlay by a fresh, empty image with the same geometry and
+/// backing file, so that it reads through to the backing file again.
+fn empty_overlay(
+    path: &std::path::Path,
+    top: devices::disk::qcow2::Qcow2Disk,
+) -> anyhow::Result<()> {
+    let size = top.size();
     let h = top.header().clone();
     drop(top);
     let opts = CreateOptions {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use devices::disk::qcow2::{self, CreateOptions, Preallocation};
-use devices::disk::{open_disk, DiskOptions, ImageFormat};
+use devices::disk::{open_disk, DiskBackend, DiskOptions, ImageFormat};
 
 use super::compare::open_input;
 use super::qopts::QemuOptions;
@@ -156,27 +156,8 @@ pub fn convert_with(
         input
             .read_at(chunk, off)
             .with_context(|| format!("Cannot read {} at {off:#x}", src.display()))?;
-        // Write only the non-zero 4 KiB runs: the destination is sparse already.
-        let mut pos = 0;
-        while pos < n {
-            let end = (pos + 4096).min(n);
-            if chunk[pos..end].iter().any(|&b| b != 0) {
-                let mut run_end = end;
-                while run_end < n {
-                    let next = (run_end + 4096).min(n);
-                    if chunk[run_end..next].iter().all(|&b| b == 0) {
-                        break;
-                    }
-                    run_end = next;
-                }
-                output
-                    .write_at(&chunk[pos..run_end], off + pos as u64)
-                    .with_context(|| format!("Cannot write {} at {off:#x}", dst.display()))?;
-                pos = run_end;
-            } else {
-                pos = end;
-            }
-        }
+        write_nonzero(output.as_mut(), chunk, off)
+            .with_context(|| format!("Cannot write {} at {off:#x}", dst.display()))?;
         off += n as u64;
         progress.update(off);
     }
@@ -184,5 +165,30 @@ pub fn convert_with(
     output
         .flush()
         .with_context(|| format!("Cannot flush {}", dst.display()))?;
+    Ok(())
+}
+
+/// Writes only the non-zero 4 KiB runs of `chunk` (at `off`): the destination
+/// is sparse already.
+fn write_nonzero(output: &mut dyn DiskBackend, chunk: &[u8], off: u64) -> std::io::Result<()> {
+    let n = chunk.len();
+    let mut pos = 0;
+    while pos < n {
+        let end = (pos + 4096).min(n);
+        if chunk[pos..end].iter().all(|&b| b == 0) {
+            pos = end;
+            continue;
+        }
+        let mut run_end = end;
+        while run_end < n {
+            let next = (run_end + 4096).min(n);
+            if chunk[run_end..next].iter().all(|&b| b == 0) {
+                break;
+            }
+            run_end = next;
+        }
+        output.write_at(&chunk[pos..run_end], off + pos as u64)?;
+        pos = run_end;
+    }
     Ok(())
 }

@@ -175,6 +175,45 @@ pub fn create_compressed(
     finish(&file, path, opts, size, &mut lay, &l2e)
 }
 
+/// Appends the refcount table and blocks (counting themselves) after the
+/// data and tables; returns the table's offset and size in clusters.
+fn write_refcounts(file: &File, lay: &mut Layout) -> io::Result<(u64, u64)> {
+    let cs = lay.cs;
+    // Refcount blocks and table must count themselves: find the fixed point.
+    let first = lay.cursor.div_ceil(cs);
+    let per_block = cs * 8 / 16;
+    let (mut blocks, mut table) = (1u64, 1u64);
+    loop {
+        let total = first + blocks + table;
+        let (nb, nt) = (
+            total.div_ceil(per_block),
+            (total.div_ceil(per_block) * 8).div_ceil(cs),
+        );
+        if (nb, nt) == (blocks, table) {
+            break;
+        }
+        (blocks, table) = (nb, nt);
+    }
+    let table_off = first * cs;
+    let blocks_off = table_off + table * cs;
+    lay.cursor = table_off;
+    for _ in 0..table + blocks {
+        lay.take_cluster();
+    }
+    let mut rt = vec![0u8; (table * cs) as usize];
+    for b in 0..blocks {
+        let off = (blocks_off + b * cs).to_be_bytes();
+        rt[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off);
+    }
+    let mut rb = vec![0u8; (blocks * cs) as usize];
+    for (c, &r) in lay.refs.iter().enumerate() {
+        set_entry(&mut rb, c, 4, r);
+    }
+    file.write_all_at(&rt, table_off)?;
+    file.write_all_at(&rb, blocks_off)?;
+    Ok((table_off, table))
+}
+
 /// Writes the L2 tables, L1 table, refcounts and header.
 fn finish(
     file: &File,
@@ -208,38 +247,7 @@ fn finish(
     let mut bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
     bytes.resize(l1_bytes as usize, 0);
     file.write_all_at(&bytes, l1_off).map_err(&err)?;
-    // Refcount blocks and table must count themselves: find the fixed point.
-    let first = lay.cursor.div_ceil(cs);
-    let per_block = cs * 8 / 16;
-    let (mut blocks, mut table) = (1u64, 1u64);
-    loop {
-        let total = first + blocks + table;
-        let (nb, nt) = (
-            total.div_ceil(per_block),
-            (total.div_ceil(per_block) * 8).div_ceil(cs),
-        );
-        if (nb, nt) == (blocks, table) {
-            break;
-        }
-        (blocks, table) = (nb, nt);
-    }
-    let table_off = first * cs;
-    let blocks_off = table_off + table * cs;
-    lay.cursor = table_off;
-    for _ in 0..table + blocks {
-        lay.take_cluster();
-    }
-    let mut rt = vec![0u8; (table * cs) as usize];
-    for b in 0..blocks {
-        let off = (blocks_off + b * cs).to_be_bytes();
-        rt[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&off);
-    }
-    let mut rb = vec![0u8; (blocks * cs) as usize];
-    for (c, &r) in lay.refs.iter().enumerate() {
-        set_entry(&mut rb, c, 4, r);
-    }
-    file.write_all_at(&rt, table_off).map_err(&err)?;
-    file.write_all_at(&rb, blocks_off).map_err(&err)?;
+    let (table_off, table) = write_refcounts(file, lay).map_err(&err)?;
     let h = Header {
         version: opts.version,
         backing_file_offset: 0,

@@ -267,37 +267,43 @@ impl SparseHeader {
             markers: r.flags & FLAG_MARKERS != 0,
             gd_from_footer,
         };
-        let entries = h.gd_entries();
+        h.check_bounds(file_len)?;
+        Ok(h)
+    }
+
+    /// Checks that the directories, overhead and descriptor lie inside the file.
+    fn check_bounds(&self, file_len: u64) -> Result<(), VmdkError> {
+        let entries = self.gd_entries();
         if entries > MAX_GD_ENTRIES {
             return Err(field(
                 "numGTEsPerGT",
-                r.gtes.into(),
+                self.gtes_per_gt.into(),
                 &format!("with this grainSize and capacity the grain directory needs {entries} entries (at most {MAX_GD_ENTRIES})"),
             ));
         }
         if entries > 0 {
-            check_in_file("gdOffset", h.gd_offset, entries * 4, file_len)?;
-            if let Some(rgd) = h.rgd_offset {
+            check_in_file("gdOffset", self.gd_offset, entries * 4, file_len)?;
+            if let Some(rgd) = self.rgd_offset {
                 check_in_file("rgdOffset", rgd, entries * 4, file_len)?;
             }
         }
-        check_in_file("overHead", h.overhead, 0, file_len)?;
-        if h.descriptor_sectors > 0 {
-            if h.descriptor_sectors * SECTOR > MAX_DESCRIPTOR_BYTES {
+        check_in_file("overHead", self.overhead, 0, file_len)?;
+        if self.descriptor_sectors > 0 {
+            if self.descriptor_sectors > MAX_DESCRIPTOR_BYTES / SECTOR {
                 return Err(field(
                     "descriptorSize",
-                    h.descriptor_sectors,
+                    self.descriptor_sectors,
                     "larger than 1 MiB",
                 ));
             }
             check_in_file(
                 "descriptorOffset",
-                h.descriptor_offset,
-                h.descriptor_sectors * SECTOR,
+                self.descriptor_offset,
+                self.descriptor_sectors * SECTOR,
                 file_len,
             )?;
         }
-        Ok(h)
+        Ok(())
     }
 
     /// Encodes the header (for tests and seeds): the inverse of [`SparseHeader::parse`].
@@ -389,6 +395,14 @@ mod tests {
         assert!(
             err_of(|b| b[36..44].copy_from_slice(&(1u64 << 50).to_le_bytes()))
                 .contains("descriptorSize")
+        );
+        assert!(
+            err_of(|b| b[36..44].copy_from_slice(&u64::MAX.to_le_bytes()))
+                .contains("descriptorSize")
+        );
+        assert!(
+            err_of(|b| b[28..36].copy_from_slice(&u64::MAX.to_le_bytes()))
+                .contains("descriptorOffset")
         );
         assert!(err_of(|b| b[77] = 7).contains("compressAlgorithm"));
         assert!(
