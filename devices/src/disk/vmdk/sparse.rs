@@ -94,7 +94,12 @@ impl SparseExtent {
                 })
                 .map(|(i, &s)| (i, s))
         };
-        let mut gd = read_u32s(&file, header.gd_offset * SECTOR, entries, "grain directory")?;
+        // An empty disk has no directory (and its offsets were not checked).
+        let mut gd = if entries == 0 {
+            Vec::new()
+        } else {
+            read_u32s(&file, header.gd_offset * SECTOR, entries, "grain directory")?
+        };
         let mut uses_redundant_gd = false;
         if let Some((i, s)) = valid(&gd) {
             let rgd = match header.rgd_offset {

@@ -226,3 +226,19 @@ fn test_fuzz_harness_survives_byte_flips() {
         }
     }
 }
+
+#[test]
+fn test_empty_disk_with_garbage_offsets_opens() {
+    let dir = TempDir::new();
+    let mut img = monolithic_sparse(&[], false);
+    img[56..64].copy_from_slice(&u64::MAX.to_le_bytes()); // gdOffset
+    img[48..56].copy_from_slice(&u64::MAX.to_le_bytes()); // rgdOffset
+    img.resize(4096, 0);
+    let p = write(&dir, "disk.vmdk", &img);
+    // GD_AT_END without a footer is refused; any other offset is unused.
+    assert!(open(&p).is_err());
+    img[56..64].copy_from_slice(&(u64::MAX - 1).to_le_bytes());
+    std::fs::write(&p, &img).unwrap();
+    let disk = open(&p).unwrap();
+    assert_eq!(disk.size(), 0);
+}
