@@ -181,7 +181,7 @@ fn parse_bool(kind: &'static str, k: &str, v: &str) -> Result<bool, ConfigError>
 }
 
 impl DiskConfig {
-    /// Parses `path=IMG[,readonly=on][,id=NAME][,serial=STR][,format=raw|qcow2][,root=on]`;
+    /// Parses `path=IMG[,readonly=on][,id=NAME][,serial=STR][,format=raw|qcow2|vmdk][,root=on]`;
     /// `index` names the drive when `id` is absent.
     pub fn parse(spec: &str, index: usize) -> Result<Self, ConfigError> {
         const K: &str = "--disk";
@@ -215,7 +215,7 @@ impl DiskConfig {
                         return Err(ConfigError::DeviceOption {
                             kind: K,
                             opt: format!("format={v}"),
-                            why: "expected raw or qcow2".into(),
+                            why: "expected raw, qcow2 or vmdk".into(),
                         })
                     }
                 },
@@ -235,6 +235,15 @@ impl DiskConfig {
                 kind: K,
                 opt: spec.into(),
                 why: "path=IMG is required".into(),
+            });
+        }
+        if d.format == Some(ImageFormat::Vmdk) && !d.read_only {
+            return Err(ConfigError::DeviceOption {
+                kind: K,
+                opt: "format=vmdk".into(),
+                why: "wisp opens VMDK images read-only: add readonly=on (or convert the image \
+                      with `wisp image convert -O qcow2`)"
+                    .into(),
             });
         }
         d.root = root.unwrap_or(index == 0);
@@ -388,6 +397,7 @@ mod tests {
         for (name, format) in [
             (Some("qcow2"), Some(ImageFormat::Qcow2)),
             (Some("raw"), Some(ImageFormat::Raw)),
+            (Some("vmdk"), Some(ImageFormat::Vmdk)),
             (None, None),
         ] {
             let d = DiskConfig {
@@ -402,7 +412,7 @@ mod tests {
             assert_eq!(postcard::to_stdvec(&d).unwrap(), bytes);
             assert_eq!(postcard::from_bytes::<DiskConfig>(&bytes).unwrap(), d);
         }
-        let bad = postcard::to_stdvec(&stored(Some("vmdk"))).unwrap();
+        let bad = postcard::to_stdvec(&stored(Some("vdi"))).unwrap();
         assert!(postcard::from_bytes::<DiskConfig>(&bad).is_err());
     }
 
@@ -457,6 +467,14 @@ mod tests {
         assert!(DiskConfig::parse("path=/a,bogus=1", 0).is_err());
         assert!(DiskConfig::parse("path=/a,readonly=maybe", 0).is_err());
         assert!(DiskConfig::parse("path=/a,serial=012345678901234567890", 0).is_err());
+    }
+
+    #[test]
+    fn test_disk_config_vmdk_needs_readonly() {
+        let d = DiskConfig::parse("path=/a.vmdk,format=vmdk,readonly=on", 0).unwrap();
+        assert_eq!(d.format, Some(ImageFormat::Vmdk));
+        let err = DiskConfig::parse("path=/a.vmdk,format=vmdk", 0).unwrap_err();
+        assert!(err.to_string().contains("readonly=on"), "{err}");
     }
 
     #[test]

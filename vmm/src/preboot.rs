@@ -143,6 +143,7 @@ pub fn disk_config(d: &Drive) -> DiskConfig {
         format: d.format.map(|f| match f {
             DriveFormat::Raw => ImageFormat::Raw,
             DriveFormat::Qcow2 => ImageFormat::Qcow2,
+            DriveFormat::Vmdk => ImageFormat::Vmdk,
         }),
         root: d.is_root_device,
     }
@@ -162,6 +163,7 @@ pub fn drive(d: &DiskConfig) -> Drive {
         format: d.format.map(|f| match f {
             ImageFormat::Raw => DriveFormat::Raw,
             ImageFormat::Qcow2 => DriveFormat::Qcow2,
+            ImageFormat::Vmdk => DriveFormat::Vmdk,
         }),
         serial: d.serial.clone(),
     }

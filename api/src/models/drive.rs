@@ -37,6 +37,8 @@ pub enum DriveFormat {
     Raw,
     /// A QCOW2 image.
     Qcow2,
+    /// A VMDK image (read-only).
+    Vmdk,
 }
 
 /// A token bucket of a rate limiter.
@@ -232,7 +234,7 @@ mod tests {
                 .contains("path_on_host")
         );
         assert!(parse(
-            r#"{"drive_id":"a","path_on_host":"/x","is_root_device":false,"format":"vmdk"}"#
+            r#"{"drive_id":"a","path_on_host":"/x","is_root_device":false,"format":"vdi"}"#
         )
         .is_err());
         assert!(parse(

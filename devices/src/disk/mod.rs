@@ -3,8 +3,8 @@
 //!
 //! [`open_disk`] opens an image ([`DiskOptions`]: path, read-only, declared or
 //! probed [`ImageFormat`]), takes an `flock` on it (exclusive for read-write,
-//! shared for read-only) and returns a [`RawDisk`] or a [`qcow2::Qcow2Disk`]
-//! (with its backing chain) as a `Box<dyn DiskBackend>`. Every failure is a
+//! shared for read-only) and returns a [`RawDisk`], a [`qcow2::Qcow2Disk`]
+//! (with its backing chain) or a read-only [`vmdk::VmdkDisk`] as a `Box<dyn DiskBackend>`. Every failure is a
 //! one-line [`DiskError`] naming the image.
 
 use std::io;
@@ -80,15 +80,18 @@ pub(crate) fn check_writable(read_only: bool) -> io::Result<()> {
 }
 
 mod open;
+pub mod probe;
 pub mod qcow2;
 mod raw;
+pub mod status;
 #[cfg(test)]
 pub(crate) mod testutil;
+pub mod vmdk;
 
 use std::path::PathBuf;
 
 pub use open::{
-    open_disk, open_qcow2_for_repair, open_qcow2_metadata, probe_format, resize_image,
+    open_disk, open_qcow2_for_repair, open_qcow2_metadata, open_vmdk, probe_format, resize_image,
     resolve_format,
 };
 pub use raw::RawDisk;
@@ -101,6 +104,8 @@ pub enum ImageFormat {
     Raw,
     /// QEMU copy-on-write image, versions 2 and 3.
     Qcow2,
+    /// VMware disk (sparse, stream-optimized or flat extents); read-only.
+    Vmdk,
 }
 
 impl ImageFormat {
@@ -109,6 +114,7 @@ impl ImageFormat {
         match self {
             ImageFormat::Raw => "raw",
             ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Vmdk => "vmdk",
         }
     }
 }
@@ -126,6 +132,7 @@ impl std::str::FromStr for ImageFormat {
         match s {
             "raw" => Ok(ImageFormat::Raw),
             "qcow2" => Ok(ImageFormat::Qcow2),
+            "vmdk" => Ok(ImageFormat::Vmdk),
             _ => Err(DiskError::UnknownFormat(s.to_string())),
         }
     }
@@ -179,7 +186,7 @@ pub enum DiskError {
         source: io::Error,
     },
     /// A format name that wisp does not know.
-    #[error("Unknown image format '{0}' (expected raw or qcow2)")]
+    #[error("Unknown image format '{0}' (expected raw, qcow2 or vmdk)")]
     UnknownFormat(String),
     /// A qcow2 image found by probing names a backing file.
     #[error(
@@ -194,6 +201,27 @@ pub enum DiskError {
         #[source]
         source: qcow2::Qcow2Error,
     },
+    /// The VMDK image is invalid or unsupported.
+    #[error("Cannot read VMDK image {}", path.display())]
+    Vmdk {
+        path: PathBuf,
+        #[source]
+        source: vmdk::VmdkError,
+    },
+    /// A VMDK was to be opened read-write.
+    #[error(
+        "Image {} is a VMDK, which wisp opens read-only: use readonly=on, or convert it with \
+         `wisp image convert -O qcow2`",
+        path.display()
+    )]
+    VmdkReadOnly { path: PathBuf },
+    /// A format wisp recognises but cannot read.
+    #[error(
+        "Image {} is a {format} image, which wisp cannot read; convert it to qcow2 or raw \
+         (e.g. qemu-img convert -O qcow2), or declare format=raw to use its bytes as they are",
+        path.display()
+    )]
+    UnsupportedFormat { path: PathBuf, format: &'static str },
     /// Options that cannot work together.
     #[error("Invalid image options: {0}")]
     InvalidOptions(String),

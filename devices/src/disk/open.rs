@@ -3,11 +3,12 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use super::probe::probe_file;
 use super::qcow2::{self, Qcow2Disk};
+use super::vmdk::VmdkDisk;
 use super::{DiskBackend, DiskError, DiskOptions, ImageFormat, RawDisk, MAX_BACKING_DEPTH};
 
 /// Opens the image `opts` describes, locked against other writers.
@@ -19,7 +20,9 @@ pub fn open_disk(opts: &DiskOptions) -> Result<Box<dyn DiskBackend>, DiskError> 
     open_chain(opts, &mut Vec::new())
 }
 
-/// The format an image's header announces: qcow2 for the qcow2 magic, raw otherwise.
+/// The format an image's header announces: qcow2 or vmdk by their magic, raw
+/// when no known format matches. Formats wisp recognises but cannot read (vdi,
+/// vhdx, vpc, qed, luks, ...) are refused by name.
 pub fn probe_format(path: &Path) -> Result<ImageFormat, DiskError> {
     let file = open_file(path, true)?;
     probe_file(&file, path)
@@ -32,29 +35,6 @@ pub fn resolve_format(opts: &DiskOptions) -> Result<(ImageFormat, bool), DiskErr
         Some(f) => Ok((f, false)),
         None => probe_format(&opts.path).map(|f| (f, true)),
     }
-}
-
-fn probe_file(file: &File, path: &Path) -> Result<ImageFormat, DiskError> {
-    let mut magic = [0u8; 4];
-    let mut done = 0;
-    while done < magic.len() {
-        match file.read_at(&mut magic[done..], done as u64) {
-            Ok(0) => return Ok(ImageFormat::Raw),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(DiskError::Io {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
-        }
-    }
-    Ok(if magic == qcow2::MAGIC {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
-    })
 }
 
 /// Opens a qcow2 image for metadata work (check, resize): its backing file is
@@ -113,7 +93,20 @@ pub fn resize_image(
             }
             disk.resize(new_size).map_err(io_err)
         }
+        ImageFormat::Vmdk => Err(DiskError::InvalidOptions(
+            "VMDK images are read-only in wisp; convert to qcow2 first".into(),
+        )),
     }
+}
+
+/// Opens the VMDK at `path` read-only, following its descriptor's extents
+/// (the caller named the file, so it counts as declared).
+pub fn open_vmdk(path: &Path) -> Result<VmdkDisk, DiskError> {
+    let file = open_file(path, true)?;
+    VmdkDisk::open(file, path, true).map_err(|source| DiskError::Vmdk {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Stands in for a backing file that is deliberately not opened.
@@ -149,6 +142,9 @@ pub(crate) fn open_chain(
     chain: &mut Vec<PathBuf>,
 ) -> Result<Box<dyn DiskBackend>, DiskError> {
     let path = &opts.path;
+    if opts.format == Some(ImageFormat::Vmdk) && !opts.read_only {
+        return Err(DiskError::VmdkReadOnly { path: path.clone() });
+    }
     let file = open_file(path, opts.read_only)?;
     let (format, probed) = match opts.format {
         Some(f) => (f, false),
@@ -157,6 +153,16 @@ pub(crate) fn open_chain(
     match format {
         ImageFormat::Raw => {
             let disk = RawDisk::new(file, opts.read_only).map_err(|source| DiskError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Box::new(disk))
+        }
+        ImageFormat::Vmdk => {
+            if !opts.read_only {
+                return Err(DiskError::VmdkReadOnly { path: path.clone() });
+            }
+            let disk = VmdkDisk::open(file, path, !probed).map_err(|source| DiskError::Vmdk {
                 path: path.clone(),
                 source,
             })?;
@@ -378,7 +384,7 @@ mod tests {
 
     #[test]
     fn test_image_format_parse_unknown_is_error() {
-        let err = "vmdk".parse::<ImageFormat>().unwrap_err();
-        assert!(err.to_string().contains("vmdk"));
+        let err = "vdi".parse::<ImageFormat>().unwrap_err();
+        assert!(err.to_string().contains("vdi"));
     }
 }

@@ -2,13 +2,13 @@
 //! `wisp image info`: what an image and its backing chain are.
 
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use devices::disk::qcow2::{self, Header};
-use devices::disk::{ImageFormat, MAX_BACKING_DEPTH};
+use devices::disk::vmdk::VmdkInfo;
+use devices::disk::{open_vmdk, DiskBackend, ImageFormat, MAX_BACKING_DEPTH};
 use serde::Serialize;
 
 use super::size::human;
@@ -29,26 +29,29 @@ pub struct ImageInfo {
     pub refcount_bits: Option<u32>,
     pub dirty: bool,
     pub corrupt: bool,
+    /// qcow2: `zlib` or `zstd`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression_type: Option<&'static str>,
+    /// qcow2: the lazy-refcounts compatible feature bit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_refcounts: Option<bool>,
+    /// qcow2: extended L2 entries (subclusters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_l2: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_format: Option<ImageFormat>,
+    /// VMDK create type and extents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vmdk: Option<VmdkInfo>,
     /// The images below this one, nearest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub backing_chain: Vec<ImageInfo>,
 }
 
 fn sniff(path: &Path) -> anyhow::Result<ImageFormat> {
-    let mut f = File::open(path).with_context(|| format!("Cannot open {}", path.display()))?;
-    let mut magic = [0u8; 4];
-    let n = f
-        .read(&mut magic)
-        .with_context(|| format!("Cannot read {}", path.display()))?;
-    Ok(if n == 4 && magic == qcow2::MAGIC {
-        ImageFormat::Qcow2
-    } else {
-        ImageFormat::Raw
-    })
+    Ok(devices::disk::probe_format(path)?)
 }
 
 /// Describes one image without its chain; returns the resolved backing path too.
@@ -70,12 +73,21 @@ fn describe(path: &Path, format: ImageFormat) -> anyhow::Result<(ImageInfo, Opti
         refcount_bits: None,
         dirty: false,
         corrupt: false,
+        compression_type: None,
+        lazy_refcounts: None,
+        extended_l2: None,
         backing_file: None,
         backing_format: None,
+        vmdk: None,
         backing_chain: Vec::new(),
     };
-    if format == ImageFormat::Raw {
-        return Ok((info, None));
+    match format {
+        ImageFormat::Raw => return Ok((info, None)),
+        ImageFormat::Vmdk => {
+            describe_vmdk(path, &mut info)?;
+            return Ok((info, None));
+        }
+        ImageFormat::Qcow2 => {}
     }
     let h =
         Header::read(&file).with_context(|| format!("Invalid qcow2 image {}", path.display()))?;
@@ -85,6 +97,12 @@ fn describe(path: &Path, format: ImageFormat) -> anyhow::Result<(ImageInfo, Opti
     info.refcount_bits = Some(h.refcount_bits());
     info.dirty = h.incompatible_features & qcow2::header::INCOMPAT_DIRTY != 0;
     info.corrupt = h.incompatible_features & qcow2::header::INCOMPAT_CORRUPT != 0;
+    info.compression_type = Some(match h.compression {
+        qcow2::header::Compression::Deflate => "zlib",
+        qcow2::header::Compression::Zstd => "zstd",
+    });
+    info.lazy_refcounts = Some(h.compatible_features & qcow2::header::COMPAT_LAZY_REFCOUNTS != 0);
+    info.extended_l2 = Some(h.incompatible_features & qcow2::header::INCOMPAT_EXTL2 != 0);
     info.backing_file = h.backing_file.clone();
     info.backing_format = match &h.backing_format {
         Some(f) => Some(f.parse()?),
@@ -95,6 +113,27 @@ fn describe(path: &Path, format: ImageFormat) -> anyhow::Result<(ImageInfo, Opti
         .as_deref()
         .map(|name| qcow2::resolve_backing(path, name));
     Ok((info, backing))
+}
+
+fn describe_vmdk(path: &Path, info: &mut ImageInfo) -> anyhow::Result<()> {
+    let disk = open_vmdk(path)?;
+    info.virtual_size = disk.size();
+    let v = disk.info().clone();
+    info.cluster_size = v.extents.iter().find_map(|e| e.cluster_size);
+    // The descriptor's own blocks, plus each distinct extent file's.
+    let mut files: Vec<&Path> = vec![path];
+    for f in v.extents.iter().filter_map(|e| e.filename.as_deref()) {
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    info.actual_size = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.blocks() * 512)
+        .sum();
+    info.vmdk = Some(v);
+    Ok(())
 }
 
 /// Describes `path` and walks its backing chain.
@@ -161,6 +200,23 @@ fn print_one(info: &ImageInfo, out: &mut String) {
     }
     if let Some(f) = info.backing_format {
         let _ = writeln!(out, "backing file format: {f}");
+    }
+    if let Some(v) = &info.vmdk {
+        let _ = writeln!(out, "create type: {}", v.create_type);
+        if let Some(cid) = v.cid {
+            let _ = writeln!(out, "cid: {cid:08x}");
+        }
+        for (i, e) in v.extents.iter().enumerate() {
+            let name = e.filename.as_deref().map(|f| f.display().to_string());
+            let _ = writeln!(
+                out,
+                "extent {i}: {} {} ({} bytes){}",
+                e.kind,
+                name.as_deref().unwrap_or("-"),
+                e.virtual_size,
+                if e.compressed { ", compressed" } else { "" }
+            );
+        }
     }
     if info.format == ImageFormat::Qcow2 {
         let _ = writeln!(out, "dirty: {}", info.dirty);

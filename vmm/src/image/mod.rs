@@ -2,9 +2,17 @@
 //! `wisp image`: create, inspect, check, convert, resize and clone disk images.
 
 mod bench;
+mod commit;
+mod compare;
 mod convert;
 mod info;
+mod map;
+mod measure;
+mod qjson;
+mod qopts;
+mod rebase;
 mod size;
+mod vmdk;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -23,6 +31,8 @@ pub use size::parse_size;
 pub enum FormatArg {
     Raw,
     Qcow2,
+    /// Read-only: an input of info, check, convert and compare.
+    Vmdk,
 }
 
 impl From<FormatArg> for ImageFormat {
@@ -30,6 +40,7 @@ impl From<FormatArg> for ImageFormat {
         match f {
             FormatArg::Raw => ImageFormat::Raw,
             FormatArg::Qcow2 => ImageFormat::Qcow2,
+            FormatArg::Vmdk => ImageFormat::Vmdk,
         }
     }
 }
@@ -41,6 +52,13 @@ pub enum RepairArg {
     Leaks,
     /// Leaks and refcount/flag corruptions.
     All,
+}
+
+/// qemu-img's `--output` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputArg {
+    Human,
+    Json,
 }
 
 /// Preallocation modes as command-line values.
@@ -72,6 +90,10 @@ pub enum ImageCommand {
         /// qcow2 cluster size, e.g. 64K.
         #[arg(long = "cluster-size", value_parser = parse_size, default_value = "64K")]
         cluster_size: u64,
+        /// qemu-img options: cluster_size, preallocation, compat, lazy_refcounts,
+        /// refcount_bits, backing_file, backing_fmt, compression_type.
+        #[arg(short = 'o', value_name = "NAME=VALUE,...")]
+        options: Vec<String>,
         /// Image path.
         path: PathBuf,
         /// Virtual size, e.g. 10G (defaults to the backing file's size).
@@ -83,6 +105,12 @@ pub enum ImageCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// `json` prints qemu-img's JSON (`virtual-size`, `format-specific`, ...).
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputArg,
+        /// With --output=json, print the whole backing chain as an array.
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
         /// Image format (probed when omitted).
         #[arg(short = 'f', long = "format", value_enum)]
         format: Option<FormatArg>,
@@ -97,19 +125,16 @@ pub enum ImageCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// `json` prints qemu-img's JSON (`check-errors`, `image-end-offset`, ...).
+        #[arg(long, value_enum, default_value = "human")]
+        output: OutputArg,
+        /// Image format (checked against the probed one).
+        #[arg(short = 'f', long = "format", value_enum)]
+        format: Option<FormatArg>,
         path: PathBuf,
     },
     /// Copy an image into a new one, possibly of another format (sparse).
-    Convert {
-        /// Source format (probed when omitted).
-        #[arg(short = 'f', value_enum)]
-        format: Option<FormatArg>,
-        /// Destination format.
-        #[arg(short = 'O', value_enum)]
-        output_format: FormatArg,
-        src: PathBuf,
-        dst: PathBuf,
-    },
+    Convert(convert::ConvertArgs),
     /// Grow an image to SIZE (or by +SIZE).
     Resize {
         /// Image format (probed when omitted).
@@ -129,6 +154,16 @@ pub enum ImageCommand {
     },
     /// Measure I/O throughput of wisp's backend on an image.
     Bench(bench::BenchArgs),
+    /// Compare the guest data of two images (exit 0 identical, 1 different, 2 error).
+    Compare(compare::CompareArgs),
+    /// Show where each range of guest data lives in the backing chain.
+    Map(map::MapArgs),
+    /// Point a qcow2 image at another backing file (safe: keeps the guest's view).
+    Rebase(rebase::RebaseArgs),
+    /// Write a qcow2 overlay's data into its backing file (then empty it unless -d).
+    Commit(commit::CommitArgs),
+    /// How large a new image of an input (or of --size) would be.
+    Measure(measure::MeasureArgs),
 }
 
 /// Runs one `wisp image` command; returns the process exit code.
@@ -140,34 +175,47 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
             backing_format,
             preallocation,
             cluster_size,
+            options,
             path,
             size,
-        } => create(
-            format.into(),
-            backing,
-            backing_format.map(Into::into),
-            preallocation,
-            cluster_size,
-            &path,
-            size,
-        )
-        .map(|()| 0),
-        ImageCommand::Info { json, format, path } => {
-            let info = info::gather(&path, format.map(Into::into))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
-            } else {
-                print!("{}", info::render(&info));
-            }
-            Ok(0)
+        } => {
+            let format: ImageFormat = format.into();
+            let mut tune = qopts::QemuOptions::parse(&options, format)?;
+            let (backing, backing_format) =
+                tune.merge_backing(backing, backing_format.map(Into::into))?;
+            tune.cluster_size = tune.cluster_size.or(Some(cluster_size));
+            let preallocation = match tune.preallocation {
+                Some(Preallocation::Off) => PreallocArg::Off,
+                Some(Preallocation::Metadata) => PreallocArg::Metadata,
+                Some(Preallocation::Full) => PreallocArg::Full,
+                None => preallocation,
+            };
+            create(
+                format,
+                backing,
+                backing_format,
+                preallocation,
+                &tune,
+                &path,
+                size,
+            )
+            .map(|()| 0)
         }
-        ImageCommand::Check { repair, json, path } => check(&path, repair, json),
-        ImageCommand::Convert {
+        ImageCommand::Info {
+            json,
+            output,
+            backing_chain,
             format,
-            output_format,
-            src,
-            dst,
-        } => convert::convert(&src, format.map(Into::into), &dst, output_format.into()).map(|()| 0),
+            path,
+        } => info_cmd(&path, format, output, json, backing_chain).map(|()| 0),
+        ImageCommand::Check {
+            repair,
+            json,
+            output,
+            format,
+            path,
+        } => check_cmd(&path, format, repair, json, output),
+        ImageCommand::Convert(args) => convert::run(&args).map(|()| 0),
         ImageCommand::Resize { format, path, size } => {
             let format = match format {
                 Some(f) => f.into(),
@@ -187,7 +235,52 @@ pub fn run(cmd: ImageCommand) -> anyhow::Result<i32> {
         }
         ImageCommand::Clone { linked, src, dst } => clone(&src, &dst, linked).map(|()| 0),
         ImageCommand::Bench(args) => bench::run(&args).map(|()| 0),
+        ImageCommand::Compare(args) => compare::run(&args),
+        ImageCommand::Map(args) => map::run(&args).map(|()| 0),
+        ImageCommand::Rebase(args) => rebase::run(&args).map(|()| 0),
+        ImageCommand::Commit(args) => commit::run(&args).map(|()| 0),
+        ImageCommand::Measure(args) => measure::run(&args).map(|()| 0),
     }
+}
+
+fn info_cmd(
+    path: &Path,
+    format: Option<FormatArg>,
+    output: OutputArg,
+    json: bool,
+    backing_chain: bool,
+) -> anyhow::Result<()> {
+    let info = info::gather(path, format.map(Into::into))?;
+    if output == OutputArg::Json && backing_chain {
+        println!("{}", serde_json::to_string_pretty(&qjson::chain(&info))?);
+    } else if output == OutputArg::Json {
+        println!("{}", serde_json::to_string_pretty(&qjson::info(&info))?);
+    } else if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", info::render(&info));
+    }
+    Ok(())
+}
+
+/// `check`: VMDK and `--output=json` have their own reports; the rest is [`check`].
+fn check_cmd(
+    path: &Path,
+    format: Option<FormatArg>,
+    repair: Option<RepairArg>,
+    json: bool,
+    output: OutputArg,
+) -> anyhow::Result<i32> {
+    let probed = probe_format(path)?;
+    if let Some(f) = format.map(ImageFormat::from) {
+        if f != probed {
+            bail!("{} is a {probed} image, not {f}", path.display());
+        }
+    }
+    if probed == ImageFormat::Vmdk {
+        return vmdk::check(path, repair.is_some(), json || output == OutputArg::Json);
+    }
+    check(path, repair, json, output == OutputArg::Json)
 }
 
 fn create(
@@ -195,7 +288,7 @@ fn create(
     backing: Option<String>,
     backing_format: Option<ImageFormat>,
     preallocation: PreallocArg,
-    cluster_size: u64,
+    tune: &qopts::QemuOptions,
     path: &Path,
     size: Option<u64>,
 ) -> anyhow::Result<()> {
@@ -223,11 +316,11 @@ fn create(
         .checked_next_multiple_of(qcow2::create::SECTOR)
         .context("Image size is too large")?;
     match format {
+        ImageFormat::Vmdk => bail!("wisp reads VMDK images but does not create them"),
         ImageFormat::Raw => create_raw(path, size, preallocation),
         ImageFormat::Qcow2 => {
-            let opts = CreateOptions {
+            let mut opts = CreateOptions {
                 size,
-                cluster_size,
                 backing_file: backing,
                 backing_format,
                 preallocation: match preallocation {
@@ -237,6 +330,7 @@ fn create(
                 },
                 ..Default::default()
             };
+            tune.apply(&mut opts)?;
             qcow2::create(path, &opts)?;
             Ok(())
         }
@@ -266,8 +360,19 @@ fn create_raw(path: &Path, size: u64, preallocation: PreallocArg) -> anyhow::Res
         .with_context(|| format!("Cannot sync image {}", path.display()))
 }
 
-fn check(path: &Path, repair: Option<RepairArg>, json: bool) -> anyhow::Result<i32> {
+/// `check` of a qcow2 (or raw) image: `json` is wisp's own report,
+/// `qemu_json` qemu-img's `--output=json` shape.
+fn check(
+    path: &Path,
+    repair: Option<RepairArg>,
+    json: bool,
+    qemu_json: bool,
+) -> anyhow::Result<i32> {
     let format = probe_format(path)?;
+    if format != ImageFormat::Qcow2 && qemu_json {
+        // qemu-img: "This image format does not support checks".
+        bail!("wisp checks qcow2 and vmdk images, not {format}");
+    }
     if format != ImageFormat::Qcow2 {
         if json {
             println!("{{\"format\": \"raw\", \"corruptions\": 0, \"leaks\": 0}}");
@@ -298,7 +403,9 @@ fn check(path: &Path, repair: Option<RepairArg>, json: bool) -> anyhow::Result<i
             return Ok(1);
         }
     };
-    if json {
+    if qemu_json {
+        qjson::print_check(path, &report)?;
+    } else if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", render_check(&report));
@@ -375,37 +482,70 @@ fn clone(src: &Path, dst: &Path, linked: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A percentage on stderr, shown only when stderr is a terminal.
+/// When and how [`Progress`] reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ProgressMode {
+    /// On stderr, only when stderr is a terminal.
+    Auto,
+    /// `-p`: on a terminal as a percentage, otherwise one line per percent.
+    Always,
+    /// `-p --json`: one JSON object per percent on stdout.
+    Json,
+}
+
+/// A percentage on stderr (or JSON lines on stdout).
 pub(crate) struct Progress {
     label: &'static str,
     total: u64,
     shown: Option<u64>,
     enabled: bool,
+    mode: ProgressMode,
+    terminal: bool,
 }
 
 impl Progress {
     pub(crate) fn new(label: &'static str, total: u64) -> Self {
+        Self::with_mode(label, total, ProgressMode::Auto)
+    }
+
+    pub(crate) fn with_mode(label: &'static str, total: u64, mode: ProgressMode) -> Self {
+        let terminal = std::io::stderr().is_terminal();
         Progress {
             label,
             total,
             shown: None,
-            enabled: std::io::stderr().is_terminal(),
+            enabled: terminal || mode != ProgressMode::Auto,
+            mode,
+            terminal,
         }
     }
 
     pub(crate) fn update(&mut self, done: u64) {
-        if !self.enabled || self.total == 0 {
+        if !self.enabled {
             return;
         }
-        let pct = done.saturating_mul(100) / self.total;
-        if self.shown != Some(pct) {
-            eprint!("\r{}: {pct:3}%", self.label);
-            self.shown = Some(pct);
+        let pct = done
+            .saturating_mul(100)
+            .checked_div(self.total)
+            .unwrap_or(100);
+        if self.shown == Some(pct) {
+            return;
+        }
+        self.shown = Some(pct);
+        match self.mode {
+            ProgressMode::Json => println!(
+                "{}",
+                serde_json::json!({"type": "progress", "operation": self.label,
+                    "done": done, "total": self.total, "percent": pct})
+            ),
+            _ if self.terminal => eprint!("\r{}: {pct:3}%", self.label),
+            _ => eprintln!("{}: {pct}%", self.label),
         }
     }
 
     pub(crate) fn finish(&mut self) {
-        if self.enabled && self.shown.is_some() {
+        if self.enabled && self.shown.is_some() && self.terminal && self.mode != ProgressMode::Json
+        {
             eprintln!();
         }
     }

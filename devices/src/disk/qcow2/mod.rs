@@ -17,7 +17,10 @@ mod guard;
 pub mod header;
 mod meta;
 mod open;
+mod pack;
+mod rebase;
 mod refcount;
+mod status;
 mod tables;
 mod zero;
 
@@ -36,6 +39,7 @@ pub use error::Qcow2Error;
 pub use fuzz::fuzz_one;
 pub use header::{Header, MAGIC};
 pub use open::OpenMode;
+pub use pack::create_compressed;
 
 use super::{check_range, DiskBackend, ImageFormat};
 
